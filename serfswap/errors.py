@@ -1,0 +1,16 @@
+"""The exceptions serfswap raises.
+
+Every error derives from :class:`SerfswapError`, so ``except serfswap.SerfswapError`` catches
+all of them, and also from the builtin that matches its meaning, so code that already catches
+``TypeError`` or ``ValueError`` keeps working. Messages say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class SerfswapError(Exception):
+    """Base class of every error raised by serfswap."""
+
+
+class UnsupportedDtypeError(SerfswapError, TypeError):
+    """A tensor has a dtype the operation cannot compute in (e.g. an integer tensor given to Serf)."""
