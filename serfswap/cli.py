@@ -17,8 +17,17 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import SerfswapError
 
-_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "timm",
-             "transformers", "safetensors")
+_PACKAGES = (
+    "torch",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "timm",
+    "transformers",
+    "safetensors",
+)
 
 
 def _installed_version(dist: str) -> str | None:

@@ -13,4 +13,4 @@ class SerfswapError(Exception):
 
 
 class UnsupportedDtypeError(SerfswapError, TypeError):
-    """A tensor has a dtype the operation cannot compute in (e.g. an integer tensor given to Serf)."""
+    """A tensor has a dtype the operation cannot compute in (an integer tensor given to Serf)."""

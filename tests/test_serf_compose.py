@@ -40,7 +40,7 @@ def test_torch_compile_keeps_one_serf_node_per_call() -> None:
     torch._dynamo.reset()
     seen: list[torch.fx.GraphModule] = []
 
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # noqa: ANN202
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
         seen.append(gm)
         return gm.forward
 
@@ -69,16 +69,18 @@ def test_autocast_cpu(dtype: torch.dtype) -> None:
         hidden = model[0](x)
         y = model[1](hidden)
     assert hidden.dtype == y.dtype == dtype
-    torch.testing.assert_close(y.double(), serf_reference(hidden), rtol=torch.finfo(dtype).eps,
-                               atol=0)
+    torch.testing.assert_close(
+        y.double(), serf_reference(hidden), rtol=torch.finfo(dtype).eps, atol=0
+    )
     y.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_ddp_single_process_gloo(tmp_path: Path) -> None:
     """Serf inside DistributedDataParallel: same gradients as the plain module."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
     try:
         model = small_net()
         ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))

@@ -1,0 +1,86 @@
+"""The package as users meet it: cheap import, the CLI, and README commands that CI runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import serfswap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_import_is_cheap_and_leaves_cuda_alone() -> None:
+    probe = (
+        "import sys, serfswap, torch\n"
+        "heavy = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'timm', 'transformers')"
+        " if m in sys.modules]\n"
+        "print(heavy, torch.cuda.is_initialized())\n"
+    )
+    result = run("-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] False"
+
+
+def test_cli_version() -> None:
+    result = run("-m", "serfswap", "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"serfswap {serfswap.__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "serfswap"
+    assert script.exists(), "pip install -e . should have written the serfswap console script"
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.stdout.strip() == f"serfswap {serfswap.__version__}"
+
+
+def test_cli_env_reports_versions_and_accelerators() -> None:
+    import onnxruntime
+    import torch
+
+    result = run("-m", "serfswap", "env", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["torch"] == torch.__version__.split("+")[0]
+    assert info["onnxruntime"] == onnxruntime.__version__
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["cuda_available"] is torch.cuda.is_available()
+    assert info["onnxruntime_providers"] == onnxruntime.get_available_providers()
+    for key in ("onnx", "onnxscript", "timm", "transformers", "onnxruntime_cuda_provider"):
+        assert key in info
+    table = run("-m", "serfswap", "env")
+    assert re.search(r"^torch\s+\S+", table.stdout, re.MULTILINE)
+
+
+def test_cli_without_command_prints_help_and_fails() -> None:
+    result = run("-m", "serfswap")
+    assert result.returncode == 2
+    assert "usage: serfswap" in result.stdout
+
+
+def readme_commands() -> list[str]:
+    """The README's shell commands, in order, from its ```sh blocks."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_exactly_the_readme_commands() -> None:
+    commands = readme_commands()
+    install_and_run, install_and_test = commands[0], commands[1]
+    assert "serfswap" in install_and_run and "pytest" in install_and_test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install_and_run in ci.splitlines()
+    assert install_and_test in ci.splitlines()
