@@ -116,3 +116,15 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     tol = {torch.float32: 5e-7, torch.float64: 1e-15}.get(dtype, torch.finfo(dtype).eps)
     torch.testing.assert_close(y.cpu(), serfswap.serf(x), rtol=tol, atol=0)
     torch.testing.assert_close(xc.grad.cpu(), xr.grad, rtol=max(tol, 1e-6), atol=1e-7)
+
+
+def test_timm_act_layer_builds_a_serf_model() -> None:
+    """The README's quickstart: timm passes act_layer through and calls it with inplace=True."""
+    timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extras")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, act_layer=serfswap.Serf)
+    acts = [m for m in model.modules() if isinstance(m, serfswap.Serf)]
+    assert acts and all(m.inplace for m in acts)
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
