@@ -128,12 +128,17 @@ def _grad_times_blocked(grad: Tensor, x: Tensor) -> Tensor | None:
     out_flat = _flat_in_memory_order(out)
     assert out_flat is not None  # empty_like keeps a dense layout
     compute = _compute_dtype(x.dtype)
+    direct = x.dtype == grad.dtype == compute  # else blocks are upcast into scratch rows
     n = x_flat.numel()
-    scratch = torch.empty((5, min(_BLOCK, n)), dtype=compute)
+    scratch = torch.empty((2 if direct else 5, min(_BLOCK, n)), dtype=compute)
     for begin in range(0, n, _BLOCK):
         end = min(begin + _BLOCK, n)
-        x_blk, grad_blk, out_blk, sp, gate = scratch[:, : end - begin]
-        x_blk.copy_(x_flat[begin:end])  # an upcast for half types, a cached copy otherwise
+        sp, gate, *io = scratch[:, : end - begin]
+        if direct:
+            _grad_kernel(grad_flat[begin:end], x_flat[begin:end], out_flat[begin:end], sp, gate)
+            continue
+        x_blk, grad_blk, out_blk = io
+        x_blk.copy_(x_flat[begin:end])
         grad_blk.copy_(grad_flat[begin:end])
         _grad_kernel(grad_blk, x_blk, out_blk, sp, gate)
         out_flat[begin:end].copy_(out_blk)

@@ -84,3 +84,12 @@ def test_ci_runs_exactly_the_readme_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert install_and_run in ci.splitlines()
     assert install_and_test in ci.splitlines()
+
+
+def test_readme_python_blocks_run() -> None:
+    """Every ```python block of the README runs as written, so the docs cannot drift."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

@@ -45,6 +45,8 @@ def grad_of(fn, x: torch.Tensor, *, expanded: bool = False) -> torch.Tensor:
     return g
 
 
+# gradcheck's batched-grad check calls the deprecated torch.jit.script internally.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_gradcheck_and_gradgradcheck_float64() -> None:
     x = torch.cat(
         [
