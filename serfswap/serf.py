@@ -4,9 +4,10 @@ Why a custom op and not the three-line composite:
 
 * Memory. Autograd of ``x * erf(softplus(x))`` keeps three tensors per call (x, softplus(x),
   erf(...)). ``serfswap::serf`` keeps only its input, as ``nn.GELU`` does, and recomputes the rest
-  in an analytic backward: a deep CNN trained with Serf holds a third of the activation memory.
-* Speed. The forward runs in place on one buffer, the backward in seven passes with no ``f(x)/x``
-  form, and both stay opaque to ``torch.compile``/``torch.export`` (no graph breaks, one node).
+  in an analytic backward: a third of the composite's activation memory in training.
+* Speed. The forward runs in place on one buffer; the backward makes seven passes, with no
+  ``f(x)/x`` form, over cache-sized blocks on CPU. Both are about the time of ``F.mish``
+  (benchmarks/RESULTS.md) and stay one opaque node under ``torch.compile``/``torch.export``.
 * Export. The dynamo ONNX exporter maps the op, through ``custom_translation_table``, to exactly
   ``Softplus -> Erf -> Mul`` (the composite exports with an extra ``Greater``/``Where``).
 * Accuracy. Where ``exp(x)`` inside softplus would be subnormal (x < -87.3 in float32) while the
