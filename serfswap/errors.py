@@ -14,3 +14,11 @@ class SerfswapError(Exception):
 
 class UnsupportedDtypeError(SerfswapError, TypeError):
     """A tensor has a dtype the operation cannot compute in (an integer tensor given to Serf)."""
+
+
+class InvalidActivationsError(SerfswapError, ValueError):
+    """``activations=`` names something that is not a replaceable activation family or class."""
+
+
+class NothingToConvertError(SerfswapError, ValueError):
+    """convert() found nothing to replace: no activation, or every one filtered out."""

@@ -1,0 +1,411 @@
+"""plan() / convert() / revert(): put Serf where a model's activations are, and take it out again.
+
+The walk recurses over ``_modules`` (not ``named_modules()``, which visits a shared instance
+once) and records every (parent, key) that holds each activation instance, so a module shared by
+several parents becomes one shared Serf. It finds four kinds of site: activation modules,
+activations inside fused norm+act layers (timm's ``BatchNormAct2d.act``), activation functions
+stored as attributes, and functional calls in a module's code (see :mod:`serfswap.functional`).
+
+Plan, validate, then mutate: every check runs before the first change, so an error leaves the
+model as it was. Each Serf keeps the module it replaced (unregistered, so it is in neither
+``state_dict`` nor ``named_modules``), which is what lets :func:`revert` restore the original
+objects and their bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from . import integrations
+from .activations import GATE, class_family, function_info, resolve_families
+from .errors import NothingToConvertError
+from .functional import FunctionalScope, SerfFunction, class_call_sites, function_name
+from .report import Plan, Site
+from .serf import Serf
+
+FilterFn = Callable[[nn.Module, str], bool]
+REPORT_ATTR = "serfswap_report"
+_ORIGINAL_ATTR = "_serfswap_original"
+
+# Children that make an MLP gated (LLaMA / Mistral / Gemma, Phi-3, T5 v1.1, Mixtral experts).
+_GATE_PROJECTIONS = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"})
+
+
+@dataclass
+class _Ref:
+    parent: nn.Module | None  # None: the root itself
+    key: str
+    name: str
+
+
+@dataclass
+class _Found:
+    """A site found by the walk, with what convert needs to change it."""
+
+    kind: str
+    names: list[str]
+    source: str
+    family: str
+    owner: nn.Module  # what filter_fn sees: the activation module, or the module that holds it
+    gated: bool = False
+    where: str = ""
+    module: nn.Module | None = None  # kind module / norm-act: the instance
+    attribute: str = ""  # kind attribute: the key in owner.__dict__
+    refs: list[_Ref] = field(default_factory=list)
+
+
+def _walk(root: nn.Module) -> tuple[dict[int, list[_Ref]], list[tuple[str, nn.Module]]]:
+    """Every (parent, key) holding each module instance, and each instance once, in order."""
+    refs: dict[int, list[_Ref]] = {id(root): [_Ref(None, "", "")]}
+    order: list[tuple[str, nn.Module]] = [("", root)]
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for key, child in module._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            first_visit = id(child) not in refs
+            refs.setdefault(id(child), []).append(_Ref(module, key, name))
+            if first_visit:
+                order.append((name, child))
+                visit(child, name)
+
+    visit(root, "")
+    return refs, order
+
+
+def _class_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn"):
+        module = "nn"
+    return f"{module}.{cls.__qualname__}" if module != "builtins" else cls.__qualname__
+
+
+def _is_norm_act(module: nn.Module | None) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith("timm.layers.norm_act") or "NormAct" in cls.__name__
+
+
+def _is_gated(parent: nn.Module | None) -> bool:
+    if parent is None:
+        return False
+    return any(key in _GATE_PROJECTIONS for key in parent._modules)
+
+
+def _find(root: nn.Module) -> tuple[list[_Found], bool]:
+    """All activation sites of ``root``, and whether it already holds serfswap's Serf."""
+    refs, order = _walk(root)
+    found: list[_Found] = []
+    has_serf = False
+    for name, module in order:
+        if isinstance(module, Serf):
+            has_serf = True
+            continue
+        family = class_family(type(module))
+        if family is not None:
+            mod_refs = refs[id(module)]
+            parent = mod_refs[0].parent
+            found.append(
+                _Found(
+                    kind="norm-act" if _is_norm_act(parent) else "module",
+                    names=[r.name for r in mod_refs],
+                    source=_class_name(type(module)),
+                    family=family,
+                    owner=module,
+                    gated=_is_gated(parent),
+                    module=module,
+                    refs=mod_refs,
+                )
+            )
+            continue
+        for key, value in vars(module).items():
+            if isinstance(value, SerfFunction | FunctionalScope):
+                has_serf = True
+            elif not key.startswith("_") and (info := function_info(value)) is not None:
+                found.append(
+                    _Found(
+                        kind="attribute",
+                        names=[f"{name}.{key}" if name else key],
+                        source=function_name(value),
+                        family=info.family,
+                        owner=module,
+                        gated=_is_gated(module),
+                        attribute=key,
+                    )
+                )
+        scope = module.__dict__.get("forward")
+        done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
+        for site in class_call_sites(type(module)):
+            if site.family in done:
+                continue
+            found.append(
+                _Found(
+                    kind="functional",
+                    names=[name],
+                    source=site.call,
+                    family=site.family,
+                    owner=module,
+                    where=f"{site.file}:{site.line} in {site.method}",
+                )
+            )
+    return found, has_serf
+
+
+def _patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    patterns = tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{arg}= takes glob patterns (str), got {value!r}")
+    return patterns
+
+
+def _matches(names: list[str], patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return pattern
+    return None
+
+
+def _decide(
+    item: _Found,
+    families: frozenset[str],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    filter_fn: FilterFn | None,
+) -> tuple[str, str]:
+    """(stage, reason): stage "convert" or the stage that skipped the site."""
+    if item.family == GATE:
+        return "gate", "gate or normaliser, never replaced"
+    if item.family not in families:
+        if item.family == "prelu":
+            return "family", "has learned parameters; name 'prelu' in activations= to replace it"
+        return "family", f"family {item.family!r} not selected (activations=)"
+    if include and _matches(item.names, include) is None:
+        return "include", "not matched by include="
+    if exclude and (pattern := _matches(item.names, exclude)) is not None:
+        return "exclude", f"excluded by {pattern!r}"
+    if filter_fn is not None and not filter_fn(item.owner, item.names[0]):
+        return "filter", "rejected by filter_fn"
+    return "convert", ""
+
+
+def _nothing_matched(
+    model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
+) -> NothingToConvertError:
+    candidates = [f for f in found if f.family != GATE]
+    if not candidates:
+        gates = len(found)
+        return NothingToConvertError(
+            f"found no activation to convert in {model}"
+            + (f" (only {gates} gates, which are never replaced)" if gates else "")
+            + "; serfswap recognises torch.nn, timm and transformers activation modules, functions "
+            "stored as attributes, and F.relu / F.gelu / F.silu / F.mish calls in module code"
+        )
+    seen = sorted({f.family for f in candidates})
+    if "family" in stages and all(s in ("family", "gate") for s in stages):
+        return NothingToConvertError(
+            f"{model} has activations of families {seen}, none of which is in "
+            f"activations={sorted(families)}; pass e.g. activations={seen}"
+        )
+    examples = ", ".join(n for f in candidates[:3] for n in f.names[:1])
+    if "include" in stages and "exclude" not in stages and "filter" not in stages:
+        return NothingToConvertError(
+            f"include={list(given['include'])} matched none of the {len(candidates)} activations "
+            f"of {model} (their names look like: {examples})"
+        )
+    if "exclude" in stages and "filter" not in stages:
+        return NothingToConvertError(
+            f"exclude={list(given['exclude'])} excluded every activation of {model} "
+            f"that include= and activations= left ({len(candidates)} found)"
+        )
+    return NothingToConvertError(
+        f"filter_fn rejected every activation of {model} that the patterns left "
+        f"({len(candidates)} found, e.g. {examples})"
+    )
+
+
+def _plan(
+    model: nn.Module,
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+    filter_fn: FilterFn | None,
+    activations: Iterable[str | type] | str | None,
+) -> tuple[Plan, list[tuple[_Found, Site]], bool]:
+    families = resolve_families(activations)
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}")
+    found, has_serf = _find(model)
+    decided: list[tuple[_Found, Site]] = []
+    stages = []
+    for item in found:
+        stage, reason = _decide(item, families, inc, exc, filter_fn)
+        stages.append(stage)
+        site = Site(
+            name=item.names[0],
+            kind=item.kind,
+            source=item.source,
+            family=item.family,
+            convert=stage == "convert",
+            reason=reason,
+            gated=item.gated and stage == "convert",
+            aliases=tuple(item.names[1:]),
+            where=item.where,
+        )
+        decided.append((item, site))
+    plan = Plan(type(model).__name__, [site for _, site in decided])
+    if not plan.converted and not has_serf:
+        raise _nothing_matched(plan.model, stages, found, families, include=inc, exclude=exc)
+    if not plan.converted:
+        plan.notes.append("already converted: nothing left to convert with these options")
+    return plan, decided, has_serf
+
+
+def plan(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
+    activations: Iterable[str | type] | str | None = None,
+) -> Plan:
+    """What :func:`convert` would change, changing nothing.
+
+    Args:
+        include: glob patterns over module names (``"blocks.1[0-1].*"``); only matching sites.
+        exclude: glob patterns; matching sites are left alone.
+        filter_fn: ``(module, name) -> bool``; the module is the activation itself, or the module
+            that holds the function or makes the call.
+        activations: families (``"relu"``, ``"gelu"``, ``"silu"``, ``"mish"``, ``"hardswish"``...),
+            classes (``nn.ReLU``), or ``"all"``; default: the ReLU / GELU / Swish / Mish family.
+
+    Raises:
+        NothingToConvertError: nothing was selected; the message says which option removed what.
+    """
+    return _plan(model, include, exclude, filter_fn, activations)[0]
+
+
+def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
+    scopes: dict[int, tuple[nn.Module, set[str]]] = {}
+    any_functional = False
+    for item, site in decided:
+        if item.kind == "functional":
+            owner_families = scopes.setdefault(id(item.owner), (item.owner, set()))[1]
+            if site.convert:
+                owner_families.add(item.family)
+                any_functional = True
+        if not site.convert:
+            continue
+        if item.module is not None:
+            serf = Serf(inplace=bool(getattr(item.module, "inplace", False)))
+            serf.train(item.module.training)
+            serf.__dict__[_ORIGINAL_ATTR] = item.module
+            for ref in item.refs:
+                if ref.parent is None:
+                    root = serf
+                else:
+                    ref.parent._modules[ref.key] = serf
+        elif item.kind == "attribute":
+            original = item.owner.__dict__[item.attribute]
+            replacement = SerfFunction(original)
+            if isinstance(item.owner, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+                # Their inference fast path runs a fused ReLU/GELU kernel when this flag is set.
+                replacement.restore = {
+                    "activation_relu_or_gelu": item.owner.activation_relu_or_gelu
+                }
+                item.owner.activation_relu_or_gelu = 0
+            item.owner.__dict__[item.attribute] = replacement
+    if any_functional:  # excluded owners get an empty scope, so a converted parent spares them
+        for owner, families in scopes.values():
+            current = owner.__dict__.get("forward")
+            if isinstance(current, FunctionalScope):
+                current.families = current.families | families
+            else:
+                owner.__dict__["forward"] = FunctionalScope(owner, frozenset(families))
+    return root
+
+
+def convert(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
+    activations: Iterable[str | type] | str | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace the activations of ``model`` with Serf; see :func:`plan` for the options.
+
+    Returns a converted deep copy (the original stays intact: it is the teacher for
+    :func:`serfswap.recover`); with ``inplace=True`` the given model is converted. Always use the
+    return value: when the root itself is an activation, the result is a new module. The result
+    carries ``.serfswap_report`` (print it for a table). Converting a converted model is a
+    no-op. A HuggingFace model whose activations of a family were all converted gets ``"serf"``
+    in the config fields that named them, so ``save_pretrained`` / ``from_pretrained`` (after
+    ``import serfswap``) rebuilds it.
+
+    >>> import torch.nn as nn, serfswap
+    >>> net = serfswap.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    >>> net[1]
+    Serf()
+    """
+    # Validate on the caller's model first, so that bad options cost no deep copy.
+    _, decided, _ = _plan(model, include, exclude, filter_fn, activations)
+    target = model if inplace else copy.deepcopy(model)
+    if target is not model:
+        report, decided, _ = _plan(target, include, exclude, filter_fn, activations)
+    else:
+        report = Plan(type(model).__name__, [site for _, site in decided])
+    if not report.converted:
+        return target
+    root = _apply(target, decided)
+    report.applied = True
+    previous = root.__dict__.get(REPORT_ATTR)
+    report.config_updates = dict(previous.config_updates) if previous is not None else {}
+    report.config_updates.update(integrations.update_hf_config(root, report))
+    report.notes.extend(integrations.config_notes(root, report))
+    root.__dict__[REPORT_ATTR] = report
+    return root
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Put back every activation :func:`convert` replaced; returns the (possibly new) root.
+
+    Outputs are bit-identical to the model before conversion: the original module and function
+    objects come back. A model that was not converted is returned as it is.
+    """
+    refs, order = _walk(model)
+    root = model
+    for _, module in order:
+        original = module.__dict__.get(_ORIGINAL_ATTR) if isinstance(module, Serf) else None
+        if original is None:
+            continue
+        for ref in refs[id(module)]:
+            if ref.parent is None:
+                root = original
+            else:
+                ref.parent._modules[ref.key] = original
+    for _, module in order:
+        for key, value in list(vars(module).items()):
+            if isinstance(value, SerfFunction):
+                module.__dict__[key] = value.original
+                for attr, old in value.restore.items():
+                    setattr(module, attr, old)
+            elif key == "forward" and isinstance(value, FunctionalScope):
+                if value.inner is None:
+                    del module.__dict__["forward"]
+                else:
+                    module.__dict__["forward"] = value.inner
+    report = model.__dict__.pop(REPORT_ATTR, None)
+    if report is not None:
+        integrations.restore_hf_config(model, report)
+    return root

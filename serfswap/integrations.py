@@ -1,0 +1,185 @@
+"""Serf where users of timm and transformers look for activations, and HF configs that say so.
+
+``import serfswap`` must not import timm or transformers (they are optional and slow to import),
+so registration is a post-import hook: if the library is already imported, Serf is registered
+at once; otherwise a ``sys.meta_path`` finder registers it right after the library's activation
+module is first imported. Either way ``timm.layers.get_act_layer("serf")`` and
+``transformers.activations.ACT2FN["serf"]`` give Serf.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import re
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+_package = "serfswap"
+from .activations import class_family
+from .report import Plan
+from .serf import Serf, serf
+
+NAME = "serf"
+
+
+def _register_timm(create_act: ModuleType) -> None:
+    create_act._ACT_LAYER_DEFAULT[NAME] = Serf
+    create_act._ACT_FN_DEFAULT[NAME] = serf
+
+
+def _register_transformers(activations: ModuleType) -> None:
+    activations.ACT2CLS[NAME] = Serf
+    activations.ACT2FN[NAME] = Serf
+
+
+_HOOKS: dict[str, Callable[[ModuleType], None]] = {
+    "timm.layers.create_act": _register_timm,
+    "transformers.activations": _register_transformers,
+}
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs the real loader, then the registration."""
+
+    def __init__(self, loader: importlib.abc.Loader, hook: Callable[[ModuleType], None]) -> None:
+        self.loader = loader
+        self.hook = hook
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.hook(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        hook = _HOOKS.get(fullname)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _RegisteringLoader(spec.loader, hook)
+                return spec
+        return None
+
+
+def register() -> None:
+    """Register Serf as "serf" in timm and transformers, now or when they are imported."""
+    for name, hook in _HOOKS.items():
+        if name in sys.modules:
+            hook(sys.modules[name])
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+
+
+# HuggingFace configs -------------------------------------------------------------------------
+
+# Config fields that name an activation: hidden_act, activation_function (GPT-2), dense_act_fn
+# (T5), hidden_activation (Gemma), projector_hidden_act, feat_extract_activation...
+_ACT_FIELD = re.compile(r"(^|_)(act|act_fn|activation|activation_function)$")
+_MARKER = "serfswap"  # a config entry that says why "serf" is there and what loads it
+
+
+def _hf_config(model: nn.Module) -> Any | None:
+    config = getattr(model, "config", None)
+    if config is None or not type(config).__module__.startswith("transformers"):
+        return None
+    return config
+
+
+def _sub_configs(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    found = [(prefix, config)]
+    for key, value in vars(config).items():
+        if type(value).__module__.startswith("transformers") and hasattr(value, "to_dict"):
+            found.extend(_sub_configs(value, f"{prefix}{key}."))
+    return found
+
+
+def _family_of(act_name: str) -> str | None:
+    act2cls = getattr(sys.modules.get("transformers.activations"), "ACT2CLS", {})
+    entry = act2cls.get(act_name)
+    if entry is None:
+        return None
+    cls = entry[0] if isinstance(entry, tuple) else entry
+    return class_family(cls)
+
+
+def _fully_converted(report: Plan) -> set[str]:
+    converted = {s.family for s in report.converted}
+    return converted - {s.family for s in report.skipped}
+
+
+def update_hf_config(model: nn.Module, report: Plan) -> dict[str, tuple[str, str]]:
+    """Set "serf" in the config fields naming a family that was converted everywhere."""
+    config = _hf_config(model)
+    if config is None:
+        return {}
+    full = _fully_converted(report)
+    updates: dict[str, tuple[str, str]] = {}
+    for prefix, cfg in _sub_configs(config):
+        for key, value in list(vars(cfg).items()):
+            if not isinstance(value, str):
+                continue
+            if key == "feed_forward_proj":  # T5: "relu" or "gated-gelu" derives dense_act_fn
+                head, _, act = value.rpartition("-")
+                new = f"{head}-{NAME}" if head else NAME
+            elif _ACT_FIELD.search(key):
+                act, new = value, NAME
+            else:
+                continue
+            if _family_of(act) in full:
+                setattr(cfg, key, new)
+                updates[prefix + key] = (value, new)
+    if updates:
+        setattr(
+            config,
+            _MARKER,
+            f"activations replaced by Serf; `pip install {_package}` and "
+            f"`import {_package}` before from_pretrained",
+        )
+    return updates
+
+
+def config_notes(model: nn.Module, report: Plan) -> list[str]:
+    """Why a HuggingFace config could not say "serf" everywhere the model has it."""
+    if _hf_config(model) is None:
+        return []
+    notes = []
+    partial = {s.family for s in report.converted} - _fully_converted(report)
+    if partial:
+        notes.append(
+            f"config not updated for {sorted(partial)}: only part of them was converted, which a "
+            "config cannot express; save with serfswap's checkpoint instead of save_pretrained"
+        )
+    if any(s.kind == "functional" for s in report.converted):
+        notes.append(
+            "functional calls are not config fields: after from_pretrained, call "
+            "serfswap.convert(model) again to convert them"
+        )
+    return notes
+
+
+def restore_hf_config(model: nn.Module, report: Plan) -> None:
+    config = _hf_config(model)
+    if config is None:
+        return
+    for path, (old, _) in report.config_updates.items():
+        *parents, key = path.split(".")
+        cfg = config
+        for parent in parents:
+            cfg = getattr(cfg, parent)
+        setattr(cfg, key, old)
+    if hasattr(config, _MARKER):
+        delattr(config, _MARKER)

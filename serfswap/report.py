@@ -1,0 +1,82 @@
+"""The plan of a conversion, and the report a converted model carries: one table of sites."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an activation sits in a model.
+
+    ``kind`` is where it sits: ``module`` (a child module), ``norm-act`` (the activation of a
+    fused norm+act layer such as timm's ``BatchNormAct2d``), ``attribute`` (a function stored as
+    a module attribute) or ``functional`` (a call in a module's code, ``where`` says which).
+    """
+
+    name: str
+    kind: str
+    source: str
+    family: str
+    convert: bool
+    reason: str = ""
+    gated: bool = False
+    aliases: tuple[str, ...] = ()
+    where: str = ""
+
+
+@dataclass
+class Plan:
+    """What :func:`serfswap.convert` would change (``applied=False``) or changed (``True``)."""
+
+    model: str
+    sites: list[Site]
+    applied: bool = False
+    config_updates: dict[str, tuple[str, str]] = field(default_factory=dict)  # field: (old, new)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[Site]:
+        return [s for s in self.sites if s.convert]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if not s.convert]
+
+    def counts(self) -> Counter[str]:
+        """Converted sites per original class or function."""
+        return Counter(s.source for s in self.converted)
+
+    def __str__(self) -> str:
+        verb = "converted" if self.applied else "to convert"
+        counts = ", ".join(f"{src} x{n}" for src, n in self.counts().most_common())
+        lines = [
+            f"serfswap {'report' if self.applied else 'plan'} for {self.model}: "
+            f"{len(self.converted)} {verb}"
+            + (f" ({counts})" if counts else "")
+            + f", {len(self.skipped)} left as they are"
+        ]
+        rows = [("name", "kind", "original", "action")]
+        for s in self.sites:
+            name = s.name or "(root)"
+            if s.aliases:
+                name += f" (shared with {', '.join(s.aliases)})"
+            if s.where:
+                name += f" [{s.where}]"
+            action = (
+                ("serf" + (", gated MLP" if s.gated else "")) if s.convert else f"skip: {s.reason}"
+            )
+            rows.append((name, s.kind, s.source, action))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            lines.append(
+                "  "
+                + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                + "  "
+                + row[3]
+            )
+        for key, (old, new) in self.config_updates.items():
+            lines.append(f"  config.{key}: {old!r} -> {new!r}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
