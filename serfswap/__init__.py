@@ -7,16 +7,16 @@ transformers, when and if those are imported.
 
 __version__ = "0.1.0"
 
-from . import integrations as _integrations  # noqa: E402
-from .convert import convert, plan, revert  # noqa: E402
-from .errors import (  # noqa: E402
+from . import integrations as _integrations
+from .convert import convert, plan, revert
+from .errors import (
     InvalidActivationsError,
     NothingToConvertError,
     SerfswapError,
     UnsupportedDtypeError,
 )
-from .report import Plan, Site  # noqa: E402
-from .serf import Serf, serf  # noqa: E402
+from .report import Plan, Site
+from .serf import Serf, serf
 
 _integrations.register()
 

@@ -19,12 +19,12 @@ from typing import Any
 
 from torch import nn
 
-_package = "serfswap"
 from .activations import class_family
 from .report import Plan
 from .serf import Serf, serf
 
 NAME = "serf"
+_package = "serfswap"
 
 
 def _register_timm(create_act: ModuleType) -> None:
