@@ -114,7 +114,9 @@ TOYS = {
     "attribute": AttributeFn,
     "gated": GatedMLP,
     "mixed": Mixed,
-    "transformer_layer": lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+    "transformer_layer": lambda: nn.TransformerEncoderLayer(
+        8, 2, 16, dropout=0.0, batch_first=True
+    ),
 }
 
 
@@ -177,8 +179,10 @@ def test_plan_changes_nothing_and_lists_every_kind() -> None:
     assert "forward" not in vars(model) and not plan.applied
     functional = [s for s in plan.sites if s.kind == "functional"]
     assert {s.source for s in functional} == {"torch.relu", "F.silu", "F.relu", "F.gelu", ".relu()"}
-    assert all(re.search(r"test_convert\.py:\d+ in Functional(Inner)?\.forward", s.where)
-               for s in functional)
+    assert all(
+        re.search(r"test_convert\.py:\d+ in Functional(Inner)?\.forward", s.where)
+        for s in functional
+    )
     table = str(plan)
     assert table.startswith("serfswap plan for Functional: 5 to convert")
     assert "F.gelu" in table and "inner" in table
@@ -214,7 +218,11 @@ def test_gated_mlp_is_converted_and_marked() -> None:
 def test_include_exclude_and_filter() -> None:
     model = Nested()
     only = serfswap.convert(model, include="blocks.*")
-    assert [s.name for s in only.serfswap_report.converted] == ["blocks.0.1", "blocks.1.1", "blocks.2.1"]
+    assert [s.name for s in only.serfswap_report.converted] == [
+        "blocks.0.1",
+        "blocks.1.1",
+        "blocks.2.1",
+    ]
     some = serfswap.convert(model, include=["blocks.*"], exclude="blocks.[0-1].*")
     assert [s.name for s in some.serfswap_report.converted] == ["blocks.2.1"]
     kept = serfswap.convert(model, filter_fn=lambda module, name: isinstance(module, nn.SiLU))

@@ -1,0 +1,31 @@
+"""Every timm test_* architecture and one model per timm family, converted and reverted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .zoo.check import check_model
+from .zoo.timm_zoo import FAMILIES, INPUT_SIZE, TEST_MODELS
+
+timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extras")
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    _, height, width = model.pretrained_cfg["input_size"]
+    if name in INPUT_SIZE:
+        height = width = INPUT_SIZE[name]
+    return model, {"x": torch.randn(1, 3, height, width)}
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_timm_test_architectures(name: str) -> None:
+    check_model(*build(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_timm_family(family: str) -> None:
+    check_model(*build(FAMILIES[family]))

@@ -1,0 +1,70 @@
+"""The zoo's one check: plan finds every activation, convert leaves none, revert is exact."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+import serfswap
+from serfswap.activations import GATE, class_family
+
+from ..probes import count_activation_calls
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, a tuple, a dict or a HuggingFace ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in tensors(v)]
+    return []
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return tensors(model(**inputs))
+
+
+def original_activation_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if class_family(type(m)) not in (None, GATE)]
+
+
+def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.Plan:
+    """Convert every activation family and check the round trip; returns the report."""
+    model.eval()
+    with torch.no_grad(), count_activation_calls() as original_calls:
+        before = run(model, inputs)
+    plan = serfswap.plan(model, activations="all")
+    assert plan.converted, "the plan found no activation"
+    modules = original_activation_modules(model)
+    planned = {
+        n for s in plan.converted if s.kind in ("module", "norm-act") for n in (s.name, *s.aliases)
+    }
+    assert set(modules) <= planned, f"plan missed {set(modules) - planned}"
+    assert original_calls.total == 0 or any(s.kind != "module" for s in plan.sites) or modules
+
+    converted = serfswap.convert(model, activations="all")
+    assert original_activation_modules(converted) == []
+    with torch.no_grad(), count_activation_calls() as calls:
+        after = run(converted, inputs)
+    assert calls.total == 0, f"calls left after convert: {dict(calls.seen)}"
+    assert any(not torch.allclose(a, b) for a, b in zip(after, before, strict=True)), (
+        "outputs unchanged: the swap did not happen"
+    )
+
+    # Backward in eval mode: a train-mode forward would update BatchNorm statistics.
+    loss = sum(t.float().square().mean() for t in run(converted, inputs))
+    loss.backward()
+    grads = [p.grad for p in converted.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+    reverted = serfswap.revert(copy.deepcopy(converted)).eval()
+    with torch.no_grad():
+        back = run(reverted, inputs)
+    for a, b in zip(back, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    return converted.serfswap_report
