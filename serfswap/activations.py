@@ -102,6 +102,9 @@ _LIBRARY_CLASSES: dict[str, dict[str, str]] = {
         "MishActivation": "mish",
         "ReLUSquaredActivation": "relu_squared",
     },
+    # Model-specific hand-written GELUs (the only ones in transformers 5).
+    "transformers.models.bloom.modeling_bloom": {"BloomGelu": "gelu"},
+    "transformers.models.lxmert.modeling_lxmert": {"GeLU": "gelu"},
 }
 
 

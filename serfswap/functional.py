@@ -180,6 +180,7 @@ def _resolve(node: ast.expr, namespace: dict[str, Any]) -> object:
 
 
 def _scan_function(fn: Callable[..., Any], method: str) -> list[CallSite]:
+    fn = inspect.unwrap(fn)  # decorated forwards (transformers' @can_return_tuple...): the real one
     try:
         lines, first_line = inspect.getsourcelines(fn)
         file = inspect.getsourcefile(fn) or "?"

@@ -13,7 +13,8 @@ timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extra
 
 def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False)
+    # num_classes=0: pooled features; several families zero-initialise their classifier.
+    model = timm.create_model(name, pretrained=False, num_classes=0)
     _, height, width = model.pretrained_cfg["input_size"]
     if name in INPUT_SIZE:
         height = width = INPUT_SIZE[name]

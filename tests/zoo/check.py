@@ -36,7 +36,13 @@ def original_activation_modules(model: nn.Module) -> list[str]:
 def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.Plan:
     """Convert every activation family and check the round trip; returns the report."""
     model.eval()
-    with torch.no_grad(), count_activation_calls() as original_calls:
+    with torch.no_grad():
+        # Zero-initialised residual branches (Swin V2's post-norms) or heads make a fresh model's
+        # output independent of its activations; give them small random values.
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0, 0.02)
+    with torch.no_grad():
         before = run(model, inputs)
     plan = serfswap.plan(model, activations="all")
     assert plan.converted, "the plan found no activation"
@@ -45,14 +51,14 @@ def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.P
         n for s in plan.converted if s.kind in ("module", "norm-act") for n in (s.name, *s.aliases)
     }
     assert set(modules) <= planned, f"plan missed {set(modules) - planned}"
-    assert original_calls.total == 0 or any(s.kind != "module" for s in plan.sites) or modules
 
     converted = serfswap.convert(model, activations="all")
     assert original_activation_modules(converted) == []
     with torch.no_grad(), count_activation_calls() as calls:
         after = run(converted, inputs)
     assert calls.total == 0, f"calls left after convert: {dict(calls.seen)}"
-    assert any(not torch.allclose(a, b) for a, b in zip(after, before, strict=True)), (
+    # Relative: some fresh models (Inception-v4) end with features around 1e-9.
+    assert any(not torch.allclose(a, b, atol=0) for a, b in zip(after, before, strict=True)), (
         "outputs unchanged: the swap did not happen"
     )
 
