@@ -308,7 +308,7 @@ def test_functional_conversion_under_compile_and_export() -> None:
     torch.testing.assert_close(program.module()(x), expected)
 
 
-def test_converted_model_pickles_with_its_scopes(tmp_path) -> None:  # noqa: ANN001
+def test_converted_model_pickles_with_its_scopes(tmp_path) -> None:
     converted = serfswap.convert(Functional())
     path = tmp_path / "model.pt"
     torch.save(converted, path)

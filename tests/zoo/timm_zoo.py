@@ -102,8 +102,15 @@ FAMILIES = {
 }
 
 # Input size overrides for models that take any size, to keep the zoo inside CI's time budget.
-INPUT_SIZE = {"nasnetalarge": 96, "pnasnet5large": 96, "inception_resnet_v2": 160,
-              "inception_v4": 160, "inception_v3": 160, "legacy_xception": 160, "xception41": 160}  # fmt: skip
+INPUT_SIZE = {
+    "nasnetalarge": 96,
+    "pnasnet5large": 96,
+    "inception_resnet_v2": 160,
+    "inception_v4": 160,
+    "inception_v3": 160,
+    "legacy_xception": 160,
+    "xception41": 160,
+}
 
 # Families without a model small enough for CI's 2 CPU cores (each has no variant under
 # ~150M parameters or below 512x512 input): not in the zoo, said here and in the README.
