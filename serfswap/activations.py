@@ -162,24 +162,38 @@ TENSOR_METHODS: dict[str, FunctionInfo] = {
 }
 
 
-def _library_table(tables: dict[str, dict[str, str]]) -> dict[object, str]:
+def _library_table(kind: str) -> dict[object, str]:
+    """The ``kind`` ("classes" or "functions") of the optional libraries imported by now."""
+    tables = _LIBRARY_CLASSES if kind == "classes" else _LIBRARY_FUNCTIONS
+    return _table_for(kind, tuple(name for name in tables if name in sys.modules))
+
+
+@functools.cache  # per set of imported libraries: a walk asks once per module of a model
+def _table_for(kind: str, loaded: tuple[str, ...]) -> dict[object, str]:
+    tables = _LIBRARY_CLASSES if kind == "classes" else _LIBRARY_FUNCTIONS
     found: dict[object, str] = {}
-    for module_name, names in tables.items():
-        module = sys.modules.get(module_name)
-        if module is None:
-            continue
-        for name, family in names.items():
+    for module_name in loaded:
+        module = sys.modules[module_name]
+        for name, family in tables[module_name].items():
             obj = getattr(module, name, None)
             if obj is not None:
                 found[obj] = family
     return found
 
 
+def activation_names() -> frozenset[str]:
+    """Every name an activation function or method goes by, for a cheap pre-filter of code."""
+    names = {getattr(fn, "__name__", "") for fn in _TORCH_FUNCTIONS}
+    for table in _LIBRARY_FUNCTIONS.values():
+        names.update(table)
+    return frozenset(names | set(TENSOR_METHODS))
+
+
 def class_family(cls: type) -> str | None:
     """The family of an activation class (``"gate"`` for gates), or None if it is not one."""
     if issubclass(cls, Serf):
         return None
-    library = _library_table(_LIBRARY_CLASSES)
+    library = _library_table("classes")
     for base in cls.__mro__:
         family = library.get(base) or _TORCH_CLASSES.get(base)
         if family is not None:
@@ -197,7 +211,7 @@ def function_info(fn: object) -> FunctionInfo | None:
         return None
     if info is not None:
         return info
-    family = _library_table(_LIBRARY_FUNCTIONS).get(fn)
+    family = _library_table("functions").get(fn)
     return FunctionInfo(family, 1) if family is not None else None
 
 
