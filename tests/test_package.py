@@ -93,3 +93,10 @@ def test_readme_python_blocks_run() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_generated_tables_are_current() -> None:
+    from .readme_tables import render
+
+    text = (ROOT / "README.md").read_text()
+    assert render(text) == text, "run: python -m tests.readme_tables --write"

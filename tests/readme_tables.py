@@ -1,0 +1,105 @@
+"""The README's generated tables: the activation table (from serfswap.activations) and the model
+families tested (from the zoo tests' parametrization). ``test_package`` fails when the README
+differs from what this renders; rewrite it with:
+
+    python -m tests.readme_tables --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from serfswap import activations as acts
+
+from .zoo import hf_zoo, timm_zoo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def activation_table() -> str:
+    rows: dict[str, list[str]] = defaultdict(list)
+    for cls, family in acts._TORCH_CLASSES.items():
+        rows[family].append(f"`nn.{cls.__name__}`")
+    for module, names in acts._LIBRARY_CLASSES.items():
+        lib = module.split(".")[0]
+        for name, family in names.items():
+            rows[family].append(f"`{name}` ({lib})")
+    functions: dict[str, list[str]] = defaultdict(list)
+    for fn, info in acts._TORCH_FUNCTIONS.items():
+        module = (
+            "Tensor"
+            if "Tensor" in getattr(fn, "__qualname__", "")
+            else ("F" if fn.__module__ in ("torch.nn.functional", "torch._C._nn") else "torch")
+        )
+        name = fn.__name__
+        functions[info.family].append(
+            f"`{module}.{name}`" if module != "Tensor" else f"`x.{name}()`"
+        )
+    order = [*sorted(acts.DEFAULT_FAMILIES), *sorted(acts.OPTIONAL_FAMILIES), acts.GATE]
+    lines = [
+        "| family | replaced | modules | functions |",
+        "|---|---|---|---|",
+    ]
+    for family in order:
+        if family in acts.DEFAULT_FAMILIES:
+            when = "by default"
+        elif family == acts.GATE:
+            when = "never"
+        else:
+            when = f"when asked (`activations=['{family}']` or `'all'`)"
+        mods = ", ".join(rows.get(family, [])) or "-"
+        fns = ", ".join(sorted(set(functions.get(family, [])))) or "-"
+        lines.append(f"| {family} | {when} | {mods} | {fns} |")
+    return "\n".join(lines)
+
+
+def zoo_table() -> str:
+    lines = [
+        f"timm: all {len(timm_zoo.TEST_MODELS)} `test_*` architectures, and "
+        f"{len(timm_zoo.FAMILIES)} families, one model each:",
+        "",
+        ", ".join(f"{family} (`{name}`)" for family, name in timm_zoo.FAMILIES.items()),
+        "",
+        "timm families not in the zoo, too large for CI's 2 CPU cores: "
+        + "; ".join(f"{family} ({why})" for family, why in timm_zoo.LEFT_OUT.items())
+        + ".",
+        "",
+        f"transformers: {len(hf_zoo.MODELS)} model types, built from a shrunk config:",
+        "",
+        ", ".join(f"`{t}`" for t in hf_zoo.MODELS),
+    ]
+    return "\n".join(lines)
+
+
+SECTIONS = {"activations": activation_table, "zoo": zoo_table}
+
+
+def render(text: str) -> str:
+    for name, make in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n)(.*?\n)?(<!-- {name}:end -->)", re.DOTALL)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md lacks the <!-- {name}:begin/end --> markers")
+        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(3), text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="render the README's generated tables")
+    parser.add_argument("--write", action="store_true", help="rewrite README.md in place")
+    args = parser.parse_args()
+    text = README.read_text()
+    new = render(text)
+    if args.write:
+        README.write_text(new)
+    print(
+        "README.md is up to date"
+        if new == text
+        else "README.md " + ("rewritten" if args.write else "is stale")
+    )
+
+
+if __name__ == "__main__":
+    main()
