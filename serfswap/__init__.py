@@ -22,6 +22,7 @@ _integrations.register()
 
 __all__ = [
     "InvalidActivationsError",
+    "InvalidArgumentError",
     "NothingToConvertError",
     "Plan",
     "Serf",

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import integrations
 from .activations import GATE, class_family, function_info, resolve_families
-from .errors import NothingToConvertError
+from .errors import InvalidArgumentError, NothingToConvertError
 from .functional import FunctionalScope, SerfFunction, class_call_sites, function_name
 from .report import Plan, Site
 from .serf import Serf
@@ -164,7 +164,7 @@ def _patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...]:
         return (value,)
     patterns = tuple(value)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{arg}= takes glob patterns (str), got {value!r}")
+        raise InvalidArgumentError(f"{arg}= takes glob patterns (str), got {value!r}")
     return patterns
 
 
@@ -243,7 +243,9 @@ def _plan(
     families = resolve_families(activations)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}")
+        raise InvalidArgumentError(
+            f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}"
+        )
     found, has_serf = _find(model)
     decided: list[tuple[_Found, Site]] = []
     stages = []

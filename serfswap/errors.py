@@ -22,3 +22,7 @@ class InvalidActivationsError(SerfswapError, ValueError):
 
 class NothingToConvertError(SerfswapError, ValueError):
     """convert() found nothing to replace: no activation, or every one filtered out."""
+
+
+class InvalidArgumentError(SerfswapError, TypeError):
+    """An option has the wrong type: a pattern that is not a string, a filter not callable."""

@@ -266,9 +266,10 @@ def test_no_activation_at_all() -> None:
 
 
 def test_bad_option_types_are_clear_errors() -> None:
-    with pytest.raises(TypeError, match="glob patterns"):
+    assert issubclass(serfswap.InvalidArgumentError, TypeError)
+    with pytest.raises(serfswap.InvalidArgumentError, match="glob patterns"):
         serfswap.convert(Nested(), include=[1])
-    with pytest.raises(TypeError, match="filter_fn must be callable"):
+    with pytest.raises(serfswap.InvalidArgumentError, match="filter_fn must be callable"):
         serfswap.convert(Nested(), filter_fn="blocks")
 
 

@@ -100,3 +100,13 @@ def test_readme_generated_tables_are_current() -> None:
 
     text = (ROOT / "README.md").read_text()
     assert render(text) == text, "run: python -m tests.readme_tables --write"
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+    import importlib
+
+    for name in ("serfswap.serf", "serfswap.convert"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, name
