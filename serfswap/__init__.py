@@ -11,6 +11,7 @@ from . import integrations as _integrations
 from .convert import convert, plan, revert
 from .errors import (
     InvalidActivationsError,
+    InvalidArgumentError,
     NothingToConvertError,
     SerfswapError,
     UnsupportedDtypeError,
