@@ -16,12 +16,16 @@ from .errors import (
     SerfswapError,
     UnsupportedDtypeError,
 )
+from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .report import Plan, Site
 from .serf import Serf, serf
 
 _integrations.register()
 
 __all__ = [
+    "ExportError",
+    "ExportMismatchError",
+    "ExportReport",
     "InvalidActivationsError",
     "InvalidArgumentError",
     "NothingToConvertError",
@@ -32,6 +36,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "__version__",
     "convert",
+    "export_onnx",
     "plan",
     "revert",
     "serf",
