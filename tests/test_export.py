@@ -47,7 +47,7 @@ def hf_model(model_type: str, cls: str = "AutoModel") -> tuple[nn.Module, dict]:
     cfg = config(model_type)
     if cls == "AutoModel":
         return transformers.AutoModel.from_config(cfg, attn_implementation="eager"), None
-    return getattr(transformers, cls)(cfg), None
+    return getattr(transformers, cls)._from_config(cfg, attn_implementation="eager"), None
 
 
 ARCHITECTURES = {
