@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import SerfswapError
+from .errors import InvalidArgumentError, SerfswapError
+
+if TYPE_CHECKING:
+    from .io import Loaded
 
 _PACKAGES = (
     "torch",
@@ -76,16 +82,186 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> Loaded:
+    from .io import load_model
+
+    return load_model(
+        args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
+    )
+
+
+def _swap_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "include": args.include,
+        "exclude": args.exclude,
+        "activations": args.activations,
+    }
+
+
+def _needs_module(loaded: Loaded, command: str) -> None:
+    import torch
+
+    if isinstance(loaded.model, torch.export.ExportedProgram):
+        raise InvalidArgumentError(
+            f"{command} needs a module, and {loaded.source} is a torch.export program; "
+            "convert the module before torch.export, then `serfswap export` the program"
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .convert import plan
+
+    loaded = _load(args)
+    _needs_module(loaded, "inspect")
+    print(plan(loaded.model, **_swap_options(args)))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .io import conversion_options, describe, save_checkpoint
+
+    out = Path(args.output)
+    _writable_target(out)
+    loaded = _load(args)
+    _needs_module(loaded, "convert")
+    arch = loaded.arch or describe(loaded.model)
+    if arch is None:
+        raise InvalidArgumentError(
+            f"cannot describe the architecture of {loaded.source} ({type(loaded.model).__name__}) "
+            "for a checkpoint without pickled code; `serfswap export` it directly instead"
+        )
+    converted = convert(loaded.model, inplace=True, **_swap_options(args))
+    staged = out.with_name(f".{out.name}.tmp")
+    try:
+        save_checkpoint(converted, staged, arch, conversion_options(converted))
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    print(converted.serfswap_report)
+    print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    _writable_target(Path(args.output))
+    loaded = _load(args)
+    if args.convert:
+        _needs_module(loaded, "export --convert")
+    report = export_onnx(
+        loaded.model,
+        args.output,
+        opset=args.opset,
+        dynamic=not args.static,
+        dtype=args.dtype,
+        decomposition=args.decomposition,
+        verify=not args.no_verify,
+        atol=args.atol,
+        rtol=args.rtol,
+        convert_activations=args.convert,
+    )
+    print(report)
+    if report.leftovers and not args.convert:
+        print("  hint: pass --convert to replace the activations that are left")
+    return 0
+
+
+def _writable_target(path: Path) -> None:
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="timm:NAME, a HuggingFace model directory, a serfswap checkpoint, a state dict "
+        "or .safetensors file (with --arch), a .pt2 torch.export program, or a pickled module",
+    )
+    parser.add_argument("--arch", help="timm:NAME or hf:DIR, for files that hold weights only")
+    parser.add_argument("--weights", help="weights for a timm:NAME model")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a pickled module that imports code from outside torch/timm/transformers",
+    )
+
+
+def _add_swap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include", nargs="+", help="glob patterns of module names to convert")
+    parser.add_argument("--exclude", nargs="+", help="glob patterns of module names to leave")
+    parser.add_argument(
+        "--activations",
+        nargs="+",
+        help="families to replace (relu gelu silu mish hardswish ... or all); "
+        "default: relu gelu silu mish",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="serfswap",
         description="Swap the activations of a model for Serf, recover it, export it to ONNX.",
-        epilog="examples:\n  serfswap env            versions and accelerators, for bug reports\n"
-        "  serfswap env --json     the same as JSON",
+        epilog="examples:\n"
+        "  serfswap inspect timm:resnet50                 what would be converted\n"
+        "  serfswap convert timm:resnet50 -o r50.safetensors\n"
+        "  serfswap export r50.safetensors r50.onnx       ONNX with Serf as Softplus/Erf/Mul\n"
+        "  serfswap export ./hf-model model.onnx --convert --decomposition exp-log\n"
+        "  serfswap env                                    versions, for bug reports",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"serfswap {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="the plan: which activations, where, how many, what would be left",
+        description="Print what `serfswap convert` would change, changing nothing.",
+    )
+    _add_model_arguments(inspect)
+    _add_swap_arguments(inspect)
+    inspect.set_defaults(func=cmd_inspect)
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert a model and write a serfswap checkpoint",
+        description="Convert MODEL's activations to Serf and write a checkpoint (.safetensors: "
+        "weights plus a description of the architecture and the swap; no pickled code).",
+    )
+    _add_model_arguments(conv)
+    _add_swap_arguments(conv)
+    conv.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    conv.set_defaults(func=cmd_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="export to ONNX, Serf as standard ops, verified against torch",
+        description="Export MODEL to ONNX. The file is verified with onnxruntime against torch "
+        "on fresh inputs before it is written; a failed export writes nothing.",
+    )
+    _add_model_arguments(export)
+    export.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument("--convert", action="store_true", help="convert activations first")
+    export.add_argument(
+        "--decomposition",
+        choices=["softplus", "exp-log"],
+        default="softplus",
+        help="softplus: Softplus/Erf/Mul (default); exp-log: faster on onnxruntime's CPU",
+    )
+    export.add_argument("--opset", type=int, default=20)
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--static", action="store_true", help="fixed input shapes")
+    export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    export.add_argument("--atol", type=float, help="verification tolerance (default 1e-4 fp32)")
+    export.add_argument("--rtol", type=float, help="verification tolerance (default 1e-4 fp32)")
+    export.set_defaults(func=cmd_export)
+
     env = commands.add_parser("env", help="print versions and accelerators, for bug reports")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
     env.set_defaults(func=cmd_env)
@@ -101,8 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except SerfswapError as exc:
+        if args.debug:
+            raise
         print(f"serfswap {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except Exception as exc:  # the libraries' own failures: one line, status 1
+        if args.debug:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"serfswap {args.command}: error: {reason} (--debug shows more)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 
 class SerfswapError(Exception):
-    """Base class of every error raised by serfswap."""
+    """Base class of every error raised by serfswap.
+
+    ``exit_code`` is the command line's status for it: 2 when the command itself is wrong (an
+    option, a path, a missing argument), 1 when a valid request failed.
+    """
+
+    exit_code = 1
 
 
 class UnsupportedDtypeError(SerfswapError, TypeError):
@@ -19,10 +25,16 @@ class UnsupportedDtypeError(SerfswapError, TypeError):
 class InvalidActivationsError(SerfswapError, ValueError):
     """``activations=`` names something that is not a replaceable activation family or class."""
 
+    exit_code = 2
+
 
 class NothingToConvertError(SerfswapError, ValueError):
     """convert() found nothing to replace: no activation, or every one filtered out."""
 
+    exit_code = 2
+
 
 class InvalidArgumentError(SerfswapError, TypeError):
     """An option has the wrong type: a pattern that is not a string, a filter not callable."""
+
+    exit_code = 2

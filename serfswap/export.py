@@ -39,6 +39,8 @@ TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
 class ExportError(SerfswapError, ValueError):
     """The export cannot be made as asked: bad option, missing inputs, unwritable target."""
 
+    exit_code = 2
+
 
 class ExportMismatchError(SerfswapError, AssertionError):
     """onnxruntime and torch disagree beyond the tolerance; nothing was written."""
@@ -207,7 +209,13 @@ def _leaves(out: Any) -> list[torch.Tensor]:
 
 
 def _compare(
-    model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], atol: float, rtol: float
+    model: nn.Module,
+    path: Path,
+    inputs: dict[str, torch.Tensor],
+    atol: float,
+    rtol: float,
+    *,
+    positional: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     from .onnx_ops import session
 
@@ -216,7 +224,7 @@ def _compare(
     feed = {name: inputs[name].numpy() for name in feed_names}
     got = sess.run(None, feed)
     with torch.no_grad():
-        want = _leaves(model(**inputs))
+        want = _leaves(model(*inputs.values()) if positional else model(**inputs))
     names = [o.name for o in sess.get_outputs()]
     if len(got) != len(want):
         raise ExportMismatchError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
@@ -313,9 +321,19 @@ def export_onnx(
         raise ExportError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
     path = Path(path)
     _check_target(path)
-    if convert_activations:
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None:  # a torch.export program: its shapes and inputs are its own
+        if convert_activations:
+            raise ExportError("convert needs a module, not a torch.export program")
+        model = program.module()
+        if example_inputs is None:
+            args, kwargs = program.example_inputs
+            example_inputs = {**_as_kwargs(model, args), **kwargs}
+        dynamic = False
+    elif convert_activations:
         model = convert(model)
-    model = model.eval()
+    if program is None:
+        model = model.eval()
     report_of_swap = model.__dict__.get(REPORT_ATTR)
     converted_count = len(report_of_swap.converted) if report_of_swap is not None else 0
     inferred = example_inputs is None
@@ -331,8 +349,8 @@ def export_onnx(
     with _without_kv_cache(model):
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            program = torch.onnx.export(
-                model,
+            onnx_program = torch.onnx.export(
+                program if program is not None else model,
                 (),
                 kwargs=inputs,
                 dynamo=True,
@@ -342,7 +360,7 @@ def export_onnx(
                 verbose=False,
             )
             size = sum(p.numel() * p.element_size() for p in model.parameters())
-            program.model.metadata_props.update(
+            onnx_program.model.metadata_props.update(
                 {
                     "serfswap.version": __version__,
                     "serfswap.decomposition": decomposition,
@@ -350,7 +368,7 @@ def export_onnx(
                 }
             )
             staged = staging / path.name
-            program.save(staged, external_data=size > _TWO_GB)
+            onnx_program.save(staged, external_data=size > _TWO_GB)
             import onnx
 
             onnx.checker.check_model(str(staged), full_check=True)
@@ -372,7 +390,7 @@ def export_onnx(
                 grow = {0: 1, 1: 3} if dynamic else {0: 0, 1: 0}
                 fresh = _fresh_like(inputs, grow, seq_names)
                 report.max_abs_diff, report.max_rel_diff = _compare(
-                    model, staged, fresh, atol, rtol
+                    model, staged, fresh, atol, rtol, positional=program is not None
                 )
                 report.verified = True
             for staged_file in staging.iterdir():
