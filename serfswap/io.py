@@ -250,7 +250,11 @@ def load_model(
         except Exception as exc:
             raise ModelLoadError(f"{path}: not a readable torch.export program ({exc})") from None
         return Loaded(program, spec)
-    if not zipfile.is_zipfile(path):
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a readable PyTorch file (truncated or corrupt archive)")
+    if not magic.startswith(b"PK") and not magic.startswith(b"\x80"):  # zip, or legacy pickle
         raise ModelLoadError(
             f"{path}: not a PyTorch, safetensors or torch.export file (unknown format)"
         )
