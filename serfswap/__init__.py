@@ -22,6 +22,16 @@ from .serf import Serf, serf
 
 _integrations.register()
 
+
+def __getattr__(name: str) -> object:
+    # The ONNX side and the loaders import onnx / onnxruntime / safetensors: load them on use.
+    if name in ("onnx_ops", "io"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'serfswap' has no attribute {name!r}")
+
+
 __all__ = [
     "ExportError",
     "ExportMismatchError",
