@@ -119,10 +119,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .io import conversion_options, describe, save_checkpoint
+    from .io import check_output_path, conversion_options, describe, save_checkpoint
 
     out = Path(args.output)
-    _writable_target(out)
+    check_output_path(out)
     loaded = _load(args)
     _needs_module(loaded, "convert")
     arch = loaded.arch or describe(loaded.model)
@@ -145,8 +145,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
+    from .io import check_output_path
 
-    _writable_target(Path(args.output))
+    check_output_path(Path(args.output))
     loaded = _load(args)
     if args.convert:
         _needs_module(loaded, "export --convert")
@@ -166,14 +167,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     if report.leftovers and not args.convert:
         print("  hint: pass --convert to replace the activations that are left")
     return 0
-
-
-def _writable_target(path: Path) -> None:
-    directory = path.parent
-    if not directory.is_dir():
-        raise InvalidArgumentError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InvalidArgumentError(f"output directory {directory} is not writable")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:

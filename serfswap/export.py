@@ -29,6 +29,7 @@ from torch import nn
 from . import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import SerfswapError
+from .io import check_output_path
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -271,16 +272,6 @@ def _without_kv_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
-def _check_target(path: Path) -> None:
-    directory = path.parent
-    if not directory.is_dir():
-        raise ExportError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ExportError(f"output directory {directory} is not writable")
-    if path.is_dir():
-        raise ExportError(f"{path} is a directory; give a file name such as model.onnx")
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -320,7 +311,7 @@ def export_onnx(
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
     path = Path(path)
-    _check_target(path)
+    check_output_path(path)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None:  # a torch.export program: its shapes and inputs are its own
         if convert_activations:

@@ -17,6 +17,7 @@ MODEL may be:
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 
 from . import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import SerfswapError
+from .errors import InvalidArgumentError, SerfswapError
 
 FORMAT = "serfswap-checkpoint/1"
 _TRUSTED_PREFIXES = ("torch.", "timm.", "transformers.", "serfswap.", "collections.OrderedDict")
@@ -217,6 +218,17 @@ def _load_checkpoint(
     )
     load_weights(model, state, path)
     return Loaded(model, str(path), arch)
+
+
+def check_output_path(path: Path) -> None:
+    """Fail before any work when ``path`` cannot be written: missing or read-only directory."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    if path.is_dir():
+        raise InvalidArgumentError(f"{path} is a directory; give a file name")
 
 
 # The one entry point -------------------------------------------------------------------------

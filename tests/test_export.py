@@ -163,7 +163,7 @@ def test_bad_options(kwargs: dict, message: str, tmp_path: Path) -> None:
 
 
 def test_missing_output_directory(tmp_path: Path) -> None:
-    with pytest.raises(serfswap.ExportError, match="does not exist"):
+    with pytest.raises(serfswap.InvalidArgumentError, match="does not exist"):
         serfswap.export_onnx(nn.Linear(2, 2), tmp_path / "nope" / "m.onnx", torch.randn(2, 2))
 
 
