@@ -285,6 +285,7 @@ def export_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     convert_activations: bool = False,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
@@ -299,6 +300,8 @@ def export_onnx(
         atol, rtol: verification tolerances (default: 1e-4 for fp32, 2e-2 for fp16).
         convert_activations: convert the model's activations to Serf first (a copy); without
             it, a model is exported as it is and the report counts what is left.
+        external_data: weights in a side file ``<path>.data``; default: only above 2 GB, the
+            protobuf limit.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
@@ -359,11 +362,13 @@ def export_onnx(
                 }
             )
             staged = staging / path.name
-            onnx_program.save(staged, external_data=size > _TWO_GB)
+            onnx_program.save(
+                staged, external_data=size > _TWO_GB if external_data is None else external_data
+            )
             import onnx
 
             onnx.checker.check_model(str(staged), full_check=True)
-            graph = check_graph(onnx.load(str(staged), load_external_data=False))
+            graph = check_graph(onnx.load(str(staged), load_external_data=False), str(staging))
             if graph.custom_domains:
                 raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
             report = ExportReport(

@@ -178,3 +178,13 @@ def test_session_device_choice(tmp_path: Path) -> None:
         with pytest.raises(serfswap.onnx_ops.NoDeviceError, match="onnxruntime-gpu"):
             session(tmp_path / "m.onnx", "cuda")
     assert sess.get_providers()[0] == expected
+
+
+def test_external_data_side_file(tmp_path: Path) -> None:
+    """The layout used above 2 GB, forced on a small model: one side file, verified."""
+    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False))
+    report = serfswap.export_onnx(model, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert report.external_data == tmp_path / "m.onnx.data" and report.verified
+    assert "weights in m.onnx.data" in str(report)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)

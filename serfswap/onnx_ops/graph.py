@@ -3,6 +3,7 @@ against its exact pattern, and which original activations are still in it."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,8 +38,11 @@ def _is_one(name: str, constants: dict[str, float]) -> bool:
     return constants.get(name) == 1.0
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, float]:
-    """Scalar constants of the graph (initializers and Constant nodes), by output name."""
+def _constants(graph: onnx.GraphProto, base_dir: str) -> dict[str, float]:
+    """Scalar constants of the graph (initializers and Constant nodes), by output name.
+
+    Only one-element tensors are read, from the side file when the weights are external.
+    """
     values: dict[str, float] = {}
     tensors = [(init.name, init) for init in graph.initializer]
     for node in graph.node:
@@ -47,17 +51,19 @@ def _constants(graph: onnx.GraphProto) -> dict[str, float]:
                 if attr.name == "value":
                     tensors.append((node.output[0], attr.t))
     for name, tensor in tensors:
-        array = numpy_helper.to_array(tensor)
-        if array.size == 1:
-            values[name] = float(array.reshape(-1)[0])
+        if math.prod(tensor.dims) == 1:
+            values[name] = float(numpy_helper.to_array(tensor, base_dir).reshape(-1)[0])
     return values
 
 
-def check_graph(model: onnx.ModelProto) -> GraphCheck:
-    """Count the Serf decompositions and the original activations left in ``model``."""
+def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
+    """Count the Serf decompositions and the original activations left in ``model``.
+
+    ``base_dir``: the folder of the model file, when its weights are in a side file.
+    """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    constants = _constants(graph)
+    constants = _constants(graph, base_dir)
     result = GraphCheck()
     result.custom_domains = sorted(
         {o.domain for o in model.opset_import} - _STANDARD_DOMAINS
