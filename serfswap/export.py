@@ -259,6 +259,18 @@ def _compare(
 
 
 @contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Export in eval mode, then give every submodule back the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
 def _without_kv_cache(model: nn.Module) -> Iterator[None]:
     """Decoders return a KV cache object by default, which is no ONNX output: export without."""
     config = getattr(model, "config", None)
@@ -326,8 +338,6 @@ def export_onnx(
         dynamic = False
     elif convert_activations:
         model = convert(model)
-    if program is None:
-        model = model.eval()
     report_of_swap = model.__dict__.get(REPORT_ATTR)
     converted_count = len(report_of_swap.converted) if report_of_swap is not None else 0
     inferred = example_inputs is None
@@ -340,7 +350,9 @@ def export_onnx(
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
 
-    with _without_kv_cache(model):
+    # An exported program's module has no train/eval modes: its graph fixed them.
+    mode = contextlib.nullcontext() if program is not None else _eval_mode(model)
+    with _without_kv_cache(model), mode:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             onnx_program = torch.onnx.export(

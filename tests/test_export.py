@@ -188,3 +188,10 @@ def test_external_data_side_file(tmp_path: Path) -> None:
     assert report.external_data == tmp_path / "m.onnx.data" and report.verified
     assert "weights in m.onnx.data" in str(report)
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False)).train()
+    model.bn1.eval()  # a mixed-mode model, as with frozen BatchNorm
+    serfswap.export_onnx(model, tmp_path / "m.onnx")
+    assert model.training and not model.bn1.training and model.layer1.training
