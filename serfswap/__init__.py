@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedDtypeError,
 )
 from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from .recover import RecoveryResult, recover
 from .report import Plan, Site
 from .serf import Serf, serf
 
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidArgumentError",
     "NothingToConvertError",
     "Plan",
+    "RecoveryResult",
     "Serf",
     "SerfswapError",
     "Site",
@@ -48,6 +50,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "plan",
+    "recover",
     "revert",
     "serf",
 ]

@@ -30,6 +30,7 @@ from . import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import SerfswapError
 from .io import check_output_path
+from .modes import eval_mode
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -259,18 +260,6 @@ def _compare(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Export in eval mode, then give every submodule back the mode it had."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
 def _without_kv_cache(model: nn.Module) -> Iterator[None]:
     """Decoders return a KV cache object by default, which is no ONNX output: export without."""
     config = getattr(model, "config", None)
@@ -351,7 +340,7 @@ def export_onnx(
     rtol = default_rtol if rtol is None else rtol
 
     # An exported program's module has no train/eval modes: its graph fixed them.
-    mode = contextlib.nullcontext() if program is not None else _eval_mode(model)
+    mode = contextlib.nullcontext() if program is not None else eval_mode(model)
     with _without_kv_cache(model), mode:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

