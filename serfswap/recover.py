@@ -292,6 +292,36 @@ class RecoveryResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """The knobs of :func:`recover` (documented there), checked when made."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    clip: float = 1.0
+    output_loss: str = "auto"
+    temperature: float = 2.0
+    output_weight: float = 1.0
+    layer_weight: float = 1.0
+    task_weight: float = 1.0
+    blend: float = 0.0
+    bn_batches: int = 0
+
+    def __post_init__(self) -> None:
+        if self.output_loss not in OUTPUT_LOSSES:
+            raise InvalidArgumentError(
+                f"output_loss={self.output_loss!r}: use one of {OUTPUT_LOSSES}"
+            )
+        for name in ("warmup", "blend"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InvalidArgumentError(f"{name}={getattr(self, name)}: a fraction of steps")
+        if self.lr <= 0 or self.temperature <= 0 or self.clip <= 0:
+            raise InvalidArgumentError("lr, temperature and clip must be positive")
+        if self.bn_batches < 0:
+            raise InvalidArgumentError(f"bn_batches={self.bn_batches}: must be >= 0")
+
+
 def _cycle(data: Iterable[Any]) -> Iterator[Any]:
     while True:
         empty = True
@@ -347,34 +377,49 @@ def recover(
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
-    if output_loss not in OUTPUT_LOSSES:
-        raise InvalidArgumentError(f"output_loss={output_loss!r}: use one of {OUTPUT_LOSSES}")
+    opts = RecoveryOptions(
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        clip=clip,
+        output_loss=output_loss,
+        temperature=temperature,
+        output_weight=output_weight,
+        layer_weight=layer_weight,
+        task_weight=task_weight,
+        blend=blend,
+        bn_batches=bn_batches,
+    )
     torch.manual_seed(seed)
     device = next(student.parameters()).device
-    with eval_mode(teacher):  # the caller's teacher keeps its mode; no_grad keeps it frozen
-        return _recover(student, teacher, data, steps, device, locals())
+    with eval_mode(teacher):  # the caller's teacher keeps its modes; no_grad keeps it frozen
+        return _recover(student, teacher, data, steps, device, opts, eval_data, progress)
 
 
-def _recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], steps: int,
-             device: torch.device, opts: dict[str, Any]) -> RecoveryResult:  # fmt: skip
-    lr, weight_decay, warmup, clip = opts["lr"], opts["weight_decay"], opts["warmup"], opts["clip"]
-    output_loss, temperature = opts["output_loss"], opts["temperature"]
-    output_weight, layer_weight = opts["output_weight"], opts["layer_weight"]
-    task_weight, blend, bn_batches = opts["task_weight"], opts["blend"], opts["bn_batches"]
-    eval_data, progress = opts["eval_data"], opts["progress"]
+def _recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Iterable[Any],
+    steps: int,
+    device: torch.device,
+    opts: RecoveryOptions,
+    eval_data: Iterable[Any] | None,
+    progress: bool,
+) -> RecoveryResult:
+    """The loop of :func:`recover`."""
     start = time.perf_counter()
     eval_batches = list(eval_data) if eval_data is not None else []
     before = evaluate(student, teacher, eval_batches, device) if eval_batches else {}
 
-    if bn_batches:
-        reestimate_batchnorm(student, _take(_cycle(data), bn_batches), device)
-    blends = _swap_blends(student, install=True) if blend > 0 else []
-    taps = _LayerTaps(converted_parents(student), student, teacher) if layer_weight else None
+    if opts.bn_batches:
+        reestimate_batchnorm(student, _take(_cycle(data), opts.bn_batches), device)
+    blends = _swap_blends(student, install=True) if opts.blend > 0 else []
+    taps = _LayerTaps(converted_parents(student), student, teacher) if opts.layer_weight else None
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = max(1, int(warmup * steps))
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    warm = max(1, int(opts.warmup * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warm))
-    ramp = max(1, int(blend * steps))
+    ramp = max(1, int(opts.blend * steps))
     history: list[dict[str, float]] = []
     bar = _progress(steps, progress)
     student.train()
@@ -386,23 +431,23 @@ def _recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], steps:
             with torch.no_grad():
                 kind, t_out = _primary(teacher(*args, **kwargs))
             _, s_out = _primary(student(*args, **kwargs))
-            mode = output_loss
+            mode = opts.output_loss
             if mode == "auto":
                 mode = "kl" if _is_classifier(teacher, kind) else "mse-cosine"
-            loss = output_weight * _output_loss(mode, s_out, t_out, temperature)
+            loss = opts.output_weight * _output_loss(mode, s_out, t_out, opts.temperature)
             record = {"step": step + 1, "output": loss.item()}
             if taps is not None:
                 layer = taps.loss()
                 if layer is not None:
-                    loss = loss + layer_weight * layer
+                    loss = loss + opts.layer_weight * layer
                     record["layer"] = layer.item()
             if labels is not None and mode == "kl":
                 task = F.cross_entropy(s_out, labels)
-                loss = loss + task_weight * task
+                loss = loss + opts.task_weight * task
                 record["task"] = task.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            torch.nn.utils.clip_grad_norm_(params, opts.clip)
             optimizer.step()
             scheduler.step()
             record.update(loss=loss.item(), lr=scheduler.get_last_lr()[0])

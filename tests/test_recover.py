@@ -165,6 +165,8 @@ def test_bad_arguments() -> None:
         recover(student, teacher, image_batches(1, 0), steps=0)
     with pytest.raises(serfswap.InvalidArgumentError, match="output_loss"):
         recover(student, teacher, image_batches(1, 0), steps=1, output_loss="l1")
+    with pytest.raises(serfswap.InvalidArgumentError, match="blend=2"):
+        recover(student, teacher, image_batches(1, 0), steps=1, blend=2)
     with pytest.raises(serfswap.InvalidArgumentError, match="no batch"):
         recover(student, teacher, [], steps=1, progress=False)
     assert evaluate(student, teacher, [], torch.device("cpu")) == {}
