@@ -181,6 +181,7 @@ def _table_for(kind: str, loaded: tuple[str, ...]) -> dict[object, str]:
     return found
 
 
+@functools.cache  # asked once per method scanned; the tables are fixed
 def activation_names() -> frozenset[str]:
     """Every name an activation function or method goes by, for a cheap pre-filter of code."""
     names = {getattr(fn, "__name__", "") for fn in _TORCH_FUNCTIONS}

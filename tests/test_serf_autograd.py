@@ -128,7 +128,7 @@ def test_keeps_exactly_the_input_for_backward() -> None:
     assert saved_bytes(serf_composite, x) == [nbytes] * 3
 
 
-def test_keeps_the_input_under_double_backward_setup() -> None:
+def test_half_input_keeps_only_the_half_tensor() -> None:
     """The fp16 path keeps the fp16 input, not a float32 copy."""
     x = torch.randn(64, dtype=torch.float16, requires_grad=True)
     assert saved_bytes(serfswap.serf, x) == [64 * 2]
