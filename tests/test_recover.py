@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import serfswap
-from serfswap.recover import _Blend, converted_parents, evaluate, recover, reestimate_batchnorm
+from serfswap.distill import Blend, converted_parents, evaluate, reestimate_batchnorm, swap_blends
+from serfswap.recover import recover
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -63,16 +64,23 @@ def trained_cnn(digits: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def test_classifier_recovers_on_digits(digits: dict[str, torch.Tensor]) -> None:
-    teacher = trained_cnn(digits)
-    student = serfswap.convert(teacher)
+def split(digits: dict[str, torch.Tensor]) -> tuple[list, list]:
+    """Unlabelled training batches of 32, labelled held-out batches of 100."""
     train = [digits["x"][digits["train"][i : i + 32]] for i in range(0, 1400, 32)]
     test = digits["test"]
     held_out = [
         (digits["x"][test[i : i + 100]], digits["y"][test[i : i + 100]])
         for i in range(0, len(test), 100)
     ]
+    return train, held_out
+
+
+def test_classifier_recovers_on_digits(digits: dict[str, torch.Tensor]) -> None:
+    teacher = trained_cnn(digits)
+    student = serfswap.convert(teacher)
+    train, held_out = split(digits)
     result = recover(student, teacher, train, steps=100, eval_data=held_out, progress=False)
+    test = digits["test"]
     with torch.no_grad():
         teacher_acc = (teacher(digits["x"][test]).argmax(-1) == digits["y"][test]).float().mean()
     assert result.before["accuracy"] < teacher_acc - 0.05, "the swap should cost accuracy"
@@ -81,6 +89,17 @@ def test_classifier_recovers_on_digits(digits: dict[str, torch.Tensor]) -> None:
     assert result.after["agreement"] > 0.97
     assert len(result.history) == 100 and "layer" in result.history[0]
     assert teacher.training is False and all(p.requires_grad for p in teacher.parameters())
+
+
+def test_bf16_autocast_recovers_too(digits: dict[str, torch.Tensor]) -> None:
+    teacher = trained_cnn(digits)
+    student = serfswap.convert(teacher)
+    train, held_out = split(digits)
+    result = recover(student, teacher, train, steps=40, autocast="bf16", eval_data=held_out,
+                     progress=False)  # fmt: skip
+    assert result.after["kl"] < 0.2 * result.before["kl"]
+    assert result.after["agreement"] > result.before["agreement"] + 0.1
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # weights stay fp32
 
 
 SENTENCES = [
@@ -124,7 +143,7 @@ def test_blend_ramp_and_hooks_leave_nothing_behind() -> None:
     teacher, student = cnn()
     reference = copy.deepcopy(student)
     recover(student, teacher, image_batches(2, 3), steps=4, blend=0.5, progress=False)
-    assert not any(isinstance(m, _Blend) for m in student.modules())
+    assert not any(isinstance(m, Blend) for m in student.modules())
     assert not any(m._forward_hooks for m in student.modules())
     assert not any(m._forward_hooks for m in teacher.modules())
     assert [type(m) for m in student.modules()] == [type(m) for m in reference.modules()]
@@ -134,13 +153,12 @@ def test_blend_ramp_and_hooks_leave_nothing_behind() -> None:
 def test_blend_starts_from_the_original_activation() -> None:
     teacher, student = cnn()
     x = torch.randn(2, 3, 32, 32)
-    from serfswap.recover import _swap_blends
 
-    blends = _swap_blends(student, install=True)
+    blends = swap_blends(student, install=True)
     for b in blends:
         b.alpha = 0.0
     torch.testing.assert_close(student.eval()(x), teacher(x))  # alpha 0: the ReLU model
-    _swap_blends(student, install=False)
+    swap_blends(student, install=False)
     assert not torch.allclose(student(x), teacher(x))
 
 

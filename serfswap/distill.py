@@ -1,0 +1,295 @@
+"""What recovery compares: batches, model outputs, the distillation losses, the layer taps, the
+blend ramp, BatchNorm re-estimation and the held-out evaluation.
+
+Kept apart from the training loop (``recover.py``) so that each piece can be read, and tested,
+on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .convert import _ORIGINAL_ATTR, _walk
+from .errors import InvalidArgumentError
+from .serf import Serf
+
+# Batches -------------------------------------------------------------------------------------
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
+    """(args, kwargs, labels) of a batch: a tensor, (inputs, labels), or a dict of tensors."""
+    if isinstance(batch, Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, dict):
+        kwargs = dict(batch)
+        labels = kwargs.pop("labels", None)
+        return (), kwargs, labels
+    if isinstance(batch, list | tuple) and batch:
+        labels = batch[1] if len(batch) > 1 else None
+        return (batch[0],), {}, labels
+    raise InvalidArgumentError(
+        f"a batch must be a tensor, a tuple (inputs, labels) or a dict, not {type(batch).__name__}"
+    )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (tensors nested in dicts, tuples and lists) on ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+# Outputs -------------------------------------------------------------------------------------
+
+
+def outputs(output: Any) -> dict[str, Tensor]:
+    """The outputs to distil, by kind.
+
+    ``logits`` when the model has them; otherwise ``last_hidden_state`` (the tokens sentence
+    embeddings are pooled from) plus ``pooler_output`` when present; for plain tensors and
+    tuples, the first floating-point tensor as ``tensor``.
+    """
+    if isinstance(output, Tensor):
+        return {"tensor": output}
+    if isinstance(output, dict):
+        found = {k: output.get(k) for k in ("logits", "last_hidden_state", "pooler_output")}
+        found = {k: v for k, v in found.items() if isinstance(v, Tensor)}
+        if "logits" in found:
+            return {"logits": found["logits"]}
+        if found:
+            return found
+        output = tuple(output.values())
+    if isinstance(output, list | tuple):
+        for value in output:
+            if isinstance(value, Tensor) and value.is_floating_point():
+                return {"tensor": value}
+    raise InvalidArgumentError(f"cannot find a tensor to distil in a {type(output).__name__}")
+
+
+def is_classifier(model: nn.Module, outs: dict[str, Tensor]) -> bool:
+    """Logits, or a timm classifier's output tensor: distilled with KL, judged by top-1."""
+    if "logits" in outs:
+        return True
+    return "tensor" in outs and getattr(model, "num_classes", 0) > 0
+
+
+def embedding(outs: dict[str, Tensor], mask: Tensor | None) -> Tensor:
+    """One vector per example: the masked mean of the tokens for hidden states (how
+    sentence-transformers pools), the flattened output otherwise."""
+    hidden = outs.get("last_hidden_state")
+    if hidden is not None and hidden.dim() == 3:
+        if mask is None:
+            return hidden.mean(1)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+    return next(iter(outs.values())).flatten(1)
+
+
+# Losses --------------------------------------------------------------------------------------
+
+
+def kl_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton's KL with temperature, scaled by T^2 so that its gradients keep their size."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+        log_target=True, reduction="batchmean",
+    ) * (t * t)  # fmt: skip
+
+
+def _mse_cosine(student: Tensor, teacher: Tensor) -> Tensor:
+    """Rows of ``student`` towards rows of ``teacher``: MSE over the teacher's variance (scale
+    free) plus one minus the mean cosine (direction, which is what embeddings are used by)."""
+    s, t = student.float(), teacher.float()
+    mse = F.mse_loss(s, t) / t.var().clamp_min(1e-8)
+    return mse + 1 - F.cosine_similarity(s, t, dim=-1).mean()
+
+
+def embedding_loss(
+    student: dict[str, Tensor], teacher: dict[str, Tensor], mask: Tensor | None
+) -> Tensor:
+    """MSE plus cosine on every output: per real token for hidden states (padding left out),
+    plus the pooled sentence embedding; per example for everything else."""
+    terms = []
+    for key, t_out in teacher.items():
+        s_out = student[key]
+        if key == "last_hidden_state" and t_out.dim() == 3:
+            keep = mask.bool() if mask is not None else torch.ones(t_out.shape[:2], dtype=bool)
+            keep = keep.to(t_out.device)
+            terms.append(_mse_cosine(s_out[keep], t_out[keep]))
+            pooled = {"last_hidden_state": s_out}, {"last_hidden_state": t_out}
+            terms.append(_mse_cosine(embedding(pooled[0], mask), embedding(pooled[1], mask)))
+        else:
+            terms.append(_mse_cosine(s_out.flatten(1), t_out.flatten(1)))
+    return torch.stack(terms).sum()
+
+
+class LayerTaps:
+    """Forward hooks that record the outputs of the same named modules in two models, for
+    matching the layers whose activations were converted."""
+
+    def __init__(self, names: list[str], student: nn.Module, teacher: nn.Module) -> None:
+        self.outputs: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+        self.handles = []
+        for role, model in (("student", student), ("teacher", teacher)):
+            modules = dict(model.named_modules())
+            for name in names:
+                self.handles.append(modules[name].register_forward_hook(self._hook(role, name)))
+
+    def _hook(self, role: str, name: str):
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                self.outputs[role][name] = output
+
+        return record
+
+    def loss(self) -> Tensor | None:
+        """Mean over tapped layers of MSE over the teacher's variance; clears the records."""
+        terms = []
+        for name, student_out in self.outputs["student"].items():
+            teacher_out = self.outputs["teacher"].get(name)
+            if teacher_out is not None and teacher_out.shape == student_out.shape:
+                scale = teacher_out.float().var().clamp_min(1e-8)
+                terms.append(F.mse_loss(student_out.float(), teacher_out.float()) / scale)
+        self.outputs = {"student": {}, "teacher": {}}
+        return torch.stack(terms).mean() if terms else None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def converted_parents(model: nn.Module) -> list[str]:
+    """Names of the modules that hold a converted activation: the layers to match."""
+    refs, order = _walk(model)
+    names: list[str] = []
+    for _, module in order:
+        if isinstance(module, Serf) and _ORIGINAL_ATTR in module.__dict__:
+            for ref in refs[id(module)]:
+                parent = ref.name.rpartition(".")[0]
+                if ref.parent is not None and parent not in names:
+                    names.append(parent)
+    return names
+
+
+# Blend ramp ----------------------------------------------------------------------------------
+
+
+class Blend(nn.Module):
+    """``alpha * serf(x) + (1 - alpha) * original(x)`` during the first part of recovery."""
+
+    def __init__(self, serf: Serf, original: nn.Module) -> None:
+        super().__init__()
+        self.serf = serf
+        self.__dict__["original"] = original  # not a submodule: no parameters to train
+        self.alpha = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.alpha >= 1.0:
+            return self.serf(x)
+        # An in-place original (ReLU(inplace=True)) must not overwrite what Serf reads.
+        source = x.clone() if getattr(self.original, "inplace", False) else x
+        return self.alpha * self.serf(x) + (1 - self.alpha) * self.original(source)
+
+
+def swap_blends(model: nn.Module, install: bool) -> list[Blend]:
+    """Put a :class:`Blend` in place of every converted Serf (``install``), or take them out."""
+    refs, order = _walk(model)
+    blends: dict[int, Blend] = {}
+    for _, module in order:
+        if install and isinstance(module, Serf) and _ORIGINAL_ATTR in module.__dict__:
+            blend = blends.setdefault(id(module), Blend(module, module.__dict__[_ORIGINAL_ATTR]))
+        elif not install and isinstance(module, Blend):
+            blend = module
+        else:
+            continue
+        for ref in refs[id(module)]:
+            if ref.parent is not None:
+                ref.parent._modules[ref.key] = blend if install else blend.serf
+    return list(blends.values())
+
+
+# BatchNorm -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device) -> int:
+    """Recompute BatchNorm running statistics of ``model`` on ``batches`` (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.train()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    seen = 0
+    for batch in batches:
+        args, kwargs, _ = split_batch(to_device(batch, device))
+        model(*args, **kwargs)
+        seen += 1
+    for m, momentum, training in saved:
+        m.momentum = momentum
+        m.train(training)
+    model.train(was_training)
+    return seen
+
+
+# Evaluation ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], device: torch.device,
+             *, temperature: float = 1.0) -> dict[str, float]:  # fmt: skip
+    """Agreement with the teacher on held-out batches.
+
+    ``agreement``: top-1 agreement for classifiers, nearest-neighbour agreement for embeddings
+    (each example's nearest other example in the batch, by cosine, is the same for both
+    models); ``cosine``: mean cosine of the outputs (of the pooled sentence embeddings for
+    hidden states); ``kl`` for classifiers; ``accuracy`` when batches carry labels.
+    """
+    student_mode = student.training
+    student.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        args, kwargs, labels = split_batch(to_device(batch, device))
+        s_outs, t_outs = outputs(student(*args, **kwargs)), outputs(teacher(*args, **kwargs))
+        metrics: dict[str, float] = {}
+        if is_classifier(teacher, t_outs):
+            s_out, t_out = next(iter(s_outs.values())), next(iter(t_outs.values()))
+            metrics["agreement"] = (s_out.argmax(-1) == t_out.argmax(-1)).float().mean().item()
+            metrics["kl"] = kl_loss(s_out, t_out, temperature).item()
+            if labels is not None:
+                metrics["accuracy"] = (s_out.argmax(-1) == labels).float().mean().item()
+            s_emb, t_emb = s_out.flatten(1), t_out.flatten(1)
+        else:
+            mask = kwargs.get("attention_mask")
+            s_emb, t_emb = embedding(s_outs, mask), embedding(t_outs, mask)
+            if s_emb.shape[0] > 1:
+                agree = _neighbours(s_emb) == _neighbours(t_emb)
+                metrics["agreement"] = agree.float().mean().item()
+        metrics["cosine"] = F.cosine_similarity(s_emb.float(), t_emb.float(), -1).mean().item()
+        n = s_emb.shape[0]
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        count += n
+    student.train(student_mode)
+    return {k: v / count for k, v in sums.items()} if count else {}
+
+
+def _neighbours(emb: Tensor) -> Tensor:
+    unit = F.normalize(emb.float(), dim=-1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-2.0)
+    return sim.argmax(-1)
