@@ -88,20 +88,14 @@ def vision(steps: int) -> None:
 
 def stdlib_sentences() -> tuple[list[str], list[str]]:
     """English sentences from the docstrings of stdlib modules: train and held-out modules."""
-    train_modules = [
-        "argparse",
-        "collections",
-        "json",
-        "logging",
-        "pathlib",
-        "subprocess",
-        "threading",
-        "unittest",
-        "email",
-        "http.client",
-        "decimal",
-        "datetime",
-    ]
+    train_modules = ["argparse", "collections", "json", "logging", "pathlib", "subprocess",
+                     "threading", "unittest", "email", "http.client", "decimal", "datetime",
+                     "fractions", "functools", "random", "statistics", "string", "textwrap",
+                     "urllib.parse", "inspect", "typing", "dataclasses", "enum", "heapq",
+                     "itertools", "pickle", "socket", "ssl", "io", "os", "re", "glob",
+                     "tempfile", "configparser", "contextlib", "difflib", "gettext", "locale",
+                     "optparse", "pprint", "queue", "sched", "selectors", "smtplib", "tokenize",
+                     "traceback", "types", "uuid", "weakref", "xml.dom.minidom"]  # fmt: skip
     eval_modules = ["asyncio", "tarfile", "zipfile", "csv", "sqlite3", "shutil"]  # fmt: skip
 
     def sentences(names: list[str]) -> list[str]:

@@ -15,12 +15,15 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import InvalidArgumentError, SerfswapError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from .io import Loaded
 
 _PACKAGES = (
@@ -119,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .io import check_output_path, conversion_options, describe, save_checkpoint
+    from .io import check_output_path, describe
 
     out = Path(args.output)
     check_output_path(out)
@@ -132,15 +135,107 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "for a checkpoint without pickled code; `serfswap export` it directly instead"
         )
     converted = convert(loaded.model, inplace=True, **_swap_options(args))
-    staged = out.with_name(f".{out.name}.tmp")
-    try:
-        save_checkpoint(converted, staged, arch, conversion_options(converted))
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+    _write_checkpoint(converted, arch, out)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
     return 0
+
+
+def _write_checkpoint(model: nn.Module, arch: dict[str, Any], out: Path) -> None:
+    """A serfswap checkpoint written beside ``out`` and renamed over it: never half-written."""
+    from .io import conversion_options, save_checkpoint
+
+    staged = out.with_name(f".{out.name}.tmp")
+    try:
+        save_checkpoint(model, staged, arch, conversion_options(model))
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data as recovery_data
+    from .convert import REPORT_ATTR, convert
+    from .io import check_output_path, describe
+    from .recover import recover
+
+    out = Path(args.output)
+    check_output_path(out)
+    source = Path(args.data)
+    if not source.exists():
+        raise InvalidArgumentError(f"--data {source}: no such file or folder")
+    device = _device(args.device)
+    if args.plot == "":
+        args.plot = str(out.with_name(f"{out.name}.curves.png"))
+    if args.plot is not None:
+        from .curves import require_matplotlib
+
+        require_matplotlib()
+    loaded = _load(args)
+    _needs_module(loaded, "recover")
+    teacher = loaded.model
+    if getattr(teacher, REPORT_ATTR, None) is not None:
+        raise InvalidArgumentError(
+            f"{loaded.source} is already converted; recovery needs the original model as teacher"
+        )
+    arch = loaded.arch or describe(teacher)
+    if arch is None:
+        raise InvalidArgumentError(
+            f"cannot describe the architecture of {loaded.source} for the output checkpoint"
+        )
+    if source.is_dir():
+        batches = recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
+    else:
+        tokenizer = _tokenizer_dir(args)
+        batches = recovery_data.texts(source, tokenizer, args.batch_size, args.held_out,
+                                      args.seed, args.max_length)  # fmt: skip
+    print(f"data: {batches.description}")
+    teacher = teacher.to(device).eval()
+    student = convert(teacher, **_swap_options(args))
+    print(student.serfswap_report.summary())
+    checkpoints = Path(args.checkpoint_dir or out.with_name(f"{out.name}.checkpoints"))
+    every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
+    result = recover(
+        student, teacher, batches.train, steps=args.steps, eval_data=batches.held_out,
+        lr=args.lr, seed=args.seed, checkpoint_dir=checkpoints, checkpoint_every=every,
+        resume=args.resume, eval_every=max(1, args.steps // 10), log=args.log,
+        plot=args.plot, train=args.train, autocast=args.autocast,
+    )  # fmt: skip
+    print(result)
+    _write_checkpoint(student.to(torch.device("cpu")), arch, out)
+    print(f"wrote {out} (checkpoints of the run in {checkpoints}/)")
+    if args.plot is not None:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"--device {name}: torch sees no CUDA device here")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InvalidArgumentError(f"--device {name}: not a device (cpu, cuda:N)") from None
+
+
+def _tokenizer_dir(args: argparse.Namespace) -> Path:
+    """Where the text's tokenizer is: --tokenizer, else the model's own directory."""
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    if Path(args.model).is_dir():
+        return Path(args.model)
+    if args.arch and args.arch.startswith("hf:"):
+        return Path(args.arch[3:])
+    raise InvalidArgumentError(
+        "a text file needs the model's tokenizer: give a HuggingFace model directory as MODEL, "
+        "--arch hf:DIR, or --tokenizer DIR"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -254,6 +349,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--atol", type=float, help="verification tolerance (default 1e-4 fp32)")
     export.add_argument("--rtol", type=float, help="verification tolerance (default 1e-4 fp32)")
     export.set_defaults(func=cmd_export)
+
+    rec = commands.add_parser(
+        "recover",
+        help="convert, then fine-tune with the original as teacher; write a checkpoint",
+        description="Convert MODEL to Serf and recover its quality by distillation from the "
+        "unconverted MODEL, on an image folder (timm models; the model's own transforms) or a "
+        "text file with one example per line (HuggingFace models; the model's tokenizer). "
+        "A share of the data is held out for the before/after figures. Checkpoints are written "
+        "as the run goes (--resume continues a killed run); OUT is a serfswap checkpoint that "
+        "`serfswap export` reads.",
+    )
+    _add_model_arguments(rec)
+    _add_swap_arguments(rec)
+    rec.add_argument("--data", required=True, help="an image folder or a text file")
+    rec.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    rec.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    rec.add_argument("--batch-size", type=int, default=32)
+    rec.add_argument("--lr", type=float, default=1e-4)
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--held-out", type=float, default=0.1, help="share held out (default 0.1)")
+    rec.add_argument("--max-length", type=int, default=128, help="tokens per text example")
+    rec.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's directory)")
+    rec.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    rec.add_argument("--train", choices=["all", "converted"], default="all",
+                     help="train all parameters, or only the converted modules'")  # fmt: skip
+    rec.add_argument("--autocast", choices=["bf16"], help="bfloat16 autocast")
+    rec.add_argument("--checkpoint-dir", help="default: OUT.checkpoints next to OUT")
+    rec.add_argument("--checkpoint-every", type=int, help="steps (default: steps / 10)")
+    rec.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    rec.add_argument("--log", help="a JSON-lines file, one line per step")
+    rec.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
+                     "(default name: OUT.curves.png)")  # fmt: skip
+    rec.set_defaults(func=cmd_recover)
 
     env = commands.add_parser("env", help="print versions and accelerators, for bug reports")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")

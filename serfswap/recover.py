@@ -330,7 +330,8 @@ class _Run:
                 swap_blends(self.student, install=False)
         after = self._evaluate(eval_batches) if eval_batches else {}
         if opts.plot is not None and self.world.main:
-            curves.plot(self.history, self.evals, Path(opts.plot))
+            evals = [{"step": 0, **self.before}, *self.evals] if self.evals else []
+            curves.plot(self.history, evals, Path(opts.plot))
         return RecoveryResult(self.steps, time.perf_counter() - start, self.before, after,
                               self.history, self.evals, resumed, self.last_checkpoint)  # fmt: skip
 

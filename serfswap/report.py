@@ -48,15 +48,19 @@ class Plan:
         """Converted sites per original class or function."""
         return Counter(s.source for s in self.converted)
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """One line: how many sites were (or would be) converted, of what, and how many left."""
         verb = "converted" if self.applied else "to convert"
         counts = ", ".join(f"{src} x{n}" for src, n in self.counts().most_common())
-        lines = [
+        return (
             f"serfswap {'report' if self.applied else 'plan'} for {self.model}: "
             f"{len(self.converted)} {verb}"
             + (f" ({counts})" if counts else "")
             + f", {len(self.skipped)} left as they are"
-        ]
+        )
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
         rows = [("name", "kind", "original", "action")]
         for s in self.sites:
             name = s.name or "(root)"

@@ -1,0 +1,120 @@
+"""Recovery data from files, for ``serfswap recover``: an image folder or a text file.
+
+Recovery needs no labels, only inputs the teacher can be asked about, so both readers yield
+inputs only: image tensors prepared with the model's own timm transforms (from its
+``pretrained_cfg``), or tokenised text as dicts for ``model(**batch)``. Each source is split,
+with a fixed seed, into training batches and held-out batches for the before/after figures.
+The training order is fixed by the seed, so a resumed run sees the batches the killed run
+would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class RecoveryData:
+    """Training batches (re-iterable, same order every time) and held-out batches."""
+
+    train: Any
+    held_out: list[Any]
+    description: str
+
+
+def split(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for training and held-out examples: a seeded shuffle, at least one of each."""
+    if n < 2:
+        raise InvalidArgumentError(f"need at least 2 examples to hold some out, found {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = min(n - 1, max(1, round(n * held_out)))
+    return order[k:], order[:k]
+
+
+def images(folder: Path, model: nn.Module, batch_size: int, held_out: float,
+           seed: int) -> RecoveryData:  # fmt: skip
+    """An image folder (class subfolders or flat; labels are not used), prepared as the model
+    expects: timm's eval transforms from the model's ``pretrained_cfg``."""
+    try:
+        from timm.data import ImageDataset, create_transform, resolve_data_config
+    except ImportError:
+        raise InvalidArgumentError(
+            "an image folder needs timm (pip install 'serfswap[timm]')"
+        ) from None
+    if not getattr(model, "pretrained_cfg", None):
+        raise InvalidArgumentError(
+            f"{type(model).__name__} has no timm pretrained_cfg to prepare images with; "
+            "image folders work with timm models"
+        )
+    config = resolve_data_config({}, model=model)
+    dataset = ImageDataset(str(folder), transform=create_transform(**config))
+    if len(dataset) == 0:
+        raise InvalidArgumentError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    train, test = split(len(dataset), held_out, seed)
+
+    def loader(indices: list[int], shuffle: bool) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(seed)  # re-created: same order each run
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=shuffle,
+            generator=generator, collate_fn=_inputs_only,
+        )  # fmt: skip
+
+    size = "x".join(map(str, config["input_size"]))
+    return RecoveryData(
+        loader(train, True),
+        list(loader(test, False)),
+        f"{len(dataset)} images from {folder} at {size} ({len(train)} train, {len(test)} held out)",
+    )
+
+
+def _inputs_only(items: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
+    return torch.stack([image for image, _ in items])
+
+
+def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, seed: int,
+          max_length: int) -> RecoveryData:  # fmt: skip
+    """A text file, one example per line (blank lines skipped), tokenised with the model's
+    own tokenizer into padded dict batches."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise InvalidArgumentError(
+            "a text file needs transformers (pip install 'serfswap[hf]')"
+        ) from None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    lines = [line for line in lines if line]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"no tokenizer in {tokenizer_dir} ({str(exc).splitlines()[0]}); pass --tokenizer DIR"
+        ) from None
+    train, test = split(len(lines), held_out, seed)
+    random.Random(seed + 1).shuffle(train)  # a fixed order: resumable
+
+    def batches(indices: list[int], size: int) -> list[dict[str, torch.Tensor]]:
+        return [
+            dict(tokenizer([lines[i] for i in indices[k : k + size]], padding=True,
+                           truncation=True, max_length=max_length, return_tensors="pt"))
+            for k in range(0, len(indices), size)
+        ]  # fmt: skip
+
+    return RecoveryData(
+        batches(train, batch_size),
+        batches(test, max(batch_size, 64)),  # neighbours are looked for within a batch
+        f"{len(lines)} lines from {path} ({len(train)} train, {len(test)} held out)",
+    )

@@ -1,0 +1,143 @@
+"""`serfswap recover` end to end: an image folder with a timm model, a text file with a
+HuggingFace model and its tokenizer; resume, plot, and what it refuses."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import serfswap
+from serfswap.cli import main
+
+timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
+transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real images: scikit-learn's digits as PNG files in class subfolders."""
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digits")
+    data = datasets.load_digits()
+    for i in range(40):
+        folder = root / str(data.target[i])
+        folder.mkdir(exist_ok=True)
+        pixels = (data.images[i] * 15).astype("uint8")
+        Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small BERT saved as a HuggingFace directory with a real WordPiece tokenizer (a few
+    hundred words, written here: no download)."""
+    root = tmp_path_factory.mktemp("bert")
+    words = sorted({w.strip(".,").lower() for w in TEXT.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast(str(root / "vocab.txt"))
+    tokenizer.save_pretrained(root)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(root)
+    return root
+
+
+TEXT = """The cat sat on the warm windowsill all afternoon.
+Stock markets fell sharply after the announcement.
+She planted tomatoes and basil in the spring garden.
+The committee will publish its report next month.
+A heavy storm closed the mountain roads overnight.
+He learned to play the violin as a child.
+The new library opens early on weekdays.
+Researchers measured the temperature of the lake every hour.
+Fresh bread smells wonderful in the morning.
+The train to the coast was delayed by an hour.
+Our team finally fixed the bug in the parser.
+The museum displays paintings from the last century."""
+
+
+def test_recover_an_image_folder_then_export(image_folder: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is in the [plot] extra")
+    out = tmp_path / "r.safetensors"
+    code, stdout, err = run(capsys, "recover", "timm:test_resnet", "--data", str(image_folder),
+                            "--steps", "4", "--batch-size", "8", "-o", str(out), "--plot",
+                            "--log", str(tmp_path / "log.jsonl"))  # fmt: skip
+    assert code == 0, err
+    assert "40 images" in stdout and "36 train, 4 held out" in stdout
+    assert "serfswap recovery: 4 steps" in stdout
+    assert (tmp_path / "r.safetensors.curves.png").read_bytes().startswith(b"\x89PNG")
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+    loaded = serfswap.io.load_model(str(out))
+    assert len(loaded.model.serfswap_report.converted) > 0
+    code, stdout, err = run(capsys, "export", str(out), str(tmp_path / "r.onnx"))
+    assert code == 0, err
+    assert (tmp_path / "r.onnx").is_file()
+
+
+def test_recover_a_text_file_and_resume(text_model: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "lines.txt"
+    data.write_text(TEXT + "\n\n")
+    out = tmp_path / "bert.safetensors"
+    args = ["recover", str(text_model), "--data", str(data), "--steps", "4", "--batch-size",
+            "4", "-o", str(out), "--checkpoint-every", "2", "--lr", "1e-3"]  # fmt: skip
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    assert "12 lines" in stdout and "GELUActivation" in stdout
+    first = serfswap.io.load_model(str(out)).model.state_dict()
+    report = stdout[stdout.index("metric") :]
+    before = float(report.split("cosine")[1].split()[0])
+    after = float(report.split("cosine")[1].split()[1])
+    assert after > before, report
+
+    code, _, err = run(capsys, *args)  # the folder holds a run: refused, not overwritten
+    assert code == 2 and "--resume" in err
+
+    checkpoints = Path(f"{out}.checkpoints")
+    shutil.rmtree(checkpoints / "step-00000004")  # as if killed between steps 2 and 4
+    out.unlink()
+    code, stdout, err = run(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "resumed at step 2" in stdout
+    again = serfswap.io.load_model(str(out)).model.state_dict()
+    for name, value in first.items():
+        assert torch.equal(value, again[name]), name
+
+
+def test_recover_refuses_what_it_cannot_do(
+    image_folder: Path, text_model: Path, tmp_path: Path, capsys
+) -> None:
+    out = str(tmp_path / "o.safetensors")
+    cases = [
+        (["timm:test_resnet", "--data", str(tmp_path / "nope")], "no such file"),
+        (["timm:test_resnet", "--data", str(image_folder), "--device", "cuda:7"], "CUDA"),
+        ([str(text_model), "--data", str(image_folder)], "pretrained_cfg"),
+    ]
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    cases.append((["timm:test_resnet", "--data", str(text)], "tokenizer"))
+    converted = tmp_path / "c.safetensors"
+    assert main(["convert", "timm:test_resnet", "-o", str(converted)]) == 0
+    capsys.readouterr()
+    cases.append(([str(converted), "--data", str(image_folder)], "already converted"))
+    for argv, message in cases:
+        if message == "CUDA" and torch.cuda.is_available():
+            continue
+        code, _, err = run(capsys, "recover", *argv, "--steps", "1", "-o", out)
+        assert code == 2, (argv, err)
+        assert message in err and err.count("error:") == 1, err  # one error line
+        assert not Path(out).exists()
