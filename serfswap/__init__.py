@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from . import integrations as _integrations
 from .convert import convert, plan, revert
 from .errors import (
+    CheckpointError,
     InvalidActivationsError,
     InvalidArgumentError,
     NothingToConvertError,
@@ -17,7 +18,7 @@ from .errors import (
     UnsupportedDtypeError,
 )
 from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
-from .recover import RecoveryResult, recover
+from .recover import RecoveryOptions, RecoveryResult, recover
 from .report import Plan, Site
 from .serf import Serf, serf
 
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "CheckpointError",
     "ExportError",
     "ExportMismatchError",
     "ExportReport",
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidArgumentError",
     "NothingToConvertError",
     "Plan",
+    "RecoveryOptions",
     "RecoveryResult",
     "Serf",
     "SerfswapError",

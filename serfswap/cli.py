@@ -10,19 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import InvalidArgumentError, SerfswapError
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from .io import Loaded
 
@@ -122,7 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .io import check_output_path, describe
+    from .io import check_output_path, describe, write_checkpoint
 
     out = Path(args.output)
     check_output_path(out)
@@ -135,22 +133,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "for a checkpoint without pickled code; `serfswap export` it directly instead"
         )
     converted = convert(loaded.model, inplace=True, **_swap_options(args))
-    _write_checkpoint(converted, arch, out)
+    write_checkpoint(converted, arch, out)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
     return 0
-
-
-def _write_checkpoint(model: nn.Module, arch: dict[str, Any], out: Path) -> None:
-    """A serfswap checkpoint written beside ``out`` and renamed over it: never half-written."""
-    from .io import conversion_options, save_checkpoint
-
-    staged = out.with_name(f".{out.name}.tmp")
-    try:
-        save_checkpoint(model, staged, arch, conversion_options(model))
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -158,7 +144,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     from . import data as recovery_data
     from .convert import REPORT_ATTR, convert
-    from .io import check_output_path, describe
+    from .io import check_output_path, describe, write_checkpoint
     from .recover import recover
 
     out = Path(args.output)
@@ -204,7 +190,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         plot=args.plot, train=args.train, autocast=args.autocast,
     )  # fmt: skip
     print(result)
-    _write_checkpoint(student.to(torch.device("cpu")), arch, out)
+    write_checkpoint(student.to(torch.device("cpu")), arch, out)
     print(f"wrote {out} (checkpoints of the run in {checkpoints}/)")
     if args.plot is not None:
         print(f"wrote {args.plot}")
@@ -236,6 +222,26 @@ def _tokenizer_dir(args: argparse.Namespace) -> Path:
         "a text file needs the model's tokenizer: give a HuggingFace model directory as MODEL, "
         "--arch hf:DIR, or --tokenizer DIR"
     )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import demo
+
+    if args.steps < 1 or args.train_steps < 1:
+        raise InvalidArgumentError("--steps and --train-steps must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"--out {out} is a file; give a folder")
+    torch.manual_seed(args.seed)
+    if args.text:
+        result = demo.text(out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    else:
+        result = demo.vision(out, steps=args.steps, seed=args.seed,
+                             train_steps=args.train_steps, progress=not args.quiet)  # fmt: skip
+    print(result)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -300,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  serfswap convert timm:resnet50 -o r50.safetensors\n"
         "  serfswap export r50.safetensors r50.onnx       ONNX with Serf as Softplus/Erf/Mul\n"
         "  serfswap export ./hf-model model.onnx --convert --decomposition exp-log\n"
+        "  serfswap recover timm:resnet50 --data images/ --steps 300 -o r50.safetensors --plot\n"
+        "  serfswap demo                                   the whole thing on digits, offline\n"
         "  serfswap env                                    versions, for bug reports",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -382,6 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
                      "(default name: OUT.curves.png)")  # fmt: skip
     rec.set_defaults(func=cmd_recover)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole thing on a built-in default: train, swap, recover, export, serve",
+        description="Train a small timm CNN with ReLU on scikit-learn's bundled digits (reused "
+        "from --out when already trained there), swap to Serf, recover it with the original as "
+        "teacher, export to ONNX, run it with onnxruntime, and print accuracy, latency and "
+        "files. --text does the same for all-MiniLM-L6-v2 (the [minilm] extra). No downloads.",
+    )
+    demo.add_argument("--out", default="serfswap-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=300, help="recovery steps (default: 300)")
+    demo.add_argument("--train-steps", type=int, default=300,
+                      help="steps to train the ReLU original (default: 300)")  # fmt: skip
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--text", action="store_true", help="the sentence-embedding demo")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
 
     env = commands.add_parser("env", help="print versions and accelerators, for bug reports")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -38,3 +38,7 @@ class InvalidArgumentError(SerfswapError, TypeError):
     """An option has the wrong type: a pattern that is not a string, a filter not callable."""
 
     exit_code = 2
+
+
+class CheckpointError(SerfswapError, ValueError):
+    """A recovery checkpoint cannot be read, or belongs to another run (other steps, model)."""

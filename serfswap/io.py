@@ -188,12 +188,18 @@ def untrusted_globals(path: Path) -> list[str]:
 
 
 def save_checkpoint(
-    model: nn.Module, path: Path, arch: dict[str, Any], options: dict[str, Any]
+    model: nn.Module,
+    path: Path,
+    arch: dict[str, Any],
+    options: dict[str, Any],
+    extra: dict[str, str] | None = None,
 ) -> None:
-    """Weights plus the architecture and the swap, as safetensors metadata: no pickled code."""
+    """Weights plus the architecture and the swap, as safetensors metadata: no pickled code.
+    ``extra`` adds metadata entries of the caller's (the demo records how it trained)."""
     from safetensors.torch import save_file
 
     metadata = {
+        **(extra or {}),
         "format": FORMAT,
         "serfswap_version": __version__,
         "arch": json.dumps(arch),
@@ -201,6 +207,18 @@ def save_checkpoint(
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
+
+
+def write_checkpoint(
+    model: nn.Module, arch: dict[str, Any], out: Path, extra: dict[str, str] | None = None
+) -> None:
+    """:func:`save_checkpoint` beside ``out``, then renamed over it: never half-written."""
+    staged = out.with_name(f".{out.name}.tmp")
+    try:
+        save_checkpoint(model, staged, arch, conversion_options(model), extra)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _load_checkpoint(

@@ -20,14 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, SerfswapError
+from .errors import CheckpointError, InvalidArgumentError
 
 FORMAT = "serfswap-recovery/1"
 _NAME = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(SerfswapError):
-    """A recovery checkpoint cannot be read or does not belong to this run."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The README's generated tables: the activation table (from serfswap.activations) and the model
-families tested (from the zoo tests' parametrization). ``test_package`` fails when the README
+"""The README's generated tables: the activation table (from serfswap.activations), the model
+families tested (from the zoo tests' parametrization) and the benchmark tables (copied from
+benchmarks/RESULTS.md with their commands). ``test_package`` fails when the README
 differs from what this renders; rewrite it with:
 
     python -m tests.readme_tables --write
@@ -74,7 +75,20 @@ def zoo_table() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"activations": activation_table, "zoo": zoo_table}
+RESULTS = README.parent / "benchmarks" / "RESULTS.md"
+
+
+def benchmark_tables() -> str:
+    """Every table of benchmarks/RESULTS.md with the command above it, copied as they are."""
+    text = RESULTS.read_text()
+    pattern = r"^`(python benchmarks/[^`]+)`[^\n]*\n(?:[^\n]+\n)*\n```\n(.*?)```"
+    found = re.findall(pattern, text, re.M | re.S)
+    if not found:
+        raise SystemExit("benchmarks/RESULTS.md has no `python benchmarks/...` tables")
+    return "\n".join(f"`{command}`\n\n```\n{table}```\n" for command, table in found).rstrip()
+
+
+SECTIONS = {"activations": activation_table, "zoo": zoo_table, "benchmarks": benchmark_tables}
 
 
 def render(text: str) -> str:
