@@ -20,8 +20,6 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
 
 @dataclass
 class RecoveryData:
@@ -58,9 +56,12 @@ def images(folder: Path, model: nn.Module, batch_size: int, held_out: float,
             "image folders work with timm models"
         )
     config = resolve_data_config({}, model=model)
-    dataset = ImageDataset(str(folder), transform=create_transform(**config))
+    try:
+        dataset = ImageDataset(str(folder), transform=create_transform(**config))
+    except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
+        raise InvalidArgumentError(f"{folder}: {exc}") from None
     if len(dataset) == 0:
-        raise InvalidArgumentError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InvalidArgumentError(f"{folder}: no images")
     train, test = split(len(dataset), held_out, seed)
 
     def loader(indices: list[int], shuffle: bool) -> torch.utils.data.DataLoader:

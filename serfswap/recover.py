@@ -239,18 +239,19 @@ class _Run:
         """Load the newest checkpoint when resuming; the step it was taken at, or None."""
         if self.folder is None:
             return None
-        path = trainstate.check_folder(self.folder, self.opts.resume) if self.world.main else None
-        if self.world.main and self.folder.is_dir():
-            trainstate.remove_partial(self.folder)
-        path = distributed.broadcast(path, self.world)
+        found: tuple[Path | None, str | None] = (None, None)
+        if self.world.main:  # one process decides, so that all resume from the same step
+            try:
+                found = (trainstate.check_folder(self.folder, self.opts.resume), None)
+                trainstate.remove_partial(self.folder)
+            except InvalidArgumentError as exc:
+                found = (None, str(exc))
+        path, error = distributed.broadcast(found, self.world)
+        if error is not None:  # raised on every rank: none is left waiting for the others
+            raise InvalidArgumentError(error)
         if path is None:
             return None
-        state = trainstate.load(path, self.student)
-        if state["steps"] != self.steps:
-            raise trainstate.CheckpointError(
-                f"{path} belongs to a run of {state['steps']} steps, not {self.steps}: resume "
-                "with the same steps, or start in another folder"
-            )
+        state = trainstate.load(path, self.student, steps=self.steps)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]

@@ -78,8 +78,9 @@ def save(folder: Path, step: int, model: nn.Module, state: dict[str, Any], keep:
     return final
 
 
-def load(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load the weights of checkpoint ``path`` into ``model``; return the rest of its state."""
+def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` into ``model``; return the rest of its state.
+    The state is checked (format, a run of ``steps`` steps) before the model is touched."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -89,6 +90,11 @@ def load(path: Path, model: nn.Module) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read state.pt ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a serfswap recovery checkpoint")
+    if state["steps"] != steps:
+        raise CheckpointError(
+            f"{path} belongs to a run of {state['steps']} steps, not {steps}: resume with the "
+            "same steps, or start in another folder"
+        )
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (SafetensorError, RuntimeError) as exc:
@@ -97,8 +103,9 @@ def load(path: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def check_folder(folder: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: start afresh). A folder that already holds a run
-    is only continued on request, never overwritten."""
+    """The checkpoint to resume from (None: start afresh, also when resuming a folder that
+    holds no checkpoint yet). A folder that holds a run is only continued on request, never
+    overwritten."""
     if folder.exists() and not folder.is_dir():
         raise InvalidArgumentError(f"checkpoint folder {folder} is a file")
     found = checkpoints(folder)

@@ -124,6 +124,7 @@ def test_recover_refuses_what_it_cannot_do(
     out = str(tmp_path / "o.safetensors")
     cases = [
         (["timm:test_resnet", "--data", str(tmp_path / "nope")], "no such file"),
+        (["timm:test_resnet", "--data", str(tmp_path)], "Found 0 images"),
         (["timm:test_resnet", "--data", str(image_folder), "--device", "cuda:7"], "CUDA"),
         ([str(text_model), "--data", str(image_folder)], "pretrained_cfg"),
     ]

@@ -36,17 +36,10 @@ def cnn() -> tuple[nn.Module, nn.Module]:
 @pytest.fixture(scope="module")
 def digits() -> dict[str, torch.Tensor]:
     """scikit-learn's bundled digits, as 3x32x32 images: real data, no download."""
-    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
-    data = datasets.load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).div(16).unsqueeze(1)
-    x = F.interpolate(x, size=32, mode="bilinear").expand(-1, 3, -1, -1).sub(0.5).div(0.5)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return {
-        "x": x.contiguous(),
-        "y": torch.tensor(data.target),
-        "train": order[:1400],
-        "test": order[1400:],
-    }
+    pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
+    from serfswap.demo import digits as load
+
+    return load()
 
 
 def trained_cnn(digits: dict[str, torch.Tensor]) -> nn.Module:
