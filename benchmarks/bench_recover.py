@@ -31,7 +31,7 @@ VISION_RUNS = {
     "default": {},
     "no layer matching": {"layer_weight": 0.0},
     "blend ramp 30%": {"blend": 0.3},
-    "BatchNorm re-estimation": {"bn_batches": 20},
+    "no BatchNorm re-estimation": {"bn_batches": 0},
     "student in train mode": {"train_mode": True},
     "train converted modules only": {"train": "converted"},
     "bf16 autocast": {"autocast": "bf16"},

@@ -80,7 +80,7 @@ class RecoveryOptions:
     layer_weight: float = 1.0
     task_weight: float = 1.0
     blend: float = 0.0
-    bn_batches: int = 0
+    bn_batches: int = 20
     train_mode: bool = False
     train: str = "all"
     autocast: str | None = None

@@ -79,13 +79,33 @@ RESULTS = README.parent / "benchmarks" / "RESULTS.md"
 
 
 def benchmark_tables() -> str:
-    """Every table of benchmarks/RESULTS.md with the command above it, copied as they are."""
-    text = RESULTS.read_text()
-    pattern = r"^`(python benchmarks/[^`]+)`[^\n]*\n(?:[^\n]+\n)*\n```\n(.*?)```"
-    found = re.findall(pattern, text, re.M | re.S)
-    if not found:
+    """Every table of benchmarks/RESULTS.md (a fenced block or a markdown table) that follows a
+    paragraph opening with a `python benchmarks/...` command, with that command."""
+    lines = RESULTS.read_text().splitlines()
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        match = re.match(r"^`(python benchmarks/[^`]+)`", lines[i])
+        i += 1
+        if not match:
+            continue
+        while i < len(lines) and lines[i].strip():  # the rest of the command's paragraph
+            i += 1
+        while i < len(lines) and not lines[i].strip():
+            i += 1
+        if i < len(lines) and lines[i].startswith("```"):
+            end = lines.index("```", i + 1)
+            table = lines[i : end + 1]
+        else:
+            end = i
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            table = lines[i:end]
+        if table:
+            out += [f"`{match.group(1)}`", "", *table, ""]
+    if not out:
         raise SystemExit("benchmarks/RESULTS.md has no `python benchmarks/...` tables")
-    return "\n".join(f"`{command}`\n\n```\n{table}```\n" for command, table in found).rstrip()
+    return "\n".join(out).rstrip()
 
 
 SECTIONS = {"activations": activation_table, "zoo": zoo_table, "benchmarks": benchmark_tables}

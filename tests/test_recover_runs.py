@@ -119,8 +119,21 @@ def test_torchrun_two_gloo_processes_follow_the_single_process_run(tmp_path: Pat
     moved = max((single[k] - v).abs().max().item() for k, v in teacher.state_dict().items()
                 if k in single and v.is_floating_point())  # fmt: skip
     assert moved > 1e-3, "the runs must have trained for the comparison to mean anything"
+    # A key bias adds the same score to every key of a query, which softmax cancels: its exact
+    # gradient is zero, so AdamW turns float round-off into full-size steps and the two runs'
+    # key biases differ by noise. They are checked through the outputs instead.
     for name, value in single.items():
-        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        if not name.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    models = []
+    for state in (single, ddp):
+        _, student = recover_run.models()
+        student.load_state_dict(state)
+        models.append(student.eval())
+    batch = {k: v for k, v in recover_run.batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](**batch).logits, models[0](**batch).logits,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
     assert [s for s, _ in trainstate.checkpoints(tmp_path / "ckpt")] == [4, 8]  # rank 0 only
 
 
