@@ -147,6 +147,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .io import check_output_path, describe, write_checkpoint
     from .recover import recover
 
+    if args.batch_size < 1 or not 0 < args.held_out < 1:
+        raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
     out = Path(args.output)
     check_output_path(out)
     source = Path(args.data)

@@ -216,6 +216,10 @@ def write_checkpoint(
     staged = out.with_name(f".{out.name}.tmp")
     try:
         save_checkpoint(model, staged, arch, conversion_options(model), extra)
+        # safetensors creates files readable by their owner only; give the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)

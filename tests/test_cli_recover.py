@@ -84,6 +84,7 @@ def test_recover_an_image_folder_then_export(image_folder: Path, tmp_path: Path,
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
     loaded = serfswap.io.load_model(str(out))
     assert len(loaded.model.serfswap_report.converted) > 0
+    assert out.stat().st_mode & 0o044, "readable by others, as files usually are"
     code, stdout, err = run(capsys, "export", str(out), str(tmp_path / "r.onnx"))
     assert code == 0, err
     assert (tmp_path / "r.onnx").is_file()
@@ -125,6 +126,7 @@ def test_recover_refuses_what_it_cannot_do(
     cases = [
         (["timm:test_resnet", "--data", str(tmp_path / "nope")], "no such file"),
         (["timm:test_resnet", "--data", str(tmp_path)], "Found 0 images"),
+        (["timm:test_resnet", "--data", str(tmp_path), "--batch-size", "0"], "--batch-size"),
         (["timm:test_resnet", "--data", str(image_folder), "--device", "cuda:7"], "CUDA"),
         ([str(text_model), "--data", str(image_folder)], "pretrained_cfg"),
     ]
