@@ -15,6 +15,7 @@ import json
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,13 @@ def stdlib_sentences(modules: tuple[str, ...] | list[str]) -> list[str]:
     found: set[str] = set()
     for name in modules:
         module = importlib.import_module(name)
-        texts = [module.__doc__ or ""] + [
-            getattr(obj, "__doc__", "") or ""
-            for obj in vars(module).values()
-            if getattr(obj, "__module__", None) == name
-        ]
+        with warnings.catch_warnings():  # touching deprecated members (typing.io) warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            texts = [module.__doc__ or ""] + [
+                getattr(obj, "__doc__", "") or ""
+                for obj in vars(module).values()
+                if getattr(obj, "__module__", None) == name
+            ]
         for text in texts:
             if not isinstance(text, str):
                 continue

@@ -167,8 +167,14 @@ def _as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]
     )
 
 
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                   "decoder_input_ids", "decoder_attention_mask")  # fmt: skip
+
+
 def _sequence_inputs(inputs: dict[str, torch.Tensor]) -> set[str]:
-    return {k for k in inputs if k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    """Inputs whose dim 1 is the sequence, by HuggingFace's names: dynamic with the batch,
+    whether the inputs were inferred or given (a tokenizer's output is the usual case)."""
+    return {k for k in inputs if k in SEQUENCE_INPUTS}
 
 
 def _fresh_like(
@@ -334,7 +340,7 @@ def export_onnx(
     if dtype != "fp32":
         model = copy.deepcopy(model).to(DTYPES[dtype])
         inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
-    seq_names = _sequence_inputs(inputs) if inferred else set()
+    seq_names = _sequence_inputs(inputs)
     default_atol, default_rtol = TOLERANCE[dtype]
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

@@ -105,6 +105,25 @@ def test_minilm_real_model(tmp_path: Path) -> None:
     assert report.serf_nodes == 6 and report.leftovers == {} and report.verified
 
 
+def test_given_text_inputs_keep_batch_and_sequence_dynamic(tmp_path: Path) -> None:
+    # A tokenizer's output, token_type_ids included: the file must take other lengths too.
+    model, _ = hf_model("bert")
+    converted = serfswap.convert(model)
+    ids = torch.randint(3, 90, (2, 7))
+    given = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+             "attention_mask": torch.ones_like(ids)}  # fmt: skip
+    serfswap.export_onnx(converted, tmp_path / "bert.onnx", given)
+    sess = session(tmp_path / "bert.onnx", device="cpu")
+    ids = torch.randint(3, 90, (5, 13))
+    longer = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+              "attention_mask": torch.ones_like(ids)}  # fmt: skip
+    names = [i.name for i in sess.get_inputs()]
+    (hidden, *_) = sess.run(None, {n: longer[n].numpy() for n in names})
+    with torch.no_grad():
+        expected = converted.eval()(**longer).last_hidden_state
+    torch.testing.assert_close(torch.from_numpy(hidden), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_fp16_keeps_serf_in_float32(tmp_path: Path) -> None:
     model = serfswap.convert(timm.create_model("test_vit", pretrained=False)).eval()
     report = serfswap.export_onnx(model, tmp_path / "m.onnx", dtype="fp16")
