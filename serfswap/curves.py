@@ -39,8 +39,7 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: Path,
-         title: str = "serfswap recovery") -> Path:  # fmt: skip
+def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: Path) -> Path:
     """Loss terms (log scale) and learning rate over steps; held-out agreement and cosine over
     steps when the run evaluated as it went. Written to a temporary name, then renamed."""
     import matplotlib
@@ -66,7 +65,7 @@ def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: P
     lines = ax.get_legend_handles_labels()
     extra = lr_ax.get_legend_handles_labels()
     ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
-    ax.set_title(title)
+    ax.set_title("serfswap recovery")
     if evals:
         ax = axes[0][1]
         for key in ("agreement", "cosine", "accuracy"):

@@ -12,14 +12,10 @@ import torch
 import serfswap
 from serfswap.cli import main
 
+from .test_cli import run
+
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
