@@ -265,6 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
         convert_activations=args.convert,
+        functions=args.functions,
     )
     print(report)
     if report.leftovers and not args.convert:
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     export.add_argument("--atol", type=float, help="verification tolerance (default 1e-4 fp32)")
     export.add_argument("--rtol", type=float, help="verification tolerance (default 1e-4 fp32)")
+    export.add_argument(
+        "--functions",
+        action="store_true",
+        help="each Serf as one call of the model-local ONNX function serfswap.Serf",
+    )
     export.set_defaults(func=cmd_export)
 
     rec = commands.add_parser(

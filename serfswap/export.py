@@ -65,6 +65,7 @@ class ExportReport:
     verified: bool = False
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     max_rel_diff: dict[str, float] = field(default_factory=dict)
+    functions: bool = False
 
     def __str__(self) -> str:
         lines = [
@@ -72,7 +73,9 @@ class ExportReport:
             + (f", weights in {self.external_data.name}" if self.external_data else "")
             + f"), opset {self.opset}, {self.dtype}",
             f"  Serf: {self.serf_nodes} as {self.decomposition} "
-            f"({' -> '.join(_pattern(self.decomposition))}); "
+            f"({' -> '.join(_pattern(self.decomposition))})"
+            + (" in calls of the local function serfswap.Serf" if self.functions else "")
+            + "; "
             + (
                 "original activations left: "
                 + ", ".join(f"{k} x{v}" for k, v in self.leftovers.items())
@@ -87,6 +90,22 @@ class ExportReport:
         else:
             lines.append("  not verified (verify=False)")
         return "\n".join(lines)
+
+
+def _fold_into_functions(path: Path) -> None:
+    """Rewrite the ONNX file at ``path`` with every Serf as a ``serfswap.Serf`` function call.
+
+    The weights stay where they are: a side file is referenced, not read, except for the
+    one-element constant that moves into the function body.
+    """
+    import onnx
+
+    from .onnx_ops.functions import fold_into_functions
+
+    model = onnx.load(str(path), load_external_data=False)
+    count = fold_into_functions(model, str(path.parent))
+    model.metadata_props.add(key="serfswap.functions", value=str(count))
+    onnx.save(model, str(path))
 
 
 def _pattern(decomposition: str) -> tuple[str, ...]:
@@ -293,6 +312,7 @@ def export_onnx(
     rtol: float | None = None,
     convert_activations: bool = False,
     external_data: bool | None = None,
+    functions: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
@@ -309,6 +329,9 @@ def export_onnx(
             it, a model is exported as it is and the report counts what is left.
         external_data: weights in a side file ``<path>.data``; default: only above 2 GB, the
             protobuf limit.
+        functions: emit each Serf as one call of the model-local ONNX function
+            ``serfswap.Serf`` (body: the decomposition), for readable graphs and single-node
+            pattern matching; onnxruntime inlines it at load.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
@@ -374,10 +397,14 @@ def export_onnx(
             )
             import onnx
 
+            if functions:
+                _fold_into_functions(staged)
             onnx.checker.check_model(str(staged), full_check=True)
             graph = check_graph(onnx.load(str(staged), load_external_data=False), str(staging))
             if graph.custom_domains:
                 raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
+            if graph.bad_functions:
+                raise ExportError(f"functions with a body that is not Serf: {graph.bad_functions}")
             report = ExportReport(
                 path=path,
                 decomposition=decomposition,
@@ -387,6 +414,7 @@ def export_onnx(
                 serf_nodes=graph.serf_total,
                 leftovers=dict(graph.leftovers),
                 converted_activations=converted_count,
+                functions=functions,
                 size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
             )
             if verify:

@@ -202,13 +202,26 @@ def test_bad_input_gives_one_line_and_writes_nothing(
     assert list(out.parent.iterdir()) == [], "nothing is written on failure"
 
 
+def _read_only_directory(tmp_path: Path) -> Path:
+    """A directory this process cannot write to: a mode 0500 folder for a normal user; for root,
+    who writes through permission bits, a directory on a read-only mount (containers mount
+    /proc/sys read-only)."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        return locked
+    for candidate in (Path("/proc/sys"), Path("/sys")):
+        if candidate.is_dir() and not os.access(candidate, os.W_OK):
+            return candidate
+    pytest.skip("running as root, with no read-only mount to write into")
+
+
 def test_read_only_output_directory(tmp_path: Path, capsys) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can write to a read-only directory; this case needs a normal user")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    locked = _read_only_directory(tmp_path)
+    before = sorted(p.name for p in locked.iterdir())
     code, _, err = run(capsys, "export", "timm:test_resnet", str(locked / "m.onnx"))
     assert code == 2 and "not writable" in err
+    assert sorted(p.name for p in locked.iterdir()) == before
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -22,30 +23,44 @@ _STANDARD_DOMAINS = {"", "ai.onnx"}
 
 @dataclass
 class GraphCheck:
-    """``serf``: decompositions found per kind; ``leftovers``: original activations by kind;
-    ``custom_domains``: domains outside the ONNX standard (there should be none)."""
+    """``serf``: decompositions found per kind (a call of a model-local Serf function counts as
+    its body's kind); ``leftovers``: original activations by kind; ``custom_domains``: domains
+    outside the ONNX standard and not defined by the model's own functions (there should be
+    none); ``bad_functions``: model-local functions named like Serf whose body is not exactly
+    one decomposition."""
 
     serf: Counter[str] = field(default_factory=Counter)
     leftovers: Counter[str] = field(default_factory=Counter)
     custom_domains: list[str] = field(default_factory=list)
+    bad_functions: list[str] = field(default_factory=list)
 
     @property
     def serf_total(self) -> int:
         return sum(self.serf.values())
 
 
-def _is_one(name: str, constants: dict[str, float]) -> bool:
-    return constants.get(name) == 1.0
+@dataclass(frozen=True)
+class SerfMatch:
+    """One decomposition found in a graph: its kind, its nodes from the input side, the name of
+    the value it activates and of its result, and the name of the constant 1 (``exp-log``)."""
+
+    kind: str
+    nodes: tuple[onnx.NodeProto, ...]
+    x: str
+    y: str
+    one: str | None = None
 
 
-def _constants(graph: onnx.GraphProto, base_dir: str) -> dict[str, float]:
-    """Scalar constants of the graph (initializers and Constant nodes), by output name.
+def _constants(
+    initializers: Sequence[onnx.TensorProto], nodes: Sequence[onnx.NodeProto], base_dir: str
+) -> dict[str, float]:
+    """Scalar constants (initializers and Constant nodes), by output name.
 
     Only one-element tensors are read, from the side file when the weights are external.
     """
     values: dict[str, float] = {}
-    tensors = [(init.name, init) for init in graph.initializer]
-    for node in graph.node:
+    tensors = [(init.name, init) for init in initializers]
+    for node in nodes:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
@@ -56,55 +71,89 @@ def _constants(graph: onnx.GraphProto, base_dir: str) -> dict[str, float]:
     return values
 
 
-def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
-    """Count the Serf decompositions and the original activations left in ``model``.
+def find_serf(nodes: Sequence[onnx.NodeProto], constants: dict[str, float]) -> list[SerfMatch]:
+    """Every Serf decomposition among ``nodes``, matched on its exact pattern (``PATTERNS``).
 
-    ``base_dir``: the folder of the model file, when its weights are in a side file.
+    Pass a list, not a protobuf repeated field: callers compare nodes by id(), and protobuf
+    makes a new wrapper object on each access unless one is still referenced.
     """
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    constants = _constants(graph, base_dir)
-    result = GraphCheck()
-    result.custom_domains = sorted(
-        {o.domain for o in model.opset_import} - _STANDARD_DOMAINS
-        | {n.domain for n in graph.node} - _STANDARD_DOMAINS
-    )
-    used: set[int] = set()  # ids of nodes that belong to a matched Serf
+    producer = {out: node for node in nodes for out in node.output}
 
     def parent(name: str, op_type: str) -> onnx.NodeProto | None:
         node = producer.get(name)
         return node if node is not None and node.op_type == op_type else None
 
-    for mul in (n for n in graph.node if n.op_type == "Mul"):
+    matches = []
+    for mul in (n for n in nodes if n.op_type == "Mul"):
         for x, other in (mul.input, reversed(mul.input)):
             erf = parent(other, "Erf")
             if erf is None:
                 continue
             softplus = parent(erf.input[0], "Softplus")
             if softplus is not None and softplus.input[0] == x:
-                result.serf["softplus"] += 1
-                used.update(map(id, (mul, erf, softplus)))
+                matches.append(SerfMatch("softplus", (softplus, erf, mul), x, mul.output[0]))
                 break
             log = parent(erf.input[0], "Log")
             add = parent(log.input[0], "Add") if log is not None else None
             if add is None:
                 continue
-            exp_out = next((i for i in add.input if not _is_one(i, constants)), None)
+            one = next((i for i in add.input if constants.get(i) == 1.0), None)
+            exp_out = next((i for i in add.input if i != one), None)
             exp = parent(exp_out, "Exp") if exp_out is not None else None
-            if (
-                exp is not None
-                and exp.input[0] == x
-                and any(_is_one(i, constants) for i in add.input)
-            ):
-                result.serf["exp-log"] += 1
-                used.update(map(id, (mul, erf, log, add, exp)))
+            if exp is not None and exp.input[0] == x and one is not None:
+                nodes_in_order = (exp, add, log, erf, mul)
+                matches.append(SerfMatch("exp-log", nodes_in_order, x, mul.output[0], one))
                 break
+    return matches
 
-    for node in graph.node:
-        if node.op_type in _ACTIVATION_OPS:
+
+def serf_function_kind(function: onnx.FunctionProto) -> str | None:
+    """The decomposition a model-local function computes, or None when its body is anything
+    else than exactly one decomposition (plus the Constant it needs) from input to output."""
+    constants = _constants([], function.node, "")
+    matches = find_serf(function.node, constants)
+    if len(function.input) != 1 or len(function.output) != 1 or len(matches) != 1:
+        return None
+    match = matches[0]
+    inside = {id(n) for n in match.nodes}
+    rest = [n for n in function.node if id(n) not in inside]
+    if (
+        (match.x, match.y) != (function.input[0], function.output[0])
+        or any(n.op_type != "Constant" for n in rest)
+        or len(rest) != (match.kind == "exp-log")
+    ):
+        return None
+    return match.kind
+
+
+def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
+    """Count the Serf decompositions and the original activations left in ``model``.
+
+    ``base_dir``: the folder of the model file, when its weights are in a side file.
+    """
+    graph = model.graph
+    nodes = list(graph.node)  # kept alive, so that id() of each node stays stable below
+    result = GraphCheck()
+    local = {(f.domain, f.name): f for f in model.functions}
+    result.custom_domains = sorted(
+        ({o.domain for o in model.opset_import} | {n.domain for n in nodes})
+        - _STANDARD_DOMAINS
+        - {domain for domain, _ in local}
+    )
+    matches = find_serf(nodes, _constants(graph.initializer, nodes, base_dir))
+    used = {id(node) for match in matches for node in match.nodes}
+    result.serf.update(match.kind for match in matches)
+
+    kinds = {key: serf_function_kind(f) for key, f in local.items() if f.name.startswith("Serf")}
+    result.bad_functions = sorted(f"{d}.{n}" for (d, n), kind in kinds.items() if kind is None)
+    for node in nodes:
+        kind = kinds.get((node.domain, node.op_type))
+        if kind is not None:
+            result.serf[kind] += 1
+        elif node.op_type in _ACTIVATION_OPS:
             result.leftovers[node.op_type] += 1
         elif node.op_type == "Sigmoid":
-            consumers = [n for n in graph.node if node.output[0] in n.input and n.op_type == "Mul"]
+            consumers = [n for n in nodes if node.output[0] in n.input and n.op_type == "Mul"]
             if any(node.input[0] in c.input for c in consumers):
                 result.leftovers["SiLU (Sigmoid*Mul)"] += 1
         elif node.op_type in ("Erf", "Softplus") and id(node) not in used:
@@ -112,4 +161,4 @@ def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
     return result
 
 
-__all__ = ["PATTERNS", "GraphCheck", "check_graph"]
+__all__ = ["PATTERNS", "GraphCheck", "SerfMatch", "check_graph", "find_serf", "serf_function_kind"]
