@@ -110,13 +110,13 @@ def find_serf(nodes: Sequence[onnx.NodeProto], constants: dict[str, float]) -> l
 def serf_function_kind(function: onnx.FunctionProto) -> str | None:
     """The decomposition a model-local function computes, or None when its body is anything
     else than exactly one decomposition (plus the Constant it needs) from input to output."""
-    constants = _constants([], function.node, "")
-    matches = find_serf(function.node, constants)
+    body = list(function.node)
+    matches = find_serf(body, _constants([], body, ""))
     if len(function.input) != 1 or len(function.output) != 1 or len(matches) != 1:
         return None
     match = matches[0]
     inside = {id(n) for n in match.nodes}
-    rest = [n for n in function.node if id(n) not in inside]
+    rest = [n for n in body if id(n) not in inside]
     if (
         (match.x, match.y) != (function.input[0], function.output[0])
         or any(n.op_type != "Constant" for n in rest)
@@ -135,11 +135,9 @@ def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
     nodes = list(graph.node)  # kept alive, so that id() of each node stays stable below
     result = GraphCheck()
     local = {(f.domain, f.name): f for f in model.functions}
-    result.custom_domains = sorted(
-        ({o.domain for o in model.opset_import} | {n.domain for n in nodes})
-        - _STANDARD_DOMAINS
-        - {domain for domain, _ in local}
-    )
+    domains = {o.domain for o in model.opset_import} | {n.domain for n in nodes}
+    domains |= {n.domain for f in model.functions for n in f.node}  # what function bodies use
+    result.custom_domains = sorted(domains - _STANDARD_DOMAINS - {d for d, _ in local})
     matches = find_serf(nodes, _constants(graph.initializer, nodes, base_dir))
     used = {id(node) for match in matches for node in match.nodes}
     result.serf.update(match.kind for match in matches)
