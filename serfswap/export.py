@@ -414,7 +414,7 @@ def export_onnx(
                 serf_nodes=graph.serf_total,
                 leftovers=dict(graph.leftovers),
                 converted_activations=converted_count,
-                functions=functions,
+                functions=functions and graph.serf_total > 0,
                 size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
             )
             if verify:

@@ -134,3 +134,11 @@ def test_cli_functions_flag(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0 and "Serf: 12" in out and "serfswap.Serf" in out
     assert {f.name for f in onnx.load(tmp_path / "m.onnx").functions} == {"Serf"}
+
+
+def test_unconverted_model_gets_no_function(tmp_path: Path) -> None:
+    model = timm.create_model("test_resnet", pretrained=False)
+    report = serfswap.export_onnx(model, tmp_path / "m.onnx", functions=True)
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert report.serf_nodes == 0 and not report.functions and not proto.functions
+    assert report.leftovers == {"Relu": 12} and "serfswap.Serf" not in str(report)

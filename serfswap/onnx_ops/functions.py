@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import SerfMatch, _constants, find_serf
+from .graph import SerfMatch, find_serf, scalar_constants
 
 DOMAIN = "serfswap"
 NAME = "Serf"
@@ -82,7 +82,7 @@ def fold_into_functions(model: onnx.ModelProto, base_dir: str = "") -> int:
         for name in node.input:
             readers.setdefault(name, set()).add(id(node))
     outputs = {o.name for o in graph.output}
-    found = find_serf(all_nodes, _constants(graph.initializer, all_nodes, base_dir))
+    found = find_serf(all_nodes, scalar_constants(graph.initializer, all_nodes, base_dir))
     matches = [m for m in found if _self_contained(m, readers, outputs)]
     if not matches:
         return 0

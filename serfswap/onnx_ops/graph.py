@@ -51,7 +51,7 @@ class SerfMatch:
     one: str | None = None
 
 
-def _constants(
+def scalar_constants(
     initializers: Sequence[onnx.TensorProto], nodes: Sequence[onnx.NodeProto], base_dir: str
 ) -> dict[str, float]:
     """Scalar constants (initializers and Constant nodes), by output name.
@@ -111,7 +111,7 @@ def serf_function_kind(function: onnx.FunctionProto) -> str | None:
     """The decomposition a model-local function computes, or None when its body is anything
     else than exactly one decomposition (plus the Constant it needs) from input to output."""
     body = list(function.node)
-    matches = find_serf(body, _constants([], body, ""))
+    matches = find_serf(body, scalar_constants([], body, ""))
     if len(function.input) != 1 or len(function.output) != 1 or len(matches) != 1:
         return None
     match = matches[0]
@@ -138,7 +138,7 @@ def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
     domains = {o.domain for o in model.opset_import} | {n.domain for n in nodes}
     domains |= {n.domain for f in model.functions for n in f.node}  # what function bodies use
     result.custom_domains = sorted(domains - _STANDARD_DOMAINS - {d for d, _ in local})
-    matches = find_serf(nodes, _constants(graph.initializer, nodes, base_dir))
+    matches = find_serf(nodes, scalar_constants(graph.initializer, nodes, base_dir))
     used = {id(node) for match in matches for node in match.nodes}
     result.serf.update(match.kind for match in matches)
 
@@ -159,4 +159,12 @@ def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
     return result
 
 
-__all__ = ["PATTERNS", "GraphCheck", "SerfMatch", "check_graph", "find_serf", "serf_function_kind"]
+__all__ = [
+    "PATTERNS",
+    "GraphCheck",
+    "SerfMatch",
+    "check_graph",
+    "find_serf",
+    "scalar_constants",
+    "serf_function_kind",
+]
