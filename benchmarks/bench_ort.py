@@ -84,8 +84,9 @@ def bench(
     if functions:
         variants["serf exp-log functions"] = (converted, "exp-log", True)
     sessions = {}
+    paths = {label: workdir / f"{name}-{label.replace(' ', '-')}.onnx" for label in variants}
     for label, (model, decomposition, as_functions) in variants.items():
-        path = workdir / f"{name}-{label.replace(' ', '-')}.onnx"
+        path = paths[label]
         serfswap.export_onnx(
             model,
             path,
@@ -117,7 +118,7 @@ def bench(
             print(f"| {batch} | {label} | {med * 1e3:.1f} | {med / base:.2f}x |")
         if profile:
             profiles[batch] = {
-                label: op_times(workdir / f"{name}-{label.replace(' ', '-')}.onnx", feeds[label])
+                label: op_times(paths[label], feeds[label])
                 for label in ("original", "serf exp-log")
             }
     for batch, by_label in profiles.items():
