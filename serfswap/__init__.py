@@ -5,9 +5,8 @@ timm or transformers), and it does not initialise CUDA. It registers Serf as "se
 transformers, when and if those are imported.
 """
 
-__version__ = "0.1.0"
-
 from . import integrations as _integrations
+from ._version import __version__
 from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,

@@ -222,6 +222,10 @@ def resolve_families(activations: Iterable[str | type] | str | None) -> frozense
         return DEFAULT_FAMILIES
     if isinstance(activations, str):
         activations = [activations]
+    if not isinstance(activations, Iterable):
+        raise InvalidActivationsError(
+            f"activations= takes a family name, a class or a list of them, got {activations!r}"
+        )
     families: set[str] = set()
     for item in activations:
         if item == "all":

@@ -11,12 +11,14 @@ import argparse
 import importlib.metadata
 import json
 import platform
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from ._version import __version__
 from .errors import InvalidArgumentError, SerfswapError
 
 if TYPE_CHECKING:
@@ -87,8 +89,20 @@ def _load(args: argparse.Namespace) -> Loaded:
     from .io import load_model
 
     return load_model(
-        args.model, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
+        args.model,
+        arch=args.arch,
+        weights=args.weights,
+        trust_pickle=args.trust_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def _output(args: argparse.Namespace, *extra_inputs: str | None) -> Path:
+    """OUT, checked before anything is loaded: writable, and none of the command's inputs."""
+    from .paths import check_output_path
+
+    arch_dir = args.arch[3:] if args.arch and args.arch.startswith("hf:") else None
+    return check_output_path(args.output, [args.model, args.weights, arch_dir, *extra_inputs])
 
 
 def _swap_options(args: argparse.Namespace) -> dict[str, object]:
@@ -120,10 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .io import check_output_path, describe, write_checkpoint
+    from .io import describe, write_checkpoint
 
-    out = Path(args.output)
-    check_output_path(out)
+    out = _output(args)
     loaded = _load(args)
     _needs_module(loaded, "convert")
     arch = loaded.arch or describe(loaded.model)
@@ -144,16 +157,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     from . import data as recovery_data
     from .convert import REPORT_ATTR, convert
-    from .io import check_output_path, describe, write_checkpoint
+    from .io import describe, write_checkpoint
+    from .paths import check_input_path
     from .recover import recover
 
     if args.batch_size < 1 or not 0 < args.held_out < 1:
         raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
-    out = Path(args.output)
-    check_output_path(out)
-    source = Path(args.data)
-    if not source.exists():
-        raise InvalidArgumentError(f"--data {source}: no such file or folder")
+    out = _output(args, args.data, args.tokenizer)
+    source = check_input_path(args.data)
     device = _device(args.device)
     if args.plot == "":
         args.plot = str(out.with_name(f"{out.name}.curves.png"))
@@ -178,7 +189,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     else:
         tokenizer = _tokenizer_dir(args)
         batches = recovery_data.texts(source, tokenizer, args.batch_size, args.held_out,
-                                      args.seed, args.max_length)  # fmt: skip
+                                      args.seed, args.max_length,
+                                      trust_remote_code=args.trust_remote_code)  # fmt: skip
     print(f"data: {batches.description}")
     teacher = teacher.to(device).eval()
     student = convert(teacher, **_swap_options(args))
@@ -247,10 +259,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .io import check_output_path
+    from .export import check_opset, export_onnx
 
-    check_output_path(Path(args.output))
+    check_opset(args.opset)
+    _output(args)
     loaded = _load(args)
     if args.convert:
         _needs_module(loaded, "export --convert")
@@ -285,7 +297,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="load a pickled module that imports code from outside torch/timm/transformers",
+        help="run code from MODEL/--weights if it needs to: a pickle naming more than the "
+        "allowed model classes, or a .pt2 program (only for files you trust)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a HuggingFace folder's own code (auto_map) build the model or tokenizer "
+        "(only for folders you trust)",
     )
 
 
@@ -422,14 +441,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every ``finally`` removes what it staged."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    # signal handlers can only be set from the main thread (main() may be called from others)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return args.func(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: staged files are gone by now
+        if args.debug:
+            raise
+        terminated = isinstance(exc, _Terminated)
+        print(f"serfswap {args.command}: {'terminated' if terminated else 'interrupted'}; "
+              "no partial file left", file=sys.stderr)  # fmt: skip
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except SerfswapError as exc:
         if args.debug:
             raise
@@ -441,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"serfswap {args.command}: error: {reason} (--debug shows more)", file=sys.stderr)
         return 1
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -157,11 +157,22 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
     return found, has_serf
 
 
+def _check_model(model: object, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"{function}() takes a torch nn.Module, got {type(model).__name__} {model!r:.60}"
+        )
+
+
 def _patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, Iterable):
+        raise InvalidArgumentError(
+            f"{arg}= takes a glob pattern or a list of them, got {type(value).__name__} {value!r}"
+        )
     patterns = tuple(value)
     if not all(isinstance(p, str) for p in patterns):
         raise InvalidArgumentError(f"{arg}= takes glob patterns (str), got {value!r}")
@@ -239,7 +250,9 @@ def _plan(
     exclude: str | Iterable[str] | None,
     filter_fn: FilterFn | None,
     activations: Iterable[str | type] | str | None,
+    function: str = "plan",
 ) -> tuple[Plan, list[tuple[_Found, Site]], bool]:
+    _check_model(model, function)
     families = resolve_families(activations)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
@@ -296,6 +309,19 @@ def plan(
     return _plan(model, include, exclude, filter_fn, activations)[0]
 
 
+def _share_state(serf: Serf, original: nn.Module) -> None:
+    """Give ``serf`` the very tables of the original's parameters and buffers (PReLU's weight).
+
+    They stay in the converted model's ``state_dict`` under their keys, so a strict load into
+    the original architecture works, and ``.to()`` / ``.double()`` / ``load_state_dict`` update
+    the kept original too, so that :func:`revert` works after them.
+    """
+    if original._parameters or original._buffers:
+        serf._parameters = original._parameters
+        serf._buffers = original._buffers
+        serf._non_persistent_buffers_set = original._non_persistent_buffers_set
+
+
 def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
     scopes: dict[int, tuple[nn.Module, set[str]]] = {}
     any_functional = False
@@ -311,6 +337,7 @@ def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
             serf = Serf(inplace=bool(getattr(item.module, "inplace", False)))
             serf.train(item.module.training)
             serf.__dict__[_ORIGINAL_ATTR] = item.module
+            _share_state(serf, item.module)
             for ref in item.refs:
                 if ref.parent is None:
                     root = serf
@@ -361,7 +388,7 @@ def convert(
     Serf()
     """
     # Validate on the caller's model first, so that bad options cost no deep copy.
-    _, decided, _ = _plan(model, include, exclude, filter_fn, activations)
+    _, decided, _ = _plan(model, include, exclude, filter_fn, activations, "convert")
     target = model if inplace else copy.deepcopy(model)
     if target is not model:
         report, decided, _ = _plan(target, include, exclude, filter_fn, activations)
@@ -385,6 +412,7 @@ def revert(model: nn.Module) -> nn.Module:
     Outputs are bit-identical to the model before conversion: the original module and function
     objects come back. A model that was not converted is returned as it is.
     """
+    _check_model(model, "revert")
     refs, order = _walk(model)
     root = model
     for _, module in order:

@@ -84,9 +84,10 @@ def _inputs_only(items: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
 
 
 def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, seed: int,
-          max_length: int) -> RecoveryData:  # fmt: skip
+          max_length: int, *, trust_remote_code: bool = False) -> RecoveryData:  # fmt: skip
     """A text file, one example per line (blank lines skipped), tokenised with the model's
-    own tokenizer into padded dict batches."""
+    own tokenizer into padded dict batches. A tokenizer that needs its folder's own code is
+    refused unless ``trust_remote_code`` (transformers would otherwise ask on stdin)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -99,8 +100,15 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
         raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
     lines = [line for line in lines if line]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise InvalidArgumentError(
+                f"the tokenizer in {tokenizer_dir} needs code from its folder; loading it runs "
+                "that code. If you trust it, pass --trust-remote-code"
+            ) from None
         raise InvalidArgumentError(
             f"no tokenizer in {tokenizer_dir} ({str(exc).splitlines()[0]}); pass --tokenizer DIR"
         ) from None

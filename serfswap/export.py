@@ -26,16 +26,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import SerfswapError
-from .io import check_output_path
+from .errors import InvalidArgumentError, SerfswapError
 from .modes import eval_mode
+from .paths import check_output_path
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
+# The opsets the exporter writes as asked, measured on torch 2.14 + onnxruntime 1.32: below 17
+# torch's exporter quietly writes opset 18 instead, and 26 fails its version conversion. The
+# opset actually written is read back from the file after export, so drift is caught too.
+OPSETS = range(17, 26)
+
+
+def check_opset(opset: object) -> int:
+    """``opset`` when the exporter can write it, else ExportError (a usage error)."""
+    if type(opset) is not int or opset not in OPSETS:
+        raise ExportError(
+            f"opset {opset!r} is not supported: use {OPSETS.start} to {OPSETS.stop - 1} "
+            "(lower opsets cannot express what the exporter writes)"
+        )
+    return opset
 
 
 class ExportError(SerfswapError, ValueError):
@@ -255,6 +269,12 @@ def _compare(
     names = [o.name for o in sess.get_outputs()]
     if len(got) != len(want):
         raise ExportMismatchError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
+    for name, torch_out in zip(names, want, strict=True):
+        if not bool(torch.isfinite(torch_out).all()):
+            raise ExportError(
+                f"torch's output {name} holds NaN or inf on the verification inputs: the model "
+                "itself is broken (non-finite weights?); refusing to write it"
+            )
     abs_diff, rel_diff, bad = {}, {}, []
     for name, ort_out, torch_out in zip(names, got, want, strict=True):
         expected = torch_out.float()
@@ -264,12 +284,16 @@ def _compare(
                 f"output {name}: onnxruntime shape {tuple(actual.shape)}, "
                 f"torch {tuple(expected.shape)} (a shape baked in at export?)"
             )
+        if not bool(torch.isfinite(actual).all()):
+            raise ExportMismatchError(
+                f"onnxruntime's output {name} holds NaN or inf where torch's is finite"
+            )
         diff = (actual - expected).abs()
         abs_diff[name] = diff.max().item() if diff.numel() else 0.0
         rel_diff[name] = (
             (diff / expected.abs().clamp_min(1e-6)).max().item() if diff.numel() else 0.0
         )
-        if not torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True):
+        if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
             bad.append(name)
     if bad:
         detail = "; ".join(
@@ -282,6 +306,21 @@ def _compare(
 
 
 # Export ------------------------------------------------------------------------------------------
+
+
+def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: bool) -> None:
+    """One forward in torch first: inputs the model rejects fail here, in one line that names
+    them, instead of inside the exporter after pages of its log."""
+    described = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                          for k, v in inputs.items())  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(*inputs.values()) if positional else model(**inputs)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"the model fails on the example inputs ({described}): {reason}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -339,6 +378,11 @@ def export_onnx(
     """
     from .onnx_ops import DECOMPOSITIONS, check_graph, translation_table
 
+    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
+        raise InvalidArgumentError(
+            f"export_onnx() takes an nn.Module or a torch.export program, got {model!r:.80}"
+        )
+    check_opset(opset)
     if decomposition not in DECOMPOSITIONS:
         raise ExportError(f"decomposition={decomposition!r}: use one of {sorted(DECOMPOSITIONS)}")
     if dtype not in DTYPES:
@@ -371,7 +415,9 @@ def export_onnx(
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if program is not None else eval_mode(model)
     with _without_kv_cache(model), mode:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        _run_once(model, inputs, positional=program is not None)
+        # A short name of its own: any legal name of the target stays legal inside it.
+        staging = Path(tempfile.mkdtemp(prefix=".serfswap-", dir=path.parent))
         try:
             onnx_program = torch.onnx.export(
                 program if program is not None else model,
@@ -400,7 +446,13 @@ def export_onnx(
             if functions:
                 _fold_into_functions(staged)
             onnx.checker.check_model(str(staged), full_check=True)
-            graph = check_graph(onnx.load(str(staged), load_external_data=False), str(staging))
+            written = onnx.load(str(staged), load_external_data=False)
+            written_opset = next(
+                o.version for o in written.opset_import if o.domain in ("", "ai.onnx")
+            )
+            if written_opset != opset:
+                raise ExportError(f"asked for opset {opset}, the exporter wrote {written_opset}")
+            graph = check_graph(written, str(staging))
             if graph.custom_domains:
                 raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
             if graph.bad_functions:
@@ -408,7 +460,7 @@ def export_onnx(
             report = ExportReport(
                 path=path,
                 decomposition=decomposition,
-                opset=opset,
+                opset=written_opset,
                 dtype=dtype,
                 inputs={k: tuple(v.shape) for k, v in inputs.items()},
                 serf_nodes=graph.serf_total,

@@ -1,23 +1,31 @@
-"""Loading models for the command line, safely, and serfswap's own checkpoint format.
+"""Loading models for the command line without running code from them, and serfswap's checkpoints.
 
 MODEL may be:
 
 * ``timm:NAME``: a timm architecture (random weights, or ``weights=FILE``);
-* a HuggingFace model directory (``config.json`` plus weights);
+* a HuggingFace model directory (``config.json`` plus weights). Code shipped in the folder
+  (``auto_map``) runs only with ``trust_remote_code=True``; transformers is never left to ask
+  on stdin;
 * a serfswap checkpoint (``serfswap convert`` writes it): a ``.safetensors`` file whose metadata
-  describes the architecture and the swap, so loading it runs no pickled code;
+  describes the architecture and the swap, checked field by field and against the weights'
+  shapes before any model is built for real;
 * a state dict, checkpoint dict or ``.safetensors`` file, with ``arch="timm:NAME"`` or
   ``arch="hf:DIR"``;
-* a ``torch.export`` program (``.pt2``);
-* a full pickled ``nn.Module`` (``torch.save(model)``). Pickles run code when loaded, so one is
-  loaded only when every global it references (listed without running it) comes from torch,
-  timm, transformers or serfswap, or with ``trust_pickle=True``.
+* a full pickled ``nn.Module`` (``torch.save(model)``), unpickled by torch's weights-only
+  unpickler with an exact-class allowlist (:mod:`serfswap.safe_pickle`), or with
+  ``trust_pickle=True`` by the full unpickler;
+* a ``torch.export`` program (``.pt2``), only with ``trust_pickle=True``: ``torch.export.load``
+  unpickles parts of the archive with the full unpickler, imports modules the archive names
+  and hands its shape expressions to ``sympy.sympify``, which evaluates them.
+
+The format is read from the content (safetensors header, zip archive, pickle), never the suffix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import safe_pickle
+from ._version import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, SerfswapError
+from .paths import check_input_path
 
 FORMAT = "serfswap-checkpoint/1"
-_TRUSTED_PREFIXES = ("torch.", "timm.", "transformers.", "serfswap.", "collections.OrderedDict")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 
 
 class ModelLoadError(SerfswapError, ValueError):
-    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to unpickle."""
+    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to load."""
 
 
 class ModelSpecError(ModelLoadError):
@@ -67,43 +76,82 @@ def _timm(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _hf_dir(directory: Path) -> Path:
+def _hf_config(directory: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a HuggingFace model directory, checked to be an object."""
     if not directory.is_dir():
         raise ModelSpecError(f"{directory} is not a directory")
-    if not (directory / "config.json").is_file():
+    file = directory / "config.json"
+    if not file.is_file():
         raise ModelSpecError(f"{directory} has no config.json: not a HuggingFace model directory")
-    return directory
+    check_input_path(file)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file}: a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _needs_remote_code(config: dict[str, Any], where: str, trust_remote_code: bool) -> bool:
+    """Whether only code shipped with the model can build it; refused unless trusted."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{where}: the config names no model_type (a string)")
+    if model_type in CONFIG_MAPPING:
+        return False  # transformers' own class; an auto_map is ignored without trust
+    if "auto_map" not in config:
+        raise ModelLoadError(f"{where}: transformers knows no model_type {model_type!r}")
+    if not trust_remote_code:
+        raise ModelLoadError(
+            f"{where}: model_type {model_type!r} is defined by code in the model's folder "
+            "(auto_map); loading it runs that code. If you trust it, pass --trust-remote-code"
+        )
+    return True
 
 
 def _hf_from_config(config_dict: dict[str, Any]) -> nn.Module:
+    """A transformers model of a registered type from a config dict (random weights)."""
     import transformers
 
     config_dict = dict(config_dict)
-    model_type = config_dict.pop("model_type", None)
-    if model_type is None:
-        raise ModelLoadError("the HuggingFace config names no model_type")
-    config = transformers.AutoConfig.for_model(model_type, **config_dict)
-    return transformers.AutoModel.from_config(config, attn_implementation="eager")
+    model_type = config_dict.pop("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **config_dict)
+        return transformers.AutoModel.from_config(
+            config, attn_implementation="eager", trust_remote_code=False
+        )
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"the {model_type} config cannot build a model: {reason}") from None
 
 
-def build_arch(arch: str) -> Loaded:
+def build_arch(arch: str, *, trust_remote_code: bool = False) -> Loaded:
     """``timm:NAME`` or ``hf:DIR`` with random weights (hf: the directory's config only)."""
     kind, _, name = arch.partition(":")
     if kind == "timm" and name:
         model = _timm(name)
         return Loaded(model, arch, {"kind": "timm", "name": name, "num_classes": model.num_classes})
     if kind == "hf" and name:
-        config = json.loads((_hf_dir(Path(name)) / "config.json").read_text())
+        directory = Path(name)
+        config = _hf_config(directory)
+        if _needs_remote_code(config, name, trust_remote_code):
+            import transformers
+
+            remote = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
+            model = transformers.AutoModel.from_config(remote, trust_remote_code=True)
+            return Loaded(model, arch, None)  # its code is not in a checkpoint: not describable
         return Loaded(_hf_from_config(config), arch, {"kind": "hf", "config": config})
     raise ModelSpecError(f"--arch {arch!r}: use timm:NAME or hf:DIR")
 
 
 def _rebuild(arch: dict[str, Any]) -> nn.Module:
-    if arch.get("kind") == "timm":
+    """The model a checked ``arch`` (see :func:`_checked_arch`) describes, with random weights."""
+    if arch["kind"] == "timm":
         return _timm(arch["name"], num_classes=arch.get("num_classes", 1000))
-    if arch.get("kind") == "hf":
-        return _hf_from_config(arch["config"])
-    raise ModelLoadError(f"checkpoint describes an unknown architecture: {arch}")
+    return _hf_from_config(arch["config"])
 
 
 def describe(model: nn.Module) -> dict[str, Any] | None:
@@ -117,28 +165,84 @@ def describe(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+# Formats -------------------------------------------------------------------------------------
+
+
+def sniff(path: Path) -> str:
+    """The format of the file at ``path``, read from its first bytes and, for a zip, its names.
+
+    One of ``safetensors``, ``pt2`` (a torch.export archive), ``torch`` (a torch.save zip),
+    ``torchscript``, ``pickle`` (torch's legacy format), ``corrupt-zip`` or ``unknown``.
+    """
+    with path.open("rb") as f:
+        head = f.read(9)
+    header = int.from_bytes(head[:8], "little")  # safetensors: u64 header length, then JSON
+    if len(head) == 9 and head[8:9] == b"{" and header >= 2:  # a short file: corrupt, said later
+        return "safetensors"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return "corrupt-zip"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                inner = {name.split("/", 1)[-1] for name in archive.namelist()}
+        except (zipfile.BadZipFile, OSError):
+            return "corrupt-zip"
+        if "archive_format" in inner:
+            return "pt2"
+        if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
+            return "torchscript"
+        return "torch" if "data.pkl" in inner else "unknown"
+    return "pickle" if head[:1] == b"\x80" else "unknown"
+
+
 # Weights -------------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and metadata of a .safetensors file, without reading any tensor."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return shapes, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a readable .safetensors file ({exc})") from None
 
 
-def _torch_load(path: Path, *, weights_only: bool) -> Any:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({exc})") from None
+
+
+def _unpickle(path: Path, trust_pickle: bool) -> Any:
+    """A torch.save file's object; without ``trust_pickle`` nothing in it can run code."""
+    try:
+        return safe_pickle.load(path, trust=trust_pickle)
+    except safe_pickle.UnsafePickleError as exc:
+        what = f"needs {_listed(exc.names)}" if exc.names else str(exc)
+        raise ModelLoadError(
+            f"{path} is a pickle that {what}, which serfswap loads only by running code from "
+            "the file. If you trust it, pass --trust-pickle"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: not a readable PyTorch file ({reason})") from None
-    except Exception as exc:  # pickle.UnpicklingError and kin, raised for unsafe content
-        reason = str(exc).splitlines()[0]
-        raise ModelLoadError(f"{path}: cannot be loaded safely ({reason})") from None
+    except Exception as exc:  # pickle.UnpicklingError from the weights-only unpickler, and kin
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{path} cannot be loaded without running code from it ({reason}). "
+            "If you trust it, pass --trust-pickle"
+        ) from None
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -159,29 +263,32 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _mismatch(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]) -> str | None:
+    """How two key -> shape tables differ (the first few keys of each kind), or None."""
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [k for k in own if k in given and tuple(own[k]) != tuple(given[k])]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"shape of {k}: file {tuple(given[k])}, model {tuple(own[k])}")
+    return "; ".join(parts) or None
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Load ``state`` into ``model`` strictly; a mismatch names the first differing keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"shape of {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
-        raise ModelLoadError(f"{path} does not match the architecture: " + "; ".join(parts))
+    problem = _mismatch(_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise ModelLoadError(f"{path} does not match the architecture: {problem}")
     model.load_state_dict(state)
-
-
-def untrusted_globals(path: Path) -> list[str]:
-    """The globals a pickle needs that do not come from torch / timm / transformers / serfswap."""
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    return sorted(n for n in names if not n.startswith(_TRUSTED_PREFIXES))
 
 
 # Checkpoints ---------------------------------------------------------------------------------
@@ -212,8 +319,13 @@ def save_checkpoint(
 def write_checkpoint(
     model: nn.Module, arch: dict[str, Any], out: Path, extra: dict[str, str] | None = None
 ) -> None:
-    """:func:`save_checkpoint` beside ``out``, then renamed over it: never half-written."""
-    staged = out.with_name(f".{out.name}.tmp")
+    """:func:`save_checkpoint` beside ``out``, then renamed over it: never half-written.
+
+    The staged file has a short name of its own, so any name ``out`` may legally have works.
+    """
+    fd, name = tempfile.mkstemp(prefix=".serfswap-", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    staged = Path(name)
     try:
         save_checkpoint(model, staged, arch, conversion_options(model), extra)
         # safetensors creates files readable by their owner only; give the usual permissions.
@@ -225,12 +337,67 @@ def write_checkpoint(
         staged.unlink(missing_ok=True)
 
 
+def _field(metadata: dict[str, str], key: str, path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise ModelLoadError(f"{path}: serfswap checkpoint without the {key!r} field") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: field {key!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: field {key!r} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _require(ok: bool, path: Path, field: str, expected: str) -> None:
+    if not ok:
+        raise ModelLoadError(f"{path}: checkpoint field {field} must be {expected}")
+
+
+def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    arch = _field(metadata, "arch", path)
+    kind = arch.get("kind")
+    _require(kind in ("timm", "hf"), path, "arch.kind", '"timm" or "hf"')
+    if kind == "timm":
+        _require(isinstance(arch.get("name"), str), path, "arch.name", "a string")
+        classes = arch.get("num_classes", 1000)
+        _require(type(classes) is int and classes >= 0, path, "arch.num_classes",
+                 "an integer >= 0")  # fmt: skip
+    else:
+        config = arch.get("config")
+        _require(isinstance(config, dict), path, "arch.config", "an object")
+        _needs_remote_code(config, str(path), trust_remote_code=False)
+    return arch
+
+
+def _checked_swap(metadata: dict[str, str], path: Path) -> dict[str, list[str]]:
+    swap = _field(metadata, "swap", path)
+    for key in ("activations", "sites"):
+        value = swap.get(key)
+        _require(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                 path, f"swap.{key}", "a list of strings")  # fmt: skip
+    return swap
+
+
+def _check_declared_sizes(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                          path: Path) -> None:  # fmt: skip
+    """Compare the sizes the metadata declares with the weights' shapes, building the model on
+    the meta device: a checkpoint that declares 10**12 classes allocates nothing."""
+    with torch.device("meta"):
+        skeleton = _rebuild(arch)
+    problem = _mismatch(_shapes(skeleton), shapes)
+    if problem:
+        raise ModelLoadError(f"{path}: the architecture its metadata declares does not match "
+                             f"its weights: {problem}")  # fmt: skip
+
+
 def _load_checkpoint(
-    path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
 ) -> Loaded:
-    arch = json.loads(metadata["arch"])
+    arch = _checked_arch(metadata, path)
+    swap = _checked_swap(metadata, path)
+    _check_declared_sizes(arch, shapes, path)
     model = _rebuild(arch)
-    swap = json.loads(metadata["swap"])
     sites = set(swap["sites"])
     model = convert(
         model,
@@ -238,102 +405,108 @@ def _load_checkpoint(
         activations=swap["activations"],
         filter_fn=lambda module, name: name in sites,
     )
-    load_weights(model, state, path)
+    load_weights(model, _read_safetensors(path), path)
     return Loaded(model, str(path), arch)
-
-
-def check_output_path(path: Path) -> None:
-    """Fail before any work when ``path`` cannot be written: missing or read-only directory."""
-    directory = path.parent
-    if not directory.is_dir():
-        raise InvalidArgumentError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InvalidArgumentError(f"output directory {directory} is not writable")
-    if path.is_dir():
-        raise InvalidArgumentError(f"{path} is a directory; give a file name")
 
 
 # The one entry point -------------------------------------------------------------------------
 
 
 def load_model(
-    spec: str, *, arch: str | None = None, weights: str | None = None, trust_pickle: bool = False
+    spec: str,
+    *,
+    arch: str | None = None,
+    weights: str | None = None,
+    trust_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Loaded:
-    """Load MODEL as the CLI understands it (see the module docstring)."""
+    """Load MODEL as the CLI understands it (see the module docstring).
+
+    ``trust_pickle``: unpickle with the full unpickler, and load ``.pt2`` programs; both run
+    code from the file. ``trust_remote_code``: let a HuggingFace folder's own code build the
+    model. Without them, no file can run code, whatever it names.
+    """
     if spec.startswith("timm:") and not Path(spec).exists():
         loaded = build_arch(spec)
         if weights is not None:
-            wpath = _existing(weights)
-            load_weights(loaded.model, _weights_file(wpath), wpath)
+            wpath = check_input_path(weights)
+            load_weights(loaded.model, _weights_file(wpath, trust_pickle), wpath)
         return loaded
     path = _existing(spec)
     if path.is_dir():
         import transformers
 
-        _hf_dir(path)
-        model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
-        return Loaded(model, spec, {"kind": "hf", "config": model.config.to_dict()})
-    if path.suffix == ".safetensors":
-        state, metadata = _read_safetensors(path)
+        config = _hf_config(path)
+        _needs_remote_code(config, spec, trust_remote_code)
+        model = transformers.AutoModel.from_pretrained(
+            path, attn_implementation="eager", trust_remote_code=trust_remote_code
+        )
+        return Loaded(model, spec, describe(model) if not trust_remote_code else None)
+    kind = sniff(path)
+    if kind == "safetensors":
+        shapes, metadata = _safetensors_header(path)
         if metadata.get("format") == FORMAT:
-            return _load_checkpoint(path, state, metadata)
-        return _with_arch(path, state, arch)
-    if path.suffix == ".pt2":
-        try:
-            program = torch.export.load(path)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable torch.export program ({exc})") from None
-        return Loaded(program, spec)
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic.startswith(b"PK") and not zipfile.is_zipfile(path):
+            return _load_checkpoint(path, shapes, metadata)
+        return _with_arch(path, _read_safetensors(path), arch, trust_remote_code)
+    if kind == "pt2":
+        return Loaded(_load_program(path, trust_pickle), spec)
+    if kind in ("torch", "pickle"):
+        obj = _unpickle(path, trust_pickle)
+        if isinstance(obj, nn.Module):
+            return Loaded(obj, spec, describe(obj))
+        return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code)
+    if kind == "corrupt-zip":
         raise ModelLoadError(f"{path}: not a readable PyTorch file (truncated or corrupt archive)")
-    if not magic.startswith(b"PK") and not magic.startswith(b"\x80"):  # zip, or legacy pickle
+    if kind == "torchscript":
         raise ModelLoadError(
-            f"{path}: not a PyTorch, safetensors or torch.export file (unknown format)"
+            f"{path}: a TorchScript archive (code, not a model serfswap loads); "
+            "save the module with torch.save or its weights with safetensors"
+        )
+    raise ModelLoadError(
+        f"{path}: not a PyTorch, safetensors or torch.export file (unknown format)"
+    )
+
+
+def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"{path} is a torch.export program; loading one runs code from the file (pickled "
+            "parts, imports it names, shape expressions that sympy evaluates). If you trust "
+            "it, pass --trust-pickle"
         )
     try:
-        obj = _torch_load(path, weights_only=True)
-    except ModelLoadError:
-        obj = _unpickle(path, trust_pickle)
-    if isinstance(obj, nn.Module):
-        return Loaded(obj, spec, describe(obj))
-    return _with_arch(path, _state_dict(obj, path), arch)
+        return torch.export.load(path)
+    except Exception as exc:  # the loader raises many kinds on a damaged archive
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: not a readable torch.export program ({reason})") from None
 
 
 def _existing(spec: str) -> Path:
-    path = Path(spec)
-    if not path.exists():
-        raise ModelSpecError(f"{spec}: no such file or directory")
-    return path
+    try:
+        return check_input_path(spec)
+    except InvalidArgumentError as exc:
+        raise ModelSpecError(str(exc)) from None
 
 
-def _weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)[0]
-    return _state_dict(_torch_load(path, weights_only=True), path)
+def _weights_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    kind = sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if kind in ("torch", "pickle"):
+        return _state_dict(_unpickle(path, trust_pickle), path)
+    raise ModelLoadError(f"{path}: not a state dict file (.safetensors or torch.save)")
 
 
-def _with_arch(path: Path, state: dict[str, torch.Tensor], arch: str | None) -> Loaded:
+def _with_arch(path: Path, state: dict[str, torch.Tensor], arch: str | None,
+               trust_remote_code: bool) -> Loaded:  # fmt: skip
     if arch is None:
         raise ModelSpecError(
             f"{path} holds weights only: name the architecture, --arch timm:NAME or --arch hf:DIR"
         )
-    loaded = build_arch(arch)
+    loaded = build_arch(arch, trust_remote_code=trust_remote_code)
     load_weights(loaded.model, state, path)
     loaded.source = str(path)
     return loaded
-
-
-def _unpickle(path: Path, trust_pickle: bool) -> Any:
-    untrusted = untrusted_globals(path)
-    if untrusted and not trust_pickle:
-        raise ModelLoadError(
-            f"{path} is a pickle that would import {', '.join(untrusted[:5])}"
-            + (" and more" if len(untrusted) > 5 else "")
-            + "; loading it runs code from the file. If you trust it, pass --trust-pickle"
-        )
-    return _torch_load(path, weights_only=False)
 
 
 def conversion_options(model: nn.Module) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("checkpoint", ["--arch", "timm:test_resnet"]),
         ("safetensors", ["--arch", "timm:test_resnet"]),
         ("pickle", []),
-        ("program", []),
+        ("program", ["--trust-pickle"]),  # a .pt2 can run code: only when trusted
         ("hf", []),
     ],
 )

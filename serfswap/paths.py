@@ -1,0 +1,72 @@
+"""Checks on the files a command reads and writes, made before any work and any write.
+
+Low in the layering (it imports only the errors), so that io, export and the CLI share one
+answer to "may this path be read" and "may this path be written".
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import InvalidArgumentError
+
+StrPath = str | os.PathLike[str]
+
+
+def check_input_path(spec: StrPath) -> Path:
+    """``spec`` as a Path when it is an existing directory or regular file.
+
+    Devices, FIFOs and sockets are refused before anything reads them (``/dev/zero`` never ends,
+    a FIFO blocks). Links are followed, so a link to a device is refused too.
+    """
+    path = Path(spec)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{spec}: no such file or directory") from None
+    except OSError as exc:
+        raise InvalidArgumentError(f"{spec}: cannot be read ({exc.strerror})") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InvalidArgumentError(f"{spec}: not a regular file or directory; refused unread")
+    return path
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output_path(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> Path:
+    """``spec`` as a Path when a file can be written there without destroying an input.
+
+    Refused: a name ending in a separator or naming a directory (``-o newdir/`` is never a
+    file called ``newdir``), a missing or read-only directory, the path of an input or a link
+    to it, and an existing file inside an input directory (a model folder's own weights).
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if text.endswith((os.sep, "/")) or path.is_dir():
+        raise InvalidArgumentError(f"{text} is a directory; give a file name")
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given)
+        if _same(path, source):
+            raise InvalidArgumentError(f"{text} is the input {given}; write somewhere else")
+        if source.is_dir() and path.exists() and source.resolve() in path.resolve().parents:
+            raise InvalidArgumentError(
+                f"{text} would overwrite a file of the input folder {given}; write somewhere else"
+            )
+    return path

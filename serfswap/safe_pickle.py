@@ -1,0 +1,304 @@
+"""Unpickling a file a user did not write, without running code from it.
+
+A pickle is a program: it names globals and calls them. A list of trusted *module prefixes*
+(``torch.``, ``transformers.``) is no boundary, because those packages hold functions that
+``exec`` source (``torch.fx.graph_module._forward_from_src``), write files
+(``torch.serialization.save``) or import files (``torch.hub._load_local``), and because the
+unpickler resolves dotted names: under protocol 4, module ``torch`` with name ``os.system`` is
+``os.system``.
+
+So serfswap never lets a file choose what to import. torch's weights-only unpickler
+(``torch.load(weights_only=True)``) looks every global up in a table of objects it is given, by
+the exact ``module.name`` string, and imports nothing. serfswap puts an object in that table
+only when the file needs it and it is one of:
+
+* a **class** defined in ``torch.nn.modules``, ``timm.layers`` / ``timm.models``, a
+  transformers model's ``modeling_*`` / ``configuration_*`` module (or the few shared modules
+  listed in ``_MODULES``) or serfswap's own model-state modules, named by the file exactly as
+  it is defined (``__module__`` and ``__qualname__`` equal the name: no dotted paths), that is an
+  ``nn.Module`` or a configuration / data class (``PretrainedConfig``, ``GenerationConfig``,
+  serfswap's report and wrappers) or an ``enum.Enum`` (pickled as a call with a member's
+  value: a lookup), with ``object.__new__`` and no ``__setstate__`` of its own
+  outside ``torch.nn.modules`` (whose few are reviewed compatibility shims). The file may only
+  *create* such a class the way ``torch.save`` does (``__new__`` plus state, the NEWOBJ
+  opcode), never *call* it (REDUCE), because calling runs ``__init__`` on the file's arguments
+  and some model constructors load further models by name.
+* one of a short reviewed list of **pure math functions** that models keep as attributes
+  (transformers' ``GELUActivation`` stores ``torch._C._nn.gelu``).
+
+Everything else, any function or any class from elsewhere, is refused with its name before
+anything is unpickled; ``trust=True`` (the CLI's ``--trust-pickle``) is the only way to the
+full unpickler. Files in torch's legacy (pre-1.6, non-zip) format get the weights-only
+unpickler with nothing added: state dicts load, pickled modules are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import io
+import pickletools
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Modules that may be imported to look up a class a file names. Importing one runs library
+# code that loading the same model from the library would run anyway; nothing of the file's.
+_MODULES = re.compile(
+    r"torch\.nn\.modules\.\w+"
+    r"|timm\.(layers|models)(\.\w+)*"
+    r"|transformers\.models\.\w+\.(modeling|configuration)_\w+"
+    r"|transformers\.(activations|pytorch_utils|modeling_utils|configuration_utils)"
+    r"|transformers\.generation\.configuration_utils"
+    r"|serfswap\.(serf|report|functional)"
+)
+
+# Functions a model may hold as an attribute that a file may name: elementwise math, no I/O,
+# no code objects, no imports. Reviewed one by one; extend only the same way.
+_MATH_FUNCTIONS: dict[str, Any] = {
+    "torch._C._nn.gelu": torch._C._nn.gelu,
+    "torch._C._nn.silu": torch._C._nn.silu,
+    "torch._C._nn.mish": torch._C._nn.mish,
+    "torch._C._nn.hardswish": torch._C._nn.hardswish,
+    "torch._C._nn.hardsigmoid": torch._C._nn.hardsigmoid,
+    "torch._C._nn.elu": torch._C._nn.elu,
+    "torch._C._nn.leaky_relu": torch._C._nn.leaky_relu,
+    "torch._C._nn.softplus": torch._C._nn.softplus,
+    "torch.relu": torch.relu,
+    "torch.sigmoid": torch.sigmoid,
+    "torch.tanh": torch.tanh,
+    "torch.nn.functional.relu": torch.nn.functional.relu,
+    "torch.nn.functional.relu6": torch.nn.functional.relu6,
+    "torch.nn.functional.gelu": torch.nn.functional.gelu,
+    "torch.nn.functional.silu": torch.nn.functional.silu,
+    "torch.nn.functional.mish": torch.nn.functional.mish,
+    "torch.nn.functional.elu": torch.nn.functional.elu,
+    "torch.nn.functional.selu": torch.nn.functional.selu,
+    "torch.nn.functional.hardswish": torch.nn.functional.hardswish,
+    "torch.nn.functional.hardsigmoid": torch.nn.functional.hardsigmoid,
+    "torch.nn.functional.leaky_relu": torch.nn.functional.leaky_relu,
+    "torch.nn.functional.softplus": torch.nn.functional.softplus,
+    "torch.nn.functional.sigmoid": torch.nn.functional.sigmoid,
+    "torch.nn.functional.tanh": torch.nn.functional.tanh,
+}
+
+
+class UnsafePickleError(Exception):
+    """The pickle names something outside the allowlist; ``names`` lists what."""
+
+    def __init__(self, names: list[str], detail: str = "") -> None:
+        self.names = names
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(detail or f"needs {shown}")
+
+
+# What a pickle does, read from its opcodes without running it ---------------------------------
+
+
+@dataclass
+class PickleScan:
+    """The globals a pickle names, and which of them it calls (REDUCE, INST, OBJ)."""
+
+    names: set[str] = field(default_factory=set)
+    called: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Str:
+    value: str
+
+
+_MARK = object()
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+            "STRING", "BINSTRING", "SHORT_BINSTRING"}  # fmt: skip
+
+
+def _pop_mark(stack: list[Any]) -> list[Any]:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is _MARK:
+            items = stack[i + 1 :]
+            del stack[i:]
+            return items
+    raise UnsafePickleError([], "malformed pickle (no MARK)")
+
+
+def scan(data: bytes) -> PickleScan:
+    """Follow the pickle's stack symbolically: which globals it names, which it calls.
+
+    Fails closed: a global whose name is computed (not a literal string) or a call of anything
+    but a named global is an error, never a guess.
+    """
+    result = PickleScan()
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+
+    def called(obj: Any) -> None:
+        if not isinstance(obj, _Global):
+            raise UnsafePickleError([], "calls an object that is not a named global")
+        result.called.add(obj.name)
+
+    try:
+        ops = list(pickletools.genops(io.BytesIO(data)))
+    except Exception as exc:  # genops raises ValueError and others on malformed input
+        raise UnsafePickleError([], f"malformed pickle ({exc})") from None
+    for op, arg, _ in ops:
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            glob = _Global(f"{module}.{attr}")
+            result.names.add(glob.name)
+            if name == "INST":
+                _pop_mark(stack)
+                called(glob)
+                stack.append(None)
+            else:
+                stack.append(glob)
+        elif name == "STACK_GLOBAL":
+            attr, module = stack.pop(), stack.pop()
+            if not (isinstance(module, _Str) and isinstance(attr, _Str)):
+                raise UnsafePickleError([], "a global whose name is computed")
+            glob = _Global(f"{module.value}.{attr.value}")
+            result.names.add(glob.name)
+            stack.append(glob)
+        elif name in _STRINGS:
+            stack.append(_Str(arg if isinstance(arg, str) else repr(arg)))
+        elif name == "REDUCE":
+            stack.pop()
+            called(stack.pop())
+            stack.append(None)
+        elif name == "OBJ":
+            items = _pop_mark(stack)
+            called(items[0] if items else None)
+            stack.append(None)
+        elif name in ("NEWOBJ", "NEWOBJ_EX"):
+            del stack[-(2 if name == "NEWOBJ" else 3) + 1 :]
+            if not isinstance(stack[-1], _Global):
+                raise UnsafePickleError([], "creates an object of a class that is not named")
+            stack[-1] = None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(int(arg)))
+        elif name == "DUP":
+            stack.append(stack[-1])
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            raise UnsafePickleError([], "uses the copyreg extension registry")
+        elif name == "MARK":
+            stack.append(_MARK)
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                _pop_mark(stack)
+                before = before[: before.index(pickletools.markobject)]
+            if before:
+                del stack[-len(before) :]
+            stack.extend([None] * len(op.stack_after))
+    return result
+
+
+# The allowlist ---------------------------------------------------------------------------------
+
+
+def _data_classes() -> tuple[type, ...]:
+    from . import functional, report
+
+    classes: list[type] = [report.Plan, report.Site, functional.SerfFunction,
+                           functional.FunctionalScope]  # fmt: skip
+    try:
+        import transformers
+
+        classes += [transformers.PretrainedConfig, transformers.GenerationConfig]
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def resolve(name: str, *, called: bool) -> Any:
+    """The object ``name`` stands for when it is allowed, else raise UnsafePickleError."""
+    if name in _MATH_FUNCTIONS:
+        return _MATH_FUNCTIONS[name]
+    module_name, _, attr = name.rpartition(".")
+    if not _MODULES.fullmatch(module_name) or not attr.isidentifier():
+        raise UnsafePickleError([name])
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise UnsafePickleError([name]) from None
+    obj = vars(module).get(attr)
+    if not (isinstance(obj, type) and obj.__module__ == module_name and obj.__qualname__ == attr):
+        raise UnsafePickleError([name])
+    if issubclass(obj, enum.Enum):  # pickled as a call with the value: a lookup of a member
+        return obj
+    if not (
+        (issubclass(obj, nn.Module) or issubclass(obj, _data_classes()))
+        and obj.__new__ is object.__new__
+        and _reviewed_setstate(obj)
+        and not called
+    ):
+        raise UnsafePickleError([name])
+    return obj
+
+
+def _reviewed_setstate(cls: type) -> bool:
+    setstate = getattr(cls, "__setstate__", None)
+    if setstate is None or setstate is nn.Module.__setstate__:
+        return True
+    owner = setstate.__qualname__.split(".")[0]
+    return any(
+        c.__name__ == owner and c.__module__.startswith("torch.nn.modules.") for c in cls.__mro__
+    )
+
+
+# Loading ---------------------------------------------------------------------------------------
+
+
+def _zip_pickle(path: Path) -> bytes:
+    """The ``data.pkl`` of a ``torch.save`` archive (one top-level folder, as torch writes)."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        tops = {n.split("/", 1)[0] for n in names}
+        if len(tops) != 1:
+            raise UnsafePickleError([], "not a torch.save archive (several top-level folders)")
+        return archive.read(f"{tops.pop()}/data.pkl")
+
+
+def load(path: Path, *, trust: bool = False) -> Any:
+    """``torch.load`` of ``path`` that runs no code from it unless ``trust``.
+
+    Raises UnsafePickleError naming what the file needs beyond the allowlist. Other failures
+    (corrupt files) propagate from ``torch.load``.
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not zipfile.is_zipfile(path):  # the legacy format: torch's own allowlist, nothing added
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = _zip_pickle(path)
+    except KeyError:
+        raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
+    usage = scan(data)
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    allowed, refused = [], []
+    for name in sorted(needed):
+        try:
+            obj = resolve(name, called=name in usage.called)
+        except UnsafePickleError:
+            refused.append(name)
+            continue
+        allowed.append((obj, name))
+    if refused:
+        raise UnsafePickleError(refused)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
