@@ -34,15 +34,17 @@ unpickler with nothing added: state dicts load, pickled modules are refused.
 
 from __future__ import annotations
 
+import _compat_pickle
 import enum
 import importlib
 import io
 import pickletools
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -132,8 +134,8 @@ def _pop_mark(stack: list[Any]) -> list[Any]:
     raise UnsafePickleError([], "malformed pickle (no MARK)")
 
 
-def scan(data: bytes) -> PickleScan:
-    """Follow the pickle's stack symbolically: which globals it names, which it calls.
+def scan(data: bytes | BinaryIO) -> PickleScan:
+    """Follow the (first) pickle's stack symbolically: which globals it names, which it calls.
 
     Fails closed: a global whose name is computed (not a literal string) or a call of anything
     but a named global is an error, never a guess.
@@ -147,14 +149,19 @@ def scan(data: bytes) -> PickleScan:
             raise UnsafePickleError([], "calls an object that is not a named global")
         result.called.add(obj.name)
 
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        ops = list(pickletools.genops(io.BytesIO(data)))
+        ops = list(pickletools.genops(stream))
     except Exception as exc:  # genops raises ValueError and others on malformed input
         raise UnsafePickleError([], f"malformed pickle ({exc})") from None
     for op, arg, _ in ops:
         name = op.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
+            # Python 2 names (protocol 2, torch.save's), mapped as pickle and torch map them.
+            if (module, attr) in _compat_pickle.NAME_MAPPING:
+                module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             glob = _Global(f"{module}.{attr}")
             result.names.add(glob.name)
             if name == "INST":
@@ -274,6 +281,15 @@ def _zip_pickle(path: Path) -> bytes:
         return archive.read(f"{tops.pop()}/data.pkl")
 
 
+def _default_allowed() -> set[str]:
+    """What torch's weights-only unpickler admits by itself (tensor rebuilders, OrderedDict...).
+
+    Used for messages only: a name missing here is still refused by torch itself.
+    """
+    allowed = getattr(torch._weights_only_unpickler, "_get_allowed_globals", None)
+    return set(allowed()) if allowed is not None else set()
+
+
 def load(path: Path, *, trust: bool = False) -> Any:
     """``torch.load`` of ``path`` that runs no code from it unless ``trust``.
 
@@ -282,22 +298,31 @@ def load(path: Path, *, trust: bool = False) -> Any:
     """
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
-    if not zipfile.is_zipfile(path):  # the legacy format: torch's own allowlist, nothing added
-        return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # torch warns about pickle protocols it may not parse; serfswap reports what it refuses.
+        warnings.simplefilter("ignore")
+        return _load_untrusted(path)
+
+
+def _load_untrusted(path: Path) -> Any:
+    default = _default_allowed()
+    if not zipfile.is_zipfile(path):  # torch's legacy format, or a bare pickle
+        with path.open("rb") as f:
+            usage = scan(f)  # the first pickle; a legacy file's model follows, torch checks it
+        refused = sorted(n for n in usage.names if n not in default)
+        if refused:
+            raise UnsafePickleError(refused)
+        return torch.load(path, map_location="cpu", weights_only=True)  # nothing added
     try:
-        data = _zip_pickle(path)
+        usage = scan(_zip_pickle(path))
     except KeyError:
         raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
-    usage = scan(data)
-    needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     allowed, refused = [], []
-    for name in sorted(needed):
+    for name in sorted(usage.names - default):
         try:
-            obj = resolve(name, called=name in usage.called)
+            allowed.append((resolve(name, called=name in usage.called), name))
         except UnsafePickleError:
             refused.append(name)
-            continue
-        allowed.append((obj, name))
     if refused:
         raise UnsafePickleError(refused)
     with torch.serialization.safe_globals(allowed):
