@@ -281,6 +281,13 @@ def _zip_pickle(path: Path) -> bytes:
         return archive.read(f"{tops.pop()}/data.pkl")
 
 
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    # From an open file, not a path: torch.load reads a path ending in .safetensors as
+    # safetensors, and serfswap has already told the format from the content.
+    with path.open("rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
+
 def _default_allowed() -> set[str]:
     """What torch's weights-only unpickler admits by itself (tensor rebuilders, OrderedDict...).
 
@@ -297,7 +304,7 @@ def load(path: Path, *, trust: bool = False) -> Any:
     (corrupt files) propagate from ``torch.load``.
     """
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _torch_load(path, weights_only=False)
     with warnings.catch_warnings():
         # torch warns about pickle protocols it may not parse; serfswap reports what it refuses.
         warnings.simplefilter("ignore")
@@ -312,7 +319,7 @@ def _load_untrusted(path: Path) -> Any:
         refused = sorted(n for n in usage.names if n not in default)
         if refused:
             raise UnsafePickleError(refused)
-        return torch.load(path, map_location="cpu", weights_only=True)  # nothing added
+        return _torch_load(path, weights_only=True)  # nothing added
     try:
         usage = scan(_zip_pickle(path))
     except KeyError:
@@ -326,4 +333,4 @@ def _load_untrusted(path: Path) -> Any:
     if refused:
         raise UnsafePickleError(refused)
     with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, weights_only=True)

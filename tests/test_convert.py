@@ -271,6 +271,40 @@ def test_bad_option_types_are_clear_errors() -> None:
         serfswap.convert(Nested(), include=[1])
     with pytest.raises(serfswap.InvalidArgumentError, match="filter_fn must be callable"):
         serfswap.convert(Nested(), filter_fn="blocks")
+    with pytest.raises(serfswap.InvalidArgumentError, match="include= takes a glob pattern"):
+        serfswap.convert(Nested(), include=5)
+    with pytest.raises(serfswap.InvalidActivationsError, match="activations= takes"):
+        serfswap.convert(Nested(), activations=5)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: serfswap.convert(None), r"convert\(\) takes a torch nn.Module, got NoneType"),
+        (lambda: serfswap.convert("resnet18"), r"convert\(\) takes a torch nn.Module, got str"),
+        (lambda: serfswap.plan(None), r"plan\(\) takes a torch nn.Module"),
+        (lambda: serfswap.revert(None), r"revert\(\) takes a torch nn.Module"),
+        (lambda: serfswap.export_onnx(None, "m.onnx"), r"export_onnx\(\) takes an nn.Module"),
+    ],
+)
+def test_what_is_not_a_model_is_a_clear_error(call, message: str) -> None:
+    with pytest.raises(serfswap.InvalidArgumentError, match=message):
+        call()
+
+
+def test_prelu_weight_keeps_its_key_and_moves_with_the_model() -> None:
+    original = Mixed()
+    with torch.no_grad():
+        original.prelu.weight.fill_(0.3)
+    converted = serfswap.convert(original, activations=["prelu", "relu", "hardswish"])
+    state = converted.state_dict()
+    assert "prelu.weight" in state
+    Mixed().load_state_dict(state, strict=True)  # a strict load into the original works
+    x = torch.randn(4, 8, dtype=torch.float64)
+    doubled = converted.double()
+    reverted = serfswap.revert(doubled)
+    assert isinstance(reverted.prelu, nn.PReLU) and reverted.prelu.weight.dtype == torch.float64
+    torch.testing.assert_close(reverted(x), original.double()(x), rtol=0, atol=0)
 
 
 def test_converting_twice_is_a_no_op_and_one_revert_restores() -> None:

@@ -181,6 +181,19 @@ def test_bad_options(kwargs: dict, message: str, tmp_path: Path) -> None:
         serfswap.export_onnx(net, tmp_path / "m.onnx", torch.randn(2, 4), **kwargs)
 
 
+def test_inputs_the_model_rejects_are_one_error_without_exporter_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(serfswap.ExportError, match=r"fails on the example inputs \(input \(2, 3\)"):
+        serfswap.export_onnx(net, tmp_path / "m.onnx", torch.randn(2, 3))
+    with pytest.raises(serfswap.ExportError, match="unexpected keyword argument 'pixels'"):
+        serfswap.export_onnx(net, tmp_path / "m.onnx", {"pixels": torch.randn(2, 4)})
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", "the exporter printed nothing: it never ran"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_output_directory(tmp_path: Path) -> None:
     with pytest.raises(serfswap.InvalidArgumentError, match="does not exist"):
         serfswap.export_onnx(nn.Linear(2, 2), tmp_path / "nope" / "m.onnx", torch.randn(2, 2))
