@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import signal
 import sys
@@ -165,9 +166,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
     out = _output(args, args.data, args.tokenizer)
     source = check_input_path(args.data)
+    checkpoints = Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
     device = _device(args.device)
     if args.plot == "":
-        args.plot = str(out.with_name(f"{out.name}.curves.png"))
+        args.plot = str(_beside(out, ".curves.png", "--plot PNG"))
     if args.plot is not None:
         from .curves import require_matplotlib
 
@@ -195,7 +197,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
     teacher = teacher.to(device).eval()
     student = convert(teacher, **_swap_options(args))
     print(student.serfswap_report.summary())
-    checkpoints = Path(args.checkpoint_dir or out.with_name(f"{out.name}.checkpoints"))
     every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
     result = recover(
         student, teacher, batches.train, steps=args.steps, eval_data=batches.held_out,
@@ -209,6 +210,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if args.plot is not None:
         print(f"wrote {args.plot}")
     return 0
+
+
+def _beside(out: Path, suffix: str, option: str) -> Path:
+    """A default name derived from OUT, refused up front when the folder cannot hold a name
+    that long (OUT may legally be 255 bytes; OUT.checkpoints then is not)."""
+    path = out.with_name(out.name + suffix)
+    if len(os.fsencode(path.name)) > os.pathconf(out.parent, "PC_NAME_MAX"):
+        raise InvalidArgumentError(
+            f"the default {path.name[:20]}...{suffix} is too long a name here; pass {option}"
+        )
+    return path
 
 
 def _device(name: str) -> torch.device:

@@ -256,6 +256,12 @@ def test_a_long_legal_output_name_works(tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "convert", "timm:test_resnet", "-o", str(ckpt))
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, ckpt.name])
+    data = tmp_path / "data.txt"
+    data.write_text("a\nb\n")
+    code, _, err = run(capsys, "recover", "timm:test_resnet", "--data", str(data), "--steps",
+                       "1", "-o", str(tmp_path / ("r" * 238 + ".safetensors")))  # fmt: skip
+    assert code == 2 and "too long a name here; pass --checkpoint-dir" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, ckpt.name, "data.txt"])
 
 
 @pytest.mark.parametrize(
