@@ -15,16 +15,19 @@ only when the file needs it and it is one of:
 * a **class** defined in ``torch.nn.modules``, ``timm.layers`` / ``timm.models``, a
   transformers model's ``modeling_*`` / ``configuration_*`` module (or the few shared modules
   listed in ``_MODULES``) or serfswap's own model-state modules, named by the file exactly as
-  it is defined (``__module__`` and ``__qualname__`` equal the name: no dotted paths), that is an
-  ``nn.Module`` or a configuration / data class (``PretrainedConfig``, ``GenerationConfig``,
-  serfswap's report and wrappers) or an ``enum.Enum`` (pickled as a call with a member's
-  value: a lookup), with ``object.__new__`` and no ``__setstate__`` of its own
-  outside ``torch.nn.modules`` (whose few are reviewed compatibility shims). The file may only
-  *create* such a class the way ``torch.save`` does (``__new__`` plus state, the NEWOBJ
-  opcode), never *call* it (REDUCE), because calling runs ``__init__`` on the file's arguments
-  and some model constructors load further models by name.
+  it is defined (``__module__`` and ``__qualname__`` equal the name: no dotted paths), that is
+
+  - an ``nn.Module`` or a configuration / data class (``PretrainedConfig``,
+    ``GenerationConfig``, serfswap's report and wrappers) with ``object.__new__`` and no
+    ``__setstate__`` of its own outside ``torch.nn.modules`` (whose few are reviewed
+    compatibility shims). The file may only *create* it the way ``torch.save`` does
+    (``__new__`` plus state, the NEWOBJ opcode), never *call* it (REDUCE), because calling
+    runs ``__init__`` on the file's arguments and some model constructors load further
+    models by name; or
+  - an ``enum.Enum``, which a pickle calls with a member's value: a lookup of a member.
 * one of a short reviewed list of **pure math functions** that models keep as attributes
-  (transformers' ``GELUActivation`` stores ``torch._C._nn.gelu``).
+  (transformers' ``GELUActivation`` stores ``torch._C._nn.gelu``) and plain data types
+  (``frozenset``).
 
 Everything else, any function or any class from elsewhere, is refused with its name before
 anything is unpickled; ``trust=True`` (the CLI's ``--trust-pickle``) is the only way to the
@@ -60,8 +63,8 @@ _MODULES = re.compile(
     r"|serfswap\.(serf|report|functional)"
 )
 
-# Functions a model may hold as an attribute that a file may name: elementwise math, no I/O,
-# no code objects, no imports. Reviewed one by one; extend only the same way.
+# Functions a model may hold as an attribute that a file may name (elementwise math, no I/O,
+# no code objects, no imports) and plain data types. Reviewed one by one; extend the same way.
 _MATH_FUNCTIONS: dict[str, Any] = {
     "torch._C._nn.gelu": torch._C._nn.gelu,
     "torch._C._nn.silu": torch._C._nn.silu,
@@ -87,6 +90,8 @@ _MATH_FUNCTIONS: dict[str, Any] = {
     "torch.nn.functional.softplus": torch.nn.functional.softplus,
     "torch.nn.functional.sigmoid": torch.nn.functional.sigmoid,
     "torch.nn.functional.tanh": torch.nn.functional.tanh,
+    # A plain data type torch's own list lacks (serfswap's functional scopes hold one).
+    "builtins.frozenset": frozenset,
 }
 
 
