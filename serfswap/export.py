@@ -81,6 +81,8 @@ class ExportReport:
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     max_rel_diff: dict[str, float] = field(default_factory=dict)
     functions: bool = False
+    outputs: list[str] = field(default_factory=list)
+    dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
@@ -98,6 +100,12 @@ class ExportReport:
                 else "no original activation left"
             ),
             "  inputs: " + ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items()),
+            "  outputs: " + ", ".join(self.outputs),
+            "  dynamic axes: "
+            + (
+                ", ".join(f"{k}[{', '.join(v)}]" for k, v in self.dynamic_axes.items())
+                or "none (static shapes)"
+            ),
         ]
         if self.verified:
             worst = max(self.max_abs_diff.values(), default=0.0)
@@ -160,6 +168,9 @@ def example_inputs_for(
         inputs["input_ids"] = torch.randint(3, min(vocab, 1000), (batch, seq))
         if _accepts(model, "attention_mask"):
             inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if _accepts(model, "token_type_ids") and getattr(config, "type_vocab_size", 0):
+            # what a tokenizer gives BERT-style models: the file takes the tokenizer's dict
+            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if main == "pixel_values" or (_accepts(model, "pixel_values") and "input_ids" in inputs):
         size = getattr(vision, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
@@ -243,6 +254,61 @@ def _dynamic_shapes(inputs: dict[str, torch.Tensor], seq_names: set[str]) -> dic
     return shapes
 
 
+def _output_names(model: nn.Module, output: Any) -> list[str]:
+    """ONNX output names as the model names its outputs: a ModelOutput's fields
+    (``last_hidden_state``, ``pooler_output``, ``logits``), ``logits`` for a timm classifier's
+    tensor, ``output`` for a plain module's; nested items get ``.index`` suffixes."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    single = "logits" if isinstance(getattr(model, "pretrained_cfg", None), dict) else "output"
+    names = []
+    for path, leaf in tree_flatten_with_path(output)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(".".join(parts) if parts else single)
+    return names
+
+
+def _name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
+    """Rename the exporter's symbolic dimensions (``s72``) to ``batch`` and ``sequence`` in the
+    file at ``path``, wherever they appear (inputs, outputs, intermediate shapes); returns the
+    dynamic axes of each input by name.
+
+    The exporter gives each input's batch a symbol of its own when the graph never equates
+    them (BERT's ``input_ids`` and ``attention_mask``); they are one batch to the user, who
+    feeds them together, so they get one name. A symbol that is not dim 0 of an input (batch)
+    or dim 1 of a text input (sequence) keeps the exporter's name."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for index, role in ((0, "batch"), (1, "sequence")):
+            if (
+                index < len(dims)
+                and dims[index].dim_param
+                and (role == "batch" or value.name in seq_names)
+            ):
+                prefix = "decoder_" if value.name.startswith("decoder_") and index == 1 else ""
+                renames.setdefault(dims[index].dim_param, prefix + role)
+    if renames:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+        for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = pattern.sub(lambda m: renames[m.group(1)], dim.dim_param)
+        onnx.save(model, str(path))
+    return {
+        value.name: [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param]
+        for value in model.graph.input
+        if any(d.dim_param for d in value.type.tensor_type.shape.dim)
+    }
+
+
 # Verification ------------------------------------------------------------------------------------
 
 
@@ -309,14 +375,14 @@ def _compare(
 # Export ------------------------------------------------------------------------------------------
 
 
-def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: bool) -> None:
+def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: bool) -> Any:
     """One forward in torch first: inputs the model rejects fail here, in one line that names
     them, instead of inside the exporter after pages of its log."""
     described = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
                           for k, v in inputs.items())  # fmt: skip
     try:
         with torch.no_grad():
-            model(*inputs.values()) if positional else model(**inputs)
+            return model(*inputs.values()) if positional else model(**inputs)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
@@ -416,7 +482,8 @@ def export_onnx(
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if program is not None else eval_mode(model)
     with _without_kv_cache(model), mode:
-        _run_once(model, inputs, positional=program is not None)
+        output = _run_once(model, inputs, positional=program is not None)
+        output_names = _output_names(model, output)
         # A short name of its own: any legal name of the target stays legal inside it.
         staging = Path(tempfile.mkdtemp(prefix=".serfswap-", dir=path.parent))
         try:
@@ -428,6 +495,7 @@ def export_onnx(
                 opset_version=opset,
                 dynamic_shapes=_dynamic_shapes(inputs, seq_names) if dynamic else None,
                 custom_translation_table=translation_table(decomposition),
+                output_names=output_names,
                 verbose=False,
             )
             size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -444,6 +512,7 @@ def export_onnx(
             )
             import onnx
 
+            axes = _name_axes(staged, seq_names)
             if functions:
                 _fold_into_functions(staged)
             onnx.checker.check_model(str(staged), full_check=True)
@@ -468,6 +537,8 @@ def export_onnx(
                 leftovers=dict(graph.leftovers),
                 converted_activations=converted_count,
                 functions=functions and graph.serf_total > 0,
+                outputs=[o.name for o in written.graph.output],
+                dynamic_axes=axes,
                 size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
             )
             if verify:
