@@ -8,10 +8,12 @@ print one line and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -89,13 +91,43 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> Loaded:
     from .io import load_model
 
-    return load_model(
+    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
+    if random_timm and args.weights is None and args.command == "recover":
+        raise InvalidArgumentError(
+            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
+            "the original, which must be the trained model)"
+        )
+    loaded = load_model(
         args.model,
         arch=args.arch,
         weights=args.weights,
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
+        timm_kwargs=_timm_kwargs(args),
     )
+    for note in loaded.notes:
+        print(f"serfswap {args.command}: note: {note}", file=sys.stderr)
+    return loaded
+
+
+def _timm_kwargs(args: argparse.Namespace) -> dict[str, object] | None:
+    """--model-kwargs (a JSON object) and --num-classes, for timm.create_model."""
+    kwargs: dict[str, object] = {}
+    if args.model_kwargs is not None:
+        try:
+            parsed = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"--model-kwargs is not JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise InvalidArgumentError(
+                "--model-kwargs takes a JSON object, e.g. '{\"in_chans\": 1}'"
+            )
+        kwargs.update(parsed)
+    if args.num_classes is not None:
+        if args.num_classes < 0:
+            raise InvalidArgumentError("--num-classes must be >= 0 (0: no classifier)")
+        kwargs["num_classes"] = args.num_classes
+    return kwargs or None
 
 
 def _output(args: argparse.Namespace, *extra_inputs: str | None) -> Path:
@@ -275,12 +307,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_opset(args.opset)
     _output(args)
+    example_inputs = _example_inputs(args.input_shape)
     loaded = _load(args)
     if args.convert:
         _needs_module(loaded, "export --convert")
     report = export_onnx(
         loaded.model,
         args.output,
+        example_inputs,
         opset=args.opset,
         dynamic=not args.static,
         dtype=args.dtype,
@@ -297,6 +331,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+def _example_inputs(specs: list[str] | None) -> tuple[torch.Tensor, ...] | None:
+    """--input-shape 1,3,224,224[:DTYPE], once per positional input of forward(). Floats are
+    standard normal; integers are 0 or 1 (valid token ids for any vocabulary)."""
+    import torch
+
+    if not specs:
+        return None
+    tensors = []
+    for spec in specs:
+        dims, _, dtype_name = spec.partition(":")
+        dtype_name = dtype_name or "float32"
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or any(d < 1 for d in shape):
+            raise InvalidArgumentError(
+                f"--input-shape {spec}: give positive sizes separated by commas, e.g. 1,3,224,224"
+            )
+        if dtype_name not in _INPUT_DTYPES:
+            raise InvalidArgumentError(
+                f"--input-shape {spec}: dtype {dtype_name!r} is not one of "
+                + ", ".join(_INPUT_DTYPES)
+            )
+        dtype = getattr(torch, dtype_name)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=dtype))
+        else:
+            tensors.append(torch.randint(0, 2, shape).to(dtype))
+    return tuple(tensors)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -306,6 +375,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arch", help="timm:NAME or hf:DIR, for files that hold weights only")
     parser.add_argument("--weights", help="weights for a timm:NAME model")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes of a timm model's head (default: read from the weights)",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        metavar="JSON",
+        help='more timm.create_model keywords, e.g. \'{"in_chans": 1, "drop_rate": 0.1}\'',
+    )
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -387,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=20)
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     export.add_argument("--static", action="store_true", help="fixed input shapes")
+    export.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="SHAPE[:DTYPE]",
+        help="an example input, e.g. 1,3,224,224 or 1,16:int64; once per positional input of "
+        "forward() (needed for plain modules; timm and transformers inputs are inferred)",
+    )
     export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     export.add_argument("--atol", type=float, help="verification tolerance (default 1e-4 fp32)")
     export.add_argument("--rtol", type=float, help="verification tolerance (default 1e-4 fp32)")
@@ -450,7 +536,34 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="print versions and accelerators, for bug reports")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
     env.set_defaults(func=cmd_env)
+    for command in commands.choices.values():  # `serfswap export ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks of errors")  # fmt: skip
+        command.set_defaults(parser=command)  # for errors in the subcommand's own usage
     return parser
+
+
+# The Python API's option names, as the command line spells them.
+_OPTION = re.compile(
+    r"\b(activations|include|exclude|opset|num_classes)=((?:\[[^\]]*\])|(?:'[^']*')|\S+)"
+)
+
+
+def cli_words(message: str) -> str:
+    """A library message in the command line's words: ``activations=['relu']`` becomes
+    ``--activations relu``, since the user typed the latter."""
+
+    def option(match: re.Match[str]) -> str:
+        name, value = match.group(1).replace("_", "-"), match.group(2)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return f"--{name} {value}"
+        if isinstance(parsed, list | tuple):
+            return f"--{name} {' '.join(map(str, parsed))}"
+        return f"--{name} {parsed}"
+
+    return _OPTION.sub(option, message)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -463,10 +576,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    if unknown:  # the subcommand's usage, not the top-level one: it lists the options meant
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # signal handlers can only be set from the main thread (main() may be called from others)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
@@ -482,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SerfswapError as exc:
         if args.debug:
             raise
-        print(f"serfswap {args.command}: error: {exc}", file=sys.stderr)
+        print(f"serfswap {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # the libraries' own failures: one line, status 1
         if args.debug:

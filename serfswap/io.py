@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,70 @@ class Loaded:
     model: nn.Module | torch.export.ExportedProgram
     source: str
     arch: dict[str, Any] | None = (
-        None  # {"kind": "timm", "name": ...} or {"kind": "hf", "config": {...}}
+        None  # {"kind": "timm", "name": ..., ...} or {"kind": "hf", "config": {...}}
     )
+    notes: list[str] = field(default_factory=list)  # worth one line to the user
 
 
 # Architectures -------------------------------------------------------------------------------
 
 
 def _timm(name: str, **kwargs: Any) -> nn.Module:
+    """timm's ``name`` with seeded random weights: two runs on ``timm:NAME`` agree."""
     import timm
 
     if not timm.is_model(name):
         raise ModelSpecError(f"unknown timm architecture {name!r} (see timm.list_models())")
-    return timm.create_model(name, pretrained=False, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:  # a keyword the architecture does not take
+            raise ModelSpecError(f"timm {name}: {exc} (check --model-kwargs)") from None
+
+
+def _listify(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _timm_shapes(
+    name: str, state: dict[str, torch.Tensor], given: dict[str, Any]
+) -> dict[str, Any]:
+    """The keywords that shape timm's ``name`` like the weights in ``state``: ``num_classes``
+    from the classifier's weight (0 when the weights have no classifier), ``in_chans`` from
+    the first convolution's, unless ``given`` sets them. A fine-tuned head loads as it is."""
+    with torch.device("meta"):  # the default model, for its config only: allocates nothing
+        cfg = _timm(name, **given).pretrained_cfg
+    shapes = dict(given)
+    heads = _listify(cfg.get("classifier"))
+    if "num_classes" not in given and heads:
+        weights = [state[f"{h}.weight"] for h in heads if f"{h}.weight" in state]
+        if weights:
+            shapes["num_classes"] = int(weights[0].shape[0])
+        elif not any(k.startswith(f"{h}.") for h in heads for k in state):
+            shapes["num_classes"] = 0  # features only
+    convs = [state.get(f"{c}.weight") for c in _listify(cfg.get("first_conv"))]
+    if "in_chans" not in given and convs and convs[0] is not None and convs[0].dim() == 4:
+        shapes["in_chans"] = int(convs[0].shape[1])
+    return shapes
+
+
+def timm_arch(name: str, state: dict[str, torch.Tensor] | None = None,
+              **given: Any) -> Loaded:  # fmt: skip
+    """timm's ``name`` shaped for ``state`` (see :func:`_timm_shapes`), its weights loaded.
+    Without ``state`` its weights are random (seeded) and :attr:`Loaded.notes` says so."""
+    kwargs = _timm_shapes(name, state, given) if state is not None else dict(given)
+    model = _timm(name, **kwargs)
+    extra = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    arch = {"kind": "timm", "name": name, "num_classes": model.num_classes,
+            **({"kwargs": extra} if extra else {})}  # fmt: skip
+    loaded = Loaded(model, f"timm:{name}", arch)
+    if state is None:
+        loaded.notes.append(
+            f"timm:{name} has random weights here (seeded, so runs agree); "
+            "pass --weights FILE for trained ones"
+        )
+    return loaded
 
 
 def _hf_config(directory: Path) -> dict[str, Any]:
@@ -128,12 +180,20 @@ def _hf_from_config(config_dict: dict[str, Any]) -> nn.Module:
         raise ModelLoadError(f"the {model_type} config cannot build a model: {reason}") from None
 
 
-def build_arch(arch: str, *, trust_remote_code: bool = False) -> Loaded:
-    """``timm:NAME`` or ``hf:DIR`` with random weights (hf: the directory's config only)."""
+def build_arch(
+    arch: str,
+    *,
+    trust_remote_code: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> Loaded:
+    """``timm:NAME`` (shaped for ``state`` when given) or ``hf:DIR`` (the directory's config
+    only), with random weights."""
     kind, _, name = arch.partition(":")
     if kind == "timm" and name:
-        model = _timm(name)
-        return Loaded(model, arch, {"kind": "timm", "name": name, "num_classes": model.num_classes})
+        return timm_arch(name, state, **(timm_kwargs or {}))
+    if timm_kwargs:
+        raise ModelSpecError("--num-classes and --model-kwargs shape timm architectures only")
     if kind == "hf" and name:
         directory = Path(name)
         config = _hf_config(directory)
@@ -150,7 +210,8 @@ def build_arch(arch: str, *, trust_remote_code: bool = False) -> Loaded:
 def _rebuild(arch: dict[str, Any]) -> nn.Module:
     """The model a checked ``arch`` (see :func:`_checked_arch`) describes, with random weights."""
     if arch["kind"] == "timm":
-        return _timm(arch["name"], num_classes=arch.get("num_classes", 1000))
+        return _timm(arch["name"], num_classes=arch.get("num_classes", 1000),
+                     **arch.get("kwargs", {}))  # fmt: skip
     return _hf_from_config(arch["config"])
 
 
@@ -221,9 +282,15 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpickle(path: Path, trust_pickle: bool) -> Any:
-    """A torch.save file's object; without ``trust_pickle`` nothing in it can run code."""
+    """A torch.save file's object; without ``trust_pickle`` nothing in it can run code.
+
+    Trusted, the classes it names are imported as ``python`` would from the current folder
+    (where a user's ``models.py`` usually is; the ``serfswap`` script's own path is elsewhere).
+    """
+    if trust_pickle:
+        return _unpickle_trusted(path)
     try:
-        return safe_pickle.load(path, trust=trust_pickle)
+        return safe_pickle.load(path)
     except safe_pickle.UnsafePickleError as exc:
         what = f"needs {_listed(exc.names)}" if exc.names else str(exc)
         raise ModelLoadError(
@@ -239,6 +306,31 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
             f"{path} cannot be loaded without running code from it ({reason}). "
             "If you trust it, pass --trust-pickle"
         ) from None
+
+
+def _unpickle_trusted(path: Path) -> Any:
+    added = "" not in sys.path and os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return safe_pickle.load(path, trust=True)
+    except ModuleNotFoundError as exc:
+        module = exc.name or str(exc)
+        raise ModelLoadError(
+            f"{path} needs the module {module!r}, which cannot be imported here: run from the "
+            f"folder that holds {module.split('.')[0]}.py, or add that folder to PYTHONPATH"
+        ) from None
+    except AttributeError as exc:  # a class pickled from a script: __main__.Net
+        raise ModelLoadError(
+            f"{path} needs a class that cannot be found ({exc}); a model pickled from a script "
+            "names the script's classes as __main__: save its state_dict instead"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: not a readable PyTorch file ({reason})") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
 
 
 def _listed(names: list[str], most: int = 5) -> str:
@@ -363,6 +455,10 @@ def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
         classes = arch.get("num_classes", 1000)
         _require(type(classes) is int and classes >= 0, path, "arch.num_classes",
                  "an integer >= 0")  # fmt: skip
+        kwargs = arch.get("kwargs", {})
+        _require(isinstance(kwargs, dict) and all(isinstance(v, int | float | str | bool)
+                                                  for v in kwargs.values()),
+                 path, "arch.kwargs", "an object of numbers, strings and booleans")  # fmt: skip
     else:
         config = arch.get("config")
         _require(isinstance(config, dict), path, "arch.config", "an object")
@@ -419,19 +515,30 @@ def load_model(
     weights: str | None = None,
     trust_pickle: bool = False,
     trust_remote_code: bool = False,
+    timm_kwargs: dict[str, Any] | None = None,
 ) -> Loaded:
     """Load MODEL as the CLI understands it (see the module docstring).
 
     ``trust_pickle``: unpickle with the full unpickler, and load ``.pt2`` programs; both run
     code from the file. ``trust_remote_code``: let a HuggingFace folder's own code build the
-    model. Without them, no file can run code, whatever it names.
+    model. Without them, no file can run code, whatever it names. ``timm_kwargs``: keywords
+    for ``timm.create_model`` (``num_classes``, ``in_chans``, ``drop_rate``...) of a timm
+    architecture; ``num_classes`` and ``in_chans`` are otherwise read from the weights.
+
+    >>> from serfswap.io import load_model
+    >>> loaded = load_model("timm:resnet18", weights="finetuned.safetensors")  # doctest: +SKIP
+    >>> loaded.model, loaded.arch  # doctest: +SKIP
     """
     if spec.startswith("timm:") and not Path(spec).exists():
-        loaded = build_arch(spec)
-        if weights is not None:
-            wpath = check_input_path(weights)
-            load_weights(loaded.model, _weights_file(wpath, trust_pickle), wpath)
+        if weights is None:
+            return build_arch(spec, timm_kwargs=timm_kwargs)
+        wpath = check_input_path(weights)
+        state = _weights_file(wpath, trust_pickle)
+        loaded = build_arch(spec, state=state, timm_kwargs=timm_kwargs)
+        load_weights(loaded.model, state, wpath)
         return loaded
+    if timm_kwargs and not arch:
+        raise ModelSpecError("--num-classes and --model-kwargs shape timm architectures only")
     path = _existing(spec)
     if path.is_dir():
         import transformers
@@ -447,14 +554,14 @@ def load_model(
         shapes, metadata = _safetensors_header(path)
         if metadata.get("format") == FORMAT:
             return _load_checkpoint(path, shapes, metadata)
-        return _with_arch(path, _read_safetensors(path), arch, trust_remote_code)
+        return _with_arch(path, _read_safetensors(path), arch, trust_remote_code, timm_kwargs)
     if kind == "pt2":
         return Loaded(_load_program(path, trust_pickle), spec)
     if kind in ("torch", "pickle"):
         obj = _unpickle(path, trust_pickle)
         if isinstance(obj, nn.Module):
             return Loaded(obj, spec, describe(obj))
-        return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code)
+        return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code, timm_kwargs)
     if kind == "corrupt-zip":
         raise ModelLoadError(f"{path}: not a readable PyTorch file (truncated or corrupt archive)")
     if kind == "torchscript":
@@ -498,12 +605,13 @@ def _weights_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _with_arch(path: Path, state: dict[str, torch.Tensor], arch: str | None,
-               trust_remote_code: bool) -> Loaded:  # fmt: skip
+               trust_remote_code: bool, timm_kwargs: dict[str, Any] | None) -> Loaded:  # fmt: skip
     if arch is None:
         raise ModelSpecError(
             f"{path} holds weights only: name the architecture, --arch timm:NAME or --arch hf:DIR"
         )
-    loaded = build_arch(arch, trust_remote_code=trust_remote_code)
+    loaded = build_arch(arch, trust_remote_code=trust_remote_code, state=state,
+                        timm_kwargs=timm_kwargs)  # fmt: skip
     load_weights(loaded.model, state, path)
     loaded.source = str(path)
     return loaded

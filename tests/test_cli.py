@@ -193,8 +193,9 @@ def test_bad_input_gives_one_line_and_writes_nothing(
         args = [str(files["state_dict"]), str(out)]
     elif case == "no-output-dir":
         args = ["timm:test_resnet", str(tmp_path / "nope" / "m.onnx")]
-    else:
-        args = ["timm:test_resnet", str(out), "--convert", "--atol", "0", "--rtol", "0"]
+    else:  # trained weights: with random ones a note that they are random comes first
+        args = [str(files["state_dict"]), str(out), "--arch", "timm:test_resnet",
+                "--convert", "--atol", "0", "--rtol", "0"]  # fmt: skip
     code, _, err = run(capsys, "export", *args)
     assert code == status, err
     assert message in err

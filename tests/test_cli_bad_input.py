@@ -271,9 +271,12 @@ def test_a_long_legal_output_name_works(tmp_path: Path, capsys) -> None:
 def test_interrupted_export_leaves_nothing(sig: int, status: int, word: str,
                                            tmp_path: Path) -> None:  # fmt: skip
     """The signal arrives while the export is writing into its staging folder."""
+    weights = tmp_path / "vit.pt"
+    torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), weights)
     out = tmp_path / "o.onnx"
     process = subprocess.Popen(
-        [sys.executable, "-m", "serfswap", "export", "timm:test_vit", str(out), "--convert"],
+        [sys.executable, "-m", "serfswap", "export", str(weights), "--arch", "timm:test_vit",
+         str(out), "--convert"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -285,4 +288,4 @@ def test_interrupted_export_leaves_nothing(sig: int, status: int, word: str,
     _, err = process.communicate(timeout=120)
     assert process.returncode == status, err
     assert word in one_line(err)
-    assert list(tmp_path.iterdir()) == [], "no staging folder and no output left"
+    assert list(tmp_path.iterdir()) == [weights], "no staging folder and no output left"

@@ -67,10 +67,24 @@ Our team finally fixed the bug in the parser.
 The museum displays paintings from the last century."""
 
 
-def test_recover_an_image_folder_then_export(image_folder: Path, tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Trained-model stand-in for timm:test_resnet: recover refuses random weights."""
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(path))
+    return str(path)
+
+
+def test_recover_an_image_folder_then_export(
+    image_folder: Path, weights: str, tmp_path: Path, capsys
+) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is in the [plot] extra")
     out = tmp_path / "r.safetensors"
-    code, stdout, err = run(capsys, "recover", "timm:test_resnet", "--data", str(image_folder),
+    code, stdout, err = run(capsys, "recover", "timm:test_resnet", "--weights", weights,
+                            "--data", str(image_folder),
                             "--steps", "4", "--batch-size", "8", "-o", str(out), "--plot",
                             "--log", str(tmp_path / "log.jsonl"))  # fmt: skip
     assert code == 0, err
@@ -116,19 +130,20 @@ def test_recover_a_text_file_and_resume(text_model: Path, tmp_path: Path, capsys
 
 
 def test_recover_refuses_what_it_cannot_do(
-    image_folder: Path, text_model: Path, tmp_path: Path, capsys
+    image_folder: Path, text_model: Path, weights: str, tmp_path: Path, capsys
 ) -> None:
     out = str(tmp_path / "o.safetensors")
     cases = [
+        (["timm:test_resnet", "--data", str(image_folder)], "random weights here; pass --weights"),
         (["timm:test_resnet", "--data", str(tmp_path / "nope")], "no such file"),
-        (["timm:test_resnet", "--data", str(tmp_path)], "Found 0 images"),
+        (["timm:test_resnet", "--weights", weights, "--data", str(tmp_path)], "Found 0 images"),
         (["timm:test_resnet", "--data", str(tmp_path), "--batch-size", "0"], "--batch-size"),
         (["timm:test_resnet", "--data", str(image_folder), "--device", "cuda:7"], "CUDA"),
         ([str(text_model), "--data", str(image_folder)], "pretrained_cfg"),
     ]
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    cases.append((["timm:test_resnet", "--data", str(text)], "tokenizer"))
+    cases.append((["timm:test_resnet", "--weights", weights, "--data", str(text)], "tokenizer"))
     converted = tmp_path / "c.safetensors"
     assert main(["convert", "timm:test_resnet", "-o", str(converted)]) == 0
     capsys.readouterr()
