@@ -563,6 +563,8 @@ def cli_words(message: str) -> str:
             return f"--{name} {' '.join(map(str, parsed))}"
         return f"--{name} {parsed}"
 
+    message = re.sub(r"pass example_inputs \([^)]*\)",
+                     "pass --input-shape, e.g. --input-shape 1,3,224,224", message)  # fmt: skip
     return _OPTION.sub(option, message)
 
 

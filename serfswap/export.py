@@ -153,7 +153,13 @@ def example_inputs_for(
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:  # timm
-        return {"x": torch.randn(batch, *cfg["input_size"])}
+        channels, *size = cfg["input_size"]
+        first = cfg.get("first_conv")  # in_chans=1 models: the weights know, the cfg does not
+        first = first[0] if isinstance(first, list | tuple) and first else first
+        with contextlib.suppress(AttributeError, TypeError):
+            weight = model.get_parameter(f"{first}.weight")
+            channels = weight.shape[1] if weight.dim() == 4 else channels
+        return {"x": torch.randn(batch, channels, *size)}
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:

@@ -406,6 +406,21 @@ def save_checkpoint(
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
+    _canonical_header(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors header with its keys sorted: safetensors writes metadata in the
+    order of a randomly seeded hash map, so the same checkpoint would differ byte for byte
+    between runs. Same entries, same length: the tensor data does not move."""
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        encoded = text.encode()
+        if len(encoded) <= size:  # always, for a permutation; else leave the file as written
+            f.seek(8)
+            f.write(encoded.ljust(size, b" "))
 
 
 def write_checkpoint(
