@@ -11,6 +11,7 @@ import argparse
 import ast
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
@@ -316,7 +317,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.output,
         example_inputs,
         opset=args.opset,
-        dynamic=not args.static,
+        dynamic=False if args.static else (True if args.dynamic else None),
         dtype=args.dtype,
         decomposition=args.decomposition,
         verify=not args.no_verify,
@@ -465,7 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--opset", type=int, default=20)
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    export.add_argument("--static", action="store_true", help="fixed input shapes")
+    shapes = export.add_mutually_exclusive_group()
+    shapes.add_argument("--static", action="store_true", help="fixed input shapes")
+    shapes.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="dynamic batch and sequence or an error (default: dynamic where it exports and "
+        "verifies, else a static sequence, else static shapes, said in the report)",
+    )
     export.add_argument(
         "--input-shape",
         action="append",
@@ -584,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if unknown:  # the subcommand's usage, not the top-level one: it lists the options meant
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.debug:  # serfswap's own log, and onnxruntime's, which it silences otherwise
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("serfswap").setLevel(logging.DEBUG)
     # signal handlers can only be set from the main thread (main() may be called from others)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +61,17 @@ class ExportError(SerfswapError, ValueError):
     exit_code = 2
 
 
+class ExportFailedError(ExportError):
+    """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
+    failed on the model (a valid request that failed, hence status 1)."""
+
+    exit_code = 1
+
+
+class _RuntimeFailure(Exception):
+    """onnxruntime could not run the exported graph at the verification sizes."""
+
+
 class ExportMismatchError(SerfswapError, AssertionError):
     """onnxruntime and torch disagree beyond the tolerance; nothing was written."""
 
@@ -83,6 +96,7 @@ class ExportReport:
     functions: bool = False
     outputs: list[str] = field(default_factory=list)
     dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
+    fallback: str | None = None  # why the shapes are less dynamic than asked, when they are
 
     def __str__(self) -> str:
         lines = [
@@ -107,6 +121,8 @@ class ExportReport:
                 or "none (static shapes)"
             ),
         ]
+        if self.fallback:
+            lines.append(f"  shapes: {self.fallback}")
         if self.verified:
             worst = max(self.max_abs_diff.values(), default=0.0)
             lines.append(f"  verified with onnxruntime on fresh inputs: max abs diff {worst:.2e}")
@@ -249,17 +265,6 @@ def _fresh_like(
     return fresh
 
 
-def _dynamic_shapes(inputs: dict[str, torch.Tensor], seq_names: set[str]) -> dict[str, Any]:
-    auto = torch.export.Dim.AUTO
-    shapes: dict[str, Any] = {}
-    for name, t in inputs.items():
-        dims = {0: auto} if t.dim() else {}
-        if name in seq_names and t.dim() > 1:
-            dims[1] = auto
-        shapes[name] = dims
-    return shapes
-
-
 def _output_names(model: nn.Module, output: Any) -> list[str]:
     """ONNX output names as the model names its outputs: a ModelOutput's fields
     (``last_hidden_state``, ``pooler_output``, ``logits``), ``logits`` for a timm classifier's
@@ -322,6 +327,14 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def _short_ort(exc: BaseException) -> str:
+    """onnxruntime's message without its prefix and source paths: the node and the shapes."""
+    text = _one_line(exc)
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"(?:void |bool )?onnxruntime::[\w:]+\([^)]*\)\s*", "", text)  # C++ names
+    return re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)
+
+
 def _compare(
     model: nn.Module,
     path: Path,
@@ -333,10 +346,19 @@ def _compare(
 ) -> tuple[dict[str, float], dict[str, float]]:
     from .onnx_ops import session
 
-    sess = session(path, "cpu")
+    # onnxruntime logs its own failures (a coloured line on stderr) before raising them: the
+    # raised error is reported in one line of ours instead; --debug shows onnxruntime's log.
+    quiet = not logging.getLogger("serfswap").isEnabledFor(logging.DEBUG)
+    sess = session(path, "cpu", log_severity=4 if quiet else None)
     feed_names = [i.name for i in sess.get_inputs()]
     feed = {name: inputs[name].numpy() for name in feed_names}
-    got = sess.run(None, feed)
+    try:
+        got = sess.run(None, feed)
+    except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException...
+        sizes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in inputs.items())
+        raise _RuntimeFailure(
+            f"onnxruntime cannot run the exported graph at {sizes}: {_short_ort(exc)}"
+        ) from None
     with torch.no_grad():
         want = _leaves(model(*inputs.values()) if positional else model(**inputs))
     names = [o.name for o in sess.get_outputs()]
@@ -410,13 +432,177 @@ def _without_kv_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
+@dataclass
+class _Shapes:
+    """Which inputs get a dynamic batch (dim 0) and a dynamic sequence (dim 1)."""
+
+    label: str
+    batch: set[str]
+    sequence: set[str]
+
+    def dynamic_shapes(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        if not self.batch and not self.sequence:
+            return None
+        auto = torch.export.Dim.AUTO
+        shapes: dict[str, Any] = {}
+        for name, t in inputs.items():
+            dims = {0: auto} if t.dim() and name in self.batch else {}
+            if name in self.sequence and t.dim() > 1:
+                dims[1] = auto
+            shapes[name] = dims
+        return shapes
+
+    def grow(self) -> dict[int, int]:
+        """How much bigger the verification inputs are: another size on every dynamic axis."""
+        return {0: 1 if self.batch else 0, 1: 3 if self.sequence else 0}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error, without terminal colours and object addresses."""
+    text = _ANSI.sub("", str(exc)).strip()
+    text = re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"\1", text)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _AttemptFailed(Exception):
+    """One shape plan failed in a way another plan may not: the exporter, onnx.checker,
+    onnxruntime or verification."""
+
+    def __init__(self, reason: str, error: BaseException) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+    def error_with(self, before: list[str]) -> Exception:
+        """The error to raise when no plan is left: serfswap's own kind where it was one."""
+        message = self.reason + (f" (before: {'; '.join(before)})" if before else "")
+        if isinstance(self.error, ExportMismatchError):
+            return ExportMismatchError(message)
+        return ExportFailedError(message + "; try --static" if not before else message)
+
+
+@dataclass
+class _Job:
+    """What one export writes and checks; :meth:`attempt` runs it for one shape plan."""
+
+    model: nn.Module
+    program: torch.export.ExportedProgram | None
+    path: Path
+    inputs: dict[str, torch.Tensor]
+    seq_names: set[str]
+    opset: int
+    decomposition: str
+    converted_count: int
+    external_data: bool | None
+    functions: bool
+    verify: bool
+    atol: float
+    rtol: float
+    dtype: str
+    output_names: list[str] = field(default_factory=list)
+
+    def attempt(self, shapes: _Shapes) -> ExportReport:
+        """Export, check and verify in a staging folder; move the file into place on success."""
+        # A short name of its own: any legal name of the target stays legal inside it.
+        staging = Path(tempfile.mkdtemp(prefix=".serfswap-", dir=self.path.parent))
+        try:
+            staged = staging / self.path.name
+            self._export(shapes, staged)
+            report = self._inspect(staged, staging)
+            if self.verify:
+                fresh = _fresh_like(self.inputs, shapes.grow(), self.seq_names)
+                try:
+                    report.max_abs_diff, report.max_rel_diff = _compare(
+                        self.model, staged, fresh, self.atol, self.rtol,
+                        positional=self.program is not None,
+                    )  # fmt: skip
+                except (ExportMismatchError, _RuntimeFailure) as exc:
+                    raise _AttemptFailed(str(exc), exc) from None
+                report.verified = True
+            for staged_file in staging.iterdir():
+                target = self.path.parent / staged_file.name
+                os.replace(staged_file, target)
+                if target != self.path:
+                    report.external_data = target
+            return report
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _export(self, shapes: _Shapes, staged: Path) -> None:
+        from .onnx_ops import translation_table
+
+        try:
+            onnx_program = torch.onnx.export(
+                self.program if self.program is not None else self.model,
+                (),
+                kwargs=self.inputs,
+                dynamo=True,
+                opset_version=self.opset,
+                dynamic_shapes=shapes.dynamic_shapes(self.inputs),
+                custom_translation_table=translation_table(self.decomposition),
+                output_names=self.output_names,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter's many kinds: one line of ours
+            raise _AttemptFailed(f"the exporter: {_one_line(exc)}", exc) from None
+        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        onnx_program.model.metadata_props.update(
+            {
+                "serfswap.version": __version__,
+                "serfswap.decomposition": self.decomposition,
+                "serfswap.converted_activations": str(self.converted_count),
+            }
+        )
+        side = size > _TWO_GB if self.external_data is None else self.external_data
+        onnx_program.save(staged, external_data=side)
+
+    def _inspect(self, staged: Path, staging: Path) -> ExportReport:
+        import onnx
+
+        from .onnx_ops import check_graph
+
+        axes = _name_axes(staged, self.seq_names)
+        if self.functions:
+            _fold_into_functions(staged)
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except Exception as exc:  # ValidationError, InferenceError
+            raise _AttemptFailed(f"onnx.checker: {_one_line(exc)}", exc) from None
+        written = onnx.load(str(staged), load_external_data=False)
+        opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
+        if opset != self.opset:
+            raise ExportError(f"asked for opset {self.opset}, the exporter wrote {opset}")
+        graph = check_graph(written, str(staging))
+        if graph.custom_domains:
+            raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
+        if graph.bad_functions:
+            raise ExportError(f"functions with a body that is not Serf: {graph.bad_functions}")
+        return ExportReport(
+            path=self.path,
+            decomposition=self.decomposition,
+            opset=opset,
+            dtype=self.dtype,
+            inputs={k: tuple(v.shape) for k, v in self.inputs.items()},
+            serf_nodes=graph.serf_total,
+            leftovers=dict(graph.leftovers),
+            converted_activations=self.converted_count,
+            functions=self.functions and graph.serf_total > 0,
+            outputs=[o.name for o in written.graph.output],
+            dynamic_axes=axes,
+            size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
     example_inputs: Any = None,
     *,
     opset: int = 20,
-    dynamic: bool = True,
+    dynamic: bool | None = None,
     dtype: str = "fp32",
     decomposition: str = "softplus",
     verify: bool = True,
@@ -431,7 +617,10 @@ def export_onnx(
     Args:
         example_inputs: a tensor, a tuple (positional) or a dict (keyword) of tensors; inferred
             for timm and transformers models when omitted.
-        dynamic: dynamic batch (and sequence length for text inputs).
+        dynamic: ``None`` (default): dynamic batch and sequence length (text inputs); where
+            that export fails or does not verify at other sizes, a dynamic batch with a static
+            sequence, then static shapes, and the report's ``fallback`` says why. ``True``:
+            dynamic or an error. ``False``: static shapes.
         dtype: ``"fp32"`` or ``"fp16"`` (Serf itself stays float32 inside the fp16 graph).
         decomposition: ``"softplus"`` (Softplus, Erf, Mul) or ``"exp-log"`` (Exp, Add, Log,
             Erf, Mul: faster on onnxruntime's CPU).
@@ -449,7 +638,7 @@ def export_onnx(
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
-    from .onnx_ops import DECOMPOSITIONS, check_graph, translation_table
+    from .onnx_ops import DECOMPOSITIONS
 
     if not isinstance(model, nn.Module | torch.export.ExportedProgram):
         raise InvalidArgumentError(
@@ -471,6 +660,8 @@ def export_onnx(
             args, kwargs = program.example_inputs
             example_inputs = {**_as_kwargs(model, args), **kwargs}
         dynamic = False
+    elif dynamic is not None and not isinstance(dynamic, bool):
+        raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
     elif convert_activations:
         model = convert(model)
     report_of_swap = model.__dict__.get(REPORT_ATTR)
@@ -485,80 +676,34 @@ def export_onnx(
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
 
+    job = _Job(model, program, path, inputs, seq_names, opset, decomposition, converted_count,
+               external_data, functions, verify, atol, rtol, dtype)  # fmt: skip
+    if program is not None or dynamic is False:
+        plans = [_Shapes("static", set(), set())]
+    elif dynamic is True or not seq_names:
+        plans = [_Shapes("dynamic", set(inputs), seq_names)]
+    else:
+        plans = [_Shapes("dynamic", set(inputs), seq_names)]
+    if dynamic is None and program is None:  # the fallbacks: batch only, then nothing
+        if seq_names:
+            plans.append(_Shapes("dynamic batch, static sequence", set(inputs), set()))
+        plans.append(_Shapes("static", set(), set()))
+
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if program is not None else eval_mode(model)
     with _without_kv_cache(model), mode:
         output = _run_once(model, inputs, positional=program is not None)
-        output_names = _output_names(model, output)
-        # A short name of its own: any legal name of the target stays legal inside it.
-        staging = Path(tempfile.mkdtemp(prefix=".serfswap-", dir=path.parent))
-        try:
-            onnx_program = torch.onnx.export(
-                program if program is not None else model,
-                (),
-                kwargs=inputs,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=_dynamic_shapes(inputs, seq_names) if dynamic else None,
-                custom_translation_table=translation_table(decomposition),
-                output_names=output_names,
-                verbose=False,
-            )
-            size = sum(p.numel() * p.element_size() for p in model.parameters())
-            onnx_program.model.metadata_props.update(
-                {
-                    "serfswap.version": __version__,
-                    "serfswap.decomposition": decomposition,
-                    "serfswap.converted_activations": str(converted_count),
-                }
-            )
-            staged = staging / path.name
-            onnx_program.save(
-                staged, external_data=size > _TWO_GB if external_data is None else external_data
-            )
-            import onnx
-
-            axes = _name_axes(staged, seq_names)
-            if functions:
-                _fold_into_functions(staged)
-            onnx.checker.check_model(str(staged), full_check=True)
-            written = onnx.load(str(staged), load_external_data=False)
-            written_opset = next(
-                o.version for o in written.opset_import if o.domain in ("", "ai.onnx")
-            )
-            if written_opset != opset:
-                raise ExportError(f"asked for opset {opset}, the exporter wrote {written_opset}")
-            graph = check_graph(written, str(staging))
-            if graph.custom_domains:
-                raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
-            if graph.bad_functions:
-                raise ExportError(f"functions with a body that is not Serf: {graph.bad_functions}")
-            report = ExportReport(
-                path=path,
-                decomposition=decomposition,
-                opset=written_opset,
-                dtype=dtype,
-                inputs={k: tuple(v.shape) for k, v in inputs.items()},
-                serf_nodes=graph.serf_total,
-                leftovers=dict(graph.leftovers),
-                converted_activations=converted_count,
-                functions=functions and graph.serf_total > 0,
-                outputs=[o.name for o in written.graph.output],
-                dynamic_axes=axes,
-                size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
-            )
-            if verify:
-                grow = {0: 1, 1: 3} if dynamic else {0: 0, 1: 0}
-                fresh = _fresh_like(inputs, grow, seq_names)
-                report.max_abs_diff, report.max_rel_diff = _compare(
-                    model, staged, fresh, atol, rtol, positional=program is not None
-                )
-                report.verified = True
-            for staged_file in staging.iterdir():
-                target = path.parent / staged_file.name
-                os.replace(staged_file, target)
-                if target != path:
-                    report.external_data = target
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        job.output_names = _output_names(model, output)
+        failures: list[str] = []
+        for number, shapes in enumerate(plans):
+            try:
+                report = job.attempt(shapes)
+            except _AttemptFailed as failed:
+                failures.append(f"{shapes.label} failed: {failed.reason}")
+                if number == len(plans) - 1:
+                    raise failed.error_with(failures[:-1]) from None
+                continue
+            if failures:
+                report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
+            break
     return report

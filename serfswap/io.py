@@ -23,11 +23,13 @@ The format is read from the content (safetensors header, zip archive, pickle), n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -560,9 +562,10 @@ def load_model(
 
         config = _hf_config(path)
         _needs_remote_code(config, spec, trust_remote_code)
-        model = transformers.AutoModel.from_pretrained(
-            path, attn_implementation="eager", trust_remote_code=trust_remote_code
-        )
+        with _no_progress_bars():
+            model = transformers.AutoModel.from_pretrained(
+                path, attn_implementation="eager", trust_remote_code=trust_remote_code
+            )
         return Loaded(model, spec, describe(model) if not trust_remote_code else None)
     kind = sniff(path)
     if kind == "safetensors":
@@ -601,6 +604,21 @@ def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgra
     except Exception as exc:  # the loader raises many kinds on a damaged archive
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: not a readable torch.export program ({reason})") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a bar for loading a local folder's weights (an instant here): two
+    stray lines on stderr for every command. Its warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _existing(spec: str) -> Path:

@@ -23,13 +23,18 @@ class NoDeviceError(SerfswapError, RuntimeError):
 
 
 def session(
-    path: str | os.PathLike[str], device: str = "auto", *, threads: int | None = None
+    path: str | os.PathLike[str],
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    log_severity: int | None = None,
 ) -> onnxruntime.InferenceSession:
     """An ``onnxruntime.InferenceSession`` for ``path``.
 
     ``device``: ``"auto"`` takes CUDA when onnxruntime-gpu sees a GPU, else the CPU; ``"cpu"``;
     ``"cuda"`` (an error when unavailable). The choice is logged, and is
     ``sess.get_providers()[0]``. ``threads`` sets intra-op threads (default: onnxruntime's).
+    ``log_severity``: onnxruntime's log level for this session (0 verbose ... 4 fatal only).
     """
     import onnxruntime as ort
 
@@ -44,6 +49,8 @@ def session(
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if log_severity is not None:
+        options.log_severity_level = log_severity
     sess = ort.InferenceSession(str(Path(path)), sess_options=options, providers=providers)
     log.info("onnxruntime session for %s on %s", path, sess.get_providers()[0])
     return sess
