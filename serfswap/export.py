@@ -72,8 +72,11 @@ class _RuntimeFailure(Exception):
     """onnxruntime could not run the exported graph at the verification sizes."""
 
 
-class ExportMismatchError(SerfswapError, AssertionError):
-    """onnxruntime and torch disagree beyond the tolerance; nothing was written."""
+class ExportMismatchError(ExportError, AssertionError):
+    """onnxruntime and torch disagree beyond the tolerance; nothing was written. An ExportError
+    (every failure of an export is one) and an AssertionError, as before; status 1."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -290,8 +293,6 @@ def _name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
     them (BERT's ``input_ids`` and ``attention_mask``); they are one batch to the user, who
     feeds them together, so they get one name. A symbol that is not dim 0 of an input (batch)
     or dim 1 of a text input (sequence) keeps the exporter's name."""
-    import re
-
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -476,12 +477,15 @@ class _AttemptFailed(Exception):
         self.reason = reason
         self.error = error
 
-    def error_with(self, before: list[str]) -> Exception:
-        """The error to raise when no plan is left: serfswap's own kind where it was one."""
+    def error_with(self, before: list[str], *, dynamic: bool) -> Exception:
+        """The error to raise when no plan is left: serfswap's own kind where it was one.
+        ``dynamic``: the plan that failed had dynamic axes, so static shapes are worth a try."""
         message = self.reason + (f" (before: {'; '.join(before)})" if before else "")
+        if dynamic and not before:
+            message += "; try --static"
         if isinstance(self.error, ExportMismatchError):
             return ExportMismatchError(message)
-        return ExportFailedError(message + "; try --static" if not before else message)
+        return ExportFailedError(message)
 
 
 @dataclass
@@ -701,7 +705,8 @@ def export_onnx(
             except _AttemptFailed as failed:
                 failures.append(f"{shapes.label} failed: {failed.reason}")
                 if number == len(plans) - 1:
-                    raise failed.error_with(failures[:-1]) from None
+                    dynamic_plan = bool(shapes.batch or shapes.sequence)
+                    raise failed.error_with(failures[:-1], dynamic=dynamic_plan) from None
                 continue
             if failures:
                 report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
