@@ -421,16 +421,20 @@ def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: 
 
 @contextlib.contextmanager
 def _without_kv_cache(model: nn.Module) -> Iterator[None]:
-    """Decoders return a KV cache object by default, which is no ONNX output: export without."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False):
-        yield
-        return
-    config.use_cache = False
+    """Decoders return a KV cache object by default, which is no ONNX output: export without.
+
+    Every config in the model, not only the root's: T5's decoder stack holds a copy of its
+    own, and would return an EncoderDecoderCache that no exporter can flatten.
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
+    for config in cached:
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for config in cached:
+            config.use_cache = True
 
 
 @dataclass
@@ -462,10 +466,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of an error, without terminal colours and object addresses."""
+    """The first line of an error, without terminal colours and object addresses. torch's
+    exporter says only which step failed ("Failed to export the model with torch.export.
+    This is step 1/3 ..."); the cause it chains is what the user needs, so it follows."""
     text = _ANSI.sub("", str(exc)).strip()
     text = re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"\1", text)
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and " This is step " in line:
+        line = line.split(" This is step ")[0].rstrip(".") + ": " + _one_line(cause)
+    return line
 
 
 class _AttemptFailed(Exception):

@@ -71,6 +71,14 @@ def zoo_table() -> str:
         f"transformers: {len(hf_zoo.MODELS)} model types, built from a shrunk config:",
         "",
         ", ".join(f"`{t}`" for t in hf_zoo.MODELS),
+        "",
+        "Each transformers type is also exported to ONNX with a dynamic batch and sequence and "
+        "verified with onnxruntime, except "
+        + "; ".join(f"`{t}` ({why})" for t, why in hf_zoo.EXPORT_FAILS.items())
+        + ". Exported with a dynamic batch and a static sequence, because their dynamic "
+        "export breaks (`tests/test_export_fallback.py`): "
+        + ", ".join(f"`{t}`" for t in hf_zoo.SHAPE_FALLBACK)
+        + ".",
     ]
     return "\n".join(lines)
 

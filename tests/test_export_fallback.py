@@ -17,28 +17,11 @@ import torch
 
 import serfswap
 
+from .zoo.hf_zoo import SHAPE_FALLBACK as CONFIGS
+
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 onnx = pytest.importorskip("onnx")
 
-SEQ2SEQ = dict(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1,
-               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
-               decoder_ffn_dim=37, max_position_embeddings=64)  # fmt: skip
-MAMBA = dict(vocab_size=99, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
-             conv_kernel=4)  # fmt: skip
-CONFIGS = {
-    "pegasus_x": dict(SEQ2SEQ, block_size=4, num_global_tokens=2, stagger_local_blocks=False),
-    "prophetnet": dict(vocab_size=99, hidden_size=32, encoder_ffn_dim=37, decoder_ffn_dim=37,
-                       num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
-                       num_decoder_attention_heads=2, max_position_embeddings=64, ngram=2),
-    "mamba": MAMBA,
-    "falcon_mamba": MAMBA,
-    "rwkv": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                 intermediate_size=37, context_length=64),
-    "recurrent_gemma": dict(vocab_size=99, hidden_size=32, intermediate_size=37,
-                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                            head_dim=16, lru_width=32, attention_window_size=16,
-                            block_types=["recurrent", "recurrent", "attention"]),
-}  # fmt: skip
 # Why the dynamic export fails, as the report says it.
 REASONS = {
     "pegasus_x": "onnxruntime cannot run the exported graph",

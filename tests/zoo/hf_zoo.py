@@ -159,3 +159,33 @@ def inputs(model_type: str, cfg: Any, batch: int = 2, seq: int = 8) -> dict[str,
     if kind == "audio":
         return {"input_values": torch.randn(batch, 1600)}
     raise ValueError(kind)
+
+
+# Export (tests/test_zoo_hf.py::test_hf_export, slow): every type above exports with a dynamic
+# batch and sequence and verifies, except these, which no shapes export, and why.
+EXPORT_FAILS = {
+    "mixtral": "transformers' mixture-of-experts op `grouped_mm_fallback` has no ONNX translation",
+}
+
+# Models whose dynamic export breaks (the graph fails or bakes a size in at another sequence
+# length): export_onnx falls back to a dynamic batch and a static sequence
+# (tests/test_export_fallback.py).
+_SEQ2SEQ_TINY = dict(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1,
+               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
+               decoder_ffn_dim=37, max_position_embeddings=64)  # fmt: skip
+_MAMBA = dict(vocab_size=99, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+             conv_kernel=4)  # fmt: skip
+SHAPE_FALLBACK: dict[str, dict[str, Any]] = {
+    "pegasus_x": dict(_SEQ2SEQ_TINY, block_size=4, num_global_tokens=2, stagger_local_blocks=False),
+    "prophetnet": dict(vocab_size=99, hidden_size=32, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                       num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+                       num_decoder_attention_heads=2, max_position_embeddings=64, ngram=2),
+    "mamba": _MAMBA,
+    "falcon_mamba": _MAMBA,
+    "rwkv": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                 intermediate_size=37, context_length=64),
+    "recurrent_gemma": dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16, lru_width=32, attention_window_size=16,
+                            block_types=["recurrent", "recurrent", "attention"]),
+}  # fmt: skip
