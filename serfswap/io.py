@@ -178,8 +178,9 @@ def _hf_from_config(config_dict: dict[str, Any]) -> nn.Module:
             config, attn_implementation="eager", trust_remote_code=False
         )
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"the {model_type} config cannot build a model: {reason}") from None
+        raise ModelLoadError(
+            f"the {model_type} config cannot build a model: {_first_line(exc)}"
+        ) from None
 
 
 def build_arch(
@@ -289,10 +290,10 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
     Trusted, the classes it names are imported as ``python`` would from the current folder
     (where a user's ``models.py`` usually is; the ``serfswap`` script's own path is elsewhere).
     """
-    if trust_pickle:
-        return _unpickle_trusted(path)
     try:
-        return safe_pickle.load(path)
+        return _unpickle_trusted(path) if trust_pickle else safe_pickle.load(path)
+    except ModelLoadError:
+        raise
     except safe_pickle.UnsafePickleError as exc:
         what = f"needs {_listed(exc.names)}" if exc.names else str(exc)
         raise ModelLoadError(
@@ -300,14 +301,17 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
             "the file. If you trust it, pass --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: not a readable PyTorch file ({reason})") from None
+        raise ModelLoadError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
     except Exception as exc:  # pickle.UnpicklingError from the weights-only unpickler, and kin
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"{path} cannot be loaded without running code from it ({reason}). "
+            f"{path} cannot be loaded without running code from it ({_first_line(exc)}). "
             "If you trust it, pass --trust-pickle"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unpickle_trusted(path: Path) -> Any:
@@ -327,9 +331,6 @@ def _unpickle_trusted(path: Path) -> Any:
             f"{path} needs a class that cannot be found ({exc}); a model pickled from a script "
             "names the script's classes as __main__: save its state_dict instead"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: not a readable PyTorch file ({reason})") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
@@ -602,8 +603,9 @@ def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgra
     try:
         return torch.export.load(path)
     except Exception as exc:  # the loader raises many kinds on a damaged archive
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: not a readable torch.export program ({reason})") from None
+        raise ModelLoadError(
+            f"{path}: not a readable torch.export program ({_first_line(exc)})"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ unchanged. Reading and writing cases that are not attacks (those are in test_sec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,27 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from serfswap.cli import main
+from .test_cli import digest, run
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 onnx = pytest.importorskip("onnx")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.cli import main
 from serfswap.onnx_ops import session
+
+from .test_cli import run
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 onnx = pytest.importorskip("onnx")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_two_converts_of_timm_name_give_equal_files(tmp_path: Path, capsys) -> None:
