@@ -31,6 +31,7 @@ from .convert import REPORT_ATTR, convert
 from .errors import SerfswapError
 from .io import check_output_path
 from .modes import eval_mode
+from .serf import keep_custom_op
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -370,7 +371,9 @@ def export_onnx(
 
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if program is not None else eval_mode(model)
-    with _without_kv_cache(model), mode:
+    # keep_custom_op: the tracer sees serfswap::serf, which the translation table maps to the
+    # exact pattern; outside it, tracers get Serf's ATen ops (serf.py says why).
+    with _without_kv_cache(model), mode, keep_custom_op():
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             onnx_program = torch.onnx.export(
