@@ -413,10 +413,11 @@ def _serf_traced(x: Tensor) -> Tensor:
     compute = _compute_dtype(x.dtype)
     xc = x if x.dtype == compute else x.to(compute)  # no no-op cast node in the graph
     if torch.onnx.is_in_onnx_export():
-        return (xc * torch.erf(F.softplus(xc))).to(x.dtype)
-    out = xc * _erf_nonnegative(F.softplus(xc))
-    start = _TAIL_START[compute]
-    out = torch.where(xc < start, _tail(xc.clamp(max=start)), out)
+        out = xc * torch.erf(F.softplus(xc))
+    else:
+        out = xc * _erf_nonnegative(F.softplus(xc))
+        start = _TAIL_START[compute]
+        out = torch.where(xc < start, _tail(xc.clamp(max=start)), out)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

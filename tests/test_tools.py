@@ -333,3 +333,19 @@ def test_compiled_serf_matches_the_op_in_the_tail_and_keeps_its_memory() -> None
     compiled_bytes = saved_bytes(torch.compile(net(serfswap.Serf), fullgraph=True), inp)
     composite_bytes = saved_bytes(net(Composite), inp)  # the control: the hook sees the 3 tensors
     assert compiled_bytes <= eager_bytes < composite_bytes
+
+
+def test_torch_func_inside_torch_compile() -> None:
+    """Inside a compiled function Serf is ATen ops, so torch.func's transforms apply to it (the
+    op's registered autograd is rejected there, pytorch/pytorch#168393)."""
+    torch._dynamo.reset()
+    x = torch.randn(7)
+
+    def grad_of_sum(t: torch.Tensor) -> torch.Tensor:
+        return torch.func.grad(lambda y: serfswap.serf(y).sum())(t)
+
+    compiled = torch.compile(grad_of_sum, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), grad_of_sum(x))
+    batched = torch.compile(torch.func.vmap(serfswap.serf), backend="aot_eager", fullgraph=True)
+    xs = torch.randn(3, 5)
+    torch.testing.assert_close(batched(xs), serfswap.serf(xs))
