@@ -26,11 +26,12 @@ Why ATen ops when traced, and why chosen by a branch in :func:`serf` (measured, 
   ``custom_translation_table``, the TorchScript exporter fails on the autograd Function
   (``Couldn't export Python operator``), a ``torch.export`` program holds ``serfswap::serf`` and
   cannot run without serfswap, and inductor cannot fuse an opaque node.
-* Alternatives measured: a CompositeImplicitAutograd kernel or a ``torch.library`` decomposition
-  would replace the op in eager mode too (losing its memory), or only in the one pipeline that
-  applies the decomposition table (``run_decompositions``, inductor), not in the user's own
-  ``torch.export``/ONNX call; ``register_custom_op_symbolic`` and ``Function.symbolic`` reach
-  only the TorchScript exporter. The branch covers every tracer with two public flags:
+* Alternatives considered, not built: a CompositeImplicitAutograd kernel or a ``torch.library``
+  decomposition would replace the op in eager mode too (losing its memory), or only in the one
+  pipeline that applies the decomposition table (``run_decompositions``, inductor), not in the
+  user's own ``torch.export``/ONNX call; ``register_custom_op_symbolic`` and
+  ``Function.symbolic`` reach only the TorchScript exporter (and the dynamo exporter ignores
+  ``symbolic``, DESIGN.md). The branch covers every tracer with two public flags, measured:
   ``torch.compiler.is_compiling()`` is true under dynamo, ``torch.compile``, ``torch.export``
   (strict and non-strict) and the dynamo ONNX exporter; ``torch.jit.is_tracing()`` under
   ``torch.jit.trace`` and ``torch.onnx.export(dynamo=False)``.
