@@ -4,11 +4,13 @@
     python examples/torch_compile.py --backend aot_eager # no code generation, quick to compile
     python examples/torch_compile.py --quick             # tiny models, aot_eager, a few seconds
 
-Serf is one custom op (``serfswap::serf``) with its own backward, so ``fullgraph=True`` holds:
-no graph break where a module's activation was swapped, and none where a module's code called
-``F.gelu(x)`` (serfswap converts such call sites with a mode scoped to that module's forward,
-which dynamo traces through). Inductor on the CPU generates and compiles C++, which takes tens
-of seconds even for a small network; ``aot_eager`` checks the same graph capture without it.
+Under a tracer Serf is standard ATen ops (softplus, erf, mul), which inductor fuses with their
+neighbours, recomputing them in the backward so that only the input is kept, as the eager op
+does. ``fullgraph=True`` holds: no graph break where a module's activation was swapped, and
+none where a module's code called ``F.gelu(x)`` (serfswap converts such call sites with a mode
+scoped to that module's forward, which dynamo traces through). Inductor on the CPU generates
+and compiles C++, which takes tens of seconds even for a small network; ``aot_eager`` checks
+the same graph capture without it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .errors import (
 from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .recover import RecoveryOptions, RecoveryResult, recover
 from .report import Plan, Site
-from .serf import Serf, serf
+from .serf import Serf, keep_custom_op, serf
 
 _integrations.register()
 
@@ -51,6 +51,7 @@ __all__ = [
     "__version__",
     "convert",
     "export_onnx",
+    "keep_custom_op",
     "plan",
     "recover",
     "revert",

@@ -33,6 +33,7 @@ from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, SerfswapError
 from .modes import eval_mode
 from .paths import check_output_path
+from .serf import keep_custom_op
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -705,7 +706,9 @@ def export_onnx(
 
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if program is not None else eval_mode(model)
-    with _without_kv_cache(model), mode:
+    # keep_custom_op: the tracer sees serfswap::serf, which the translation table maps to the
+    # exact pattern; outside it, tracers get Serf's ATen ops (serf.py says why).
+    with _without_kv_cache(model), mode, keep_custom_op():
         output = _run_once(model, inputs, positional=program is not None)
         job.output_names = _output_names(model, output)
         failures: list[str] = []

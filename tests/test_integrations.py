@@ -16,12 +16,12 @@ from .zoo.check import tensors
 from .zoo.hf_zoo import config, inputs
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
-timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 
 
 @pytest.mark.parametrize("order", ["serfswap first", "library first"])
 def test_registration_in_either_import_order(order: str) -> None:
     """A fresh interpreter: registration works whether or not timm/transformers came first."""
+    pytest.importorskip("timm", reason="timm is in the [timm] extra")
     imports = ["import serfswap", "import timm, transformers.activations"]
     if order == "library first":
         imports.reverse()
@@ -57,8 +57,16 @@ def hf_model(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]
         ("t5-gated", {"feed_forward_proj": ("gated-gelu", "gated-serf"),
                       "dense_act_fn": ("gelu_new", "serf")}),
         ("gemma", {"hidden_act": ("gelu_pytorch_tanh", "serf")}),
-        ("clip", {"text_config.hidden_act": ("quick_gelu", "serf"),
-                  "vision_config.hidden_act": ("quick_gelu", "serf")}),
+        pytest.param(
+            "clip", {"text_config.hidden_act": ("quick_gelu", "serf"),
+                     "vision_config.hidden_act": ("quick_gelu", "serf")},
+            # Measured on 4.57.6: the *original* CLIP also comes back 1e-7 off (not bit-exact)
+            # from save_pretrained / from_pretrained; the Serf one 1.6e-7, the same way.
+            marks=pytest.mark.xfail(
+                int(transformers.__version__.split(".")[0]) < 5, strict=True,
+                reason="transformers 4.x: CLIP does not round-trip bit-exactly, original included",
+            ),
+        ),
     ],
 )  # fmt: skip
 def test_save_pretrained_from_pretrained_round_trip(

@@ -36,7 +36,11 @@ def test_torch_compile_fullgraph_inductor() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_torch_compile_keeps_one_serf_node_per_call() -> None:
+def _serfswap_ops(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("serfswap.")]
+
+
+def _dynamo_graph(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
     torch._dynamo.reset()
     seen: list[torch.fx.GraphModule] = []
 
@@ -44,21 +48,40 @@ def test_torch_compile_keeps_one_serf_node_per_call() -> None:
         seen.append(gm)
         return gm.forward
 
-    torch.compile(small_net(), backend=backend, fullgraph=True)(torch.randn(2, 16))
+    torch.compile(model, backend=backend, fullgraph=True)(x)
     (gm,) = seen
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.serfswap.serf.default]
-    assert len(calls) == 2
+    return gm
+
+
+def test_torch_compile_sees_aten_ops_so_inductor_can_fuse() -> None:
+    gm = _dynamo_graph(small_net(), torch.randn(2, 16))
+    assert _serfswap_ops(gm) == []
+    assert sum(n.target is torch.erf for n in gm.graph.nodes) == 2
+
+
+def test_keep_custom_op_keeps_one_serf_node_per_call() -> None:
+    with serfswap.keep_custom_op():
+        gm = _dynamo_graph(small_net(), torch.randn(2, 16))
+    assert _serfswap_ops(gm) == ["serfswap.serf.default"] * 2
 
 
 def test_torch_export_roundtrip() -> None:
+    """A program holds only ATen ops (it runs without serfswap) and keeps dynamic shapes."""
     model = small_net().eval()
     x = torch.randn(3, 16)
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.serfswap.serf.default) == 2
+    assert _serfswap_ops(program.graph_module) == []
+    assert targets.count(torch.ops.aten.erf.default) == 2
     x5 = torch.randn(5, 16)
     torch.testing.assert_close(program.module()(x5), model(x5))
+
+
+def test_torch_export_keeps_the_op_when_asked() -> None:
+    with serfswap.keep_custom_op():
+        program = torch.export.export(small_net().eval(), (torch.randn(3, 16),))
+    assert _serfswap_ops(program.graph_module) == ["serfswap.serf.default"] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

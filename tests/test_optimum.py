@@ -1,0 +1,93 @@
+"""Optimum's ONNX exporter on Serf models: the compatibility job (``.ci/run``, ``.venv-compat``).
+
+optimum-onnx's newest release pins transformers 4.57, so these tests run in a second virtual
+environment of their own (``pip install -e ".[compat]"``, ``pytest -m compat``) and skip where
+Optimum is not installed. A converted model is saved with ``save_pretrained`` (its config says
+"serf"), exported with ``main_export`` exactly as an original model is, and run with
+onnxruntime through Optimum's own model classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import serfswap
+
+pytestmark = pytest.mark.compat
+
+optimum_onnx = pytest.importorskip(
+    "optimum.exporters.onnx", reason="optimum-onnx runs in the compat job (.venv-compat)"
+)
+ort_models = pytest.importorskip("optimum.onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama": lambda: transformers.LlamaConfig(
+        **TEXT, num_key_value_heads=1, hidden_act="silu", bos_token_id=1, eos_token_id=2
+    ),
+    "bert": lambda: transformers.BertConfig(**TEXT),
+}  # fmt: skip
+
+
+def _save_serf_model(kind: str, auto: type, directory: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = serfswap.convert(auto.from_config(CONFIGS[kind]())).eval()
+    assert model.config.to_dict()["serfswap"]  # convert wrote "serf" into the config
+    model.save_pretrained(directory)
+    return model
+
+
+def _check_onnx(directory: Path) -> None:
+    """Serf as standard ops only: Softplus, Erf, Mul (Optimum uses the TorchScript exporter)."""
+    path = directory / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Softplus") == 2, ops  # one Serf per layer, two layers
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_main_export_text_generation_with_past_generates_the_same_tokens(
+    kind: str, tmp_path: Path
+) -> None:
+    model = _save_serf_model(kind, transformers.AutoModelForCausalLM, tmp_path / "torch")
+    optimum_onnx.main_export(
+        str(tmp_path / "torch"), output=tmp_path / "onnx", task="text-generation-with-past",
+        device="cpu",
+    )  # fmt: skip
+    _check_onnx(tmp_path / "onnx")
+    ort_model = ort_models.ORTModelForCausalLM.from_pretrained(tmp_path / "onnx", use_cache=True)
+    prompt = torch.tensor([[1, 17, 42, 5, 63], [1, 9, 9, 31, 77]])
+    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+    got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+    assert want.shape == (2, 5 + 16)
+    assert torch.equal(got, want)
+
+
+def test_main_export_feature_extraction_bert_matches_torch(tmp_path: Path) -> None:
+    model = _save_serf_model("bert", transformers.AutoModel, tmp_path / "torch")
+    optimum_onnx.main_export(
+        str(tmp_path / "torch"), output=tmp_path / "onnx", task="feature-extraction", device="cpu"
+    )
+    _check_onnx(tmp_path / "onnx")
+    ort_model = ort_models.ORTModelForFeatureExtraction.from_pretrained(tmp_path / "onnx")
+    ids = torch.randint(3, 99, (3, 11))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    got = ort_model(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
