@@ -101,10 +101,11 @@ def test_recover_a_text_file_and_resume(text_model: Path, tmp_path: Path, capsys
     after = float(report.split("cosine")[1].split()[1])
     assert after > before, report
 
-    code, _, err = run(capsys, *args)  # the folder holds a run: refused, not overwritten
-    assert code == 2 and "--resume" in err
-
     checkpoints = Path(f"{out}.checkpoints")
+    assert not checkpoints.exists(), "removed once OUT is written"
+    code, stdout, err = run(capsys, *args, "--keep-checkpoints")  # a rerun: just runs
+    assert code == 0, err
+    assert "kept the checkpoints" in stdout
     shutil.rmtree(checkpoints / "step-00000004")  # as if killed between steps 2 and 4
     out.unlink()
     code, stdout, err = run(capsys, *args, "--resume")
