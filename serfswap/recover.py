@@ -69,9 +69,10 @@ class RecoveryOptions:
     bfloat16 autocast).
     Bookkeeping: ``seed``, ``eval_every`` (steps between held-out evaluations; 0: only before
     and after), ``checkpoint_dir`` with ``checkpoint_every`` (steps) and ``keep`` (how many to
-    keep), ``resume`` (continue from the newest checkpoint in ``checkpoint_dir``), ``log`` (a
-    JSON-lines file, one line per step), ``plot`` (a PNG of the curves; needs matplotlib),
-    ``progress`` (a tqdm bar, when tqdm is installed).
+    keep), ``resume`` (continue from the newest checkpoint in ``checkpoint_dir``, or extend a
+    finished run there to more ``steps``), ``log`` (a JSON-lines file, one line per step),
+    ``plot`` (a PNG of the curves; needs matplotlib), ``progress`` (a tqdm bar, when tqdm is
+    installed; the slow steps before it are logged at INFO on the ``serfswap`` logger).
     """
 
     lr: float = 1e-4
@@ -165,8 +166,17 @@ def recover(
             ``checkpoint_dir=...``, ``resume=True``, ``log=...``, ``plot=...``...).
 
     A resumed run (``resume=True``) ends with the same weights as an uninterrupted one when
-    ``data`` iterates the same way each time (a list, or a DataLoader with a seeded generator):
-    it skips the batches the finished steps used.
+    ``data``, built afresh in each process, yields the same sequence of passes (a list, or a
+    DataLoader with a seeded generator, which reshuffles on each pass): the run draws all its
+    batches, BatchNorm re-estimation's first, from one stream over ``data``, and a resumed run
+    skips the batches the finished part drew.
+
+    Finished runs: with ``resume=True`` and more ``steps`` than a finished run in
+    ``checkpoint_dir`` had, the run is extended: the added steps get their own warmup and
+    cosine decay to 0, peaking at ``lr`` (a warm restart; the finished run's rate has decayed
+    to 0), while the weights, AdamW moments, RNG states and data position carry on. Without
+    ``resume``, a finished run in ``checkpoint_dir`` is replaced by the new one; an unfinished
+    one is refused.
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
@@ -352,8 +362,10 @@ class _Run:
                 local = (distributed.shard(b, self.world) for b in _take(batches, opts.bn_batches))
                 self.bn_drawn = reestimate_batchnorm(self.student, local, self.device)
         elif self.bn_drawn + self.step:
-            self._say(f"skipping the {self.bn_drawn + self.step} batches the finished steps drew")
-            for _ in range(self.bn_drawn + self.step):
+            drawn = self.bn_drawn + self.step
+            self._say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
+                      "re-estimation's and the finished steps')")  # fmt: skip
+            for _ in range(drawn):
                 next(batches)
         log = self._open_log()
         bar = _progress(self.steps, self.step, opts.progress and self.world.main)
