@@ -284,6 +284,8 @@ class _Run:
         if error is not None:  # raised on every rank: none is left waiting for the others
             raise InvalidArgumentError(error)
         if path is None:
+            if self.opts.resume:  # e.g. the checkpoints of a finished run were removed
+                self._say(f"no checkpoint in {self.folder} to resume from: starting at step 0")
             return None
         state = trainstate.load(path, self.student, steps=self.steps)
         self.optimizer.load_state_dict(state["optimizer"])
