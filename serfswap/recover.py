@@ -356,8 +356,9 @@ class _Run:
         if resumed is None:
             torch.manual_seed(opts.seed)
             if eval_batches:
-                self._say(f"evaluating the converted model on {len(eval_batches)} held-out "
-                          "batches (before)")  # fmt: skip
+                n = len(eval_batches)
+                self._say(f"evaluating the converted model on {n} held-out "
+                          f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
                 self.before = self._evaluate(eval_batches)
             if opts.bn_batches and has_batchnorm(self.student):
                 self._say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")

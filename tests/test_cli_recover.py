@@ -72,8 +72,13 @@ def test_recover_an_image_folder_then_export(image_folder: Path, tmp_path: Path,
     out = tmp_path / "r.safetensors"
     code, stdout, err = run(capsys, "recover", "timm:test_resnet", "--data", str(image_folder),
                             "--steps", "4", "--batch-size", "8", "-o", str(out), "--plot",
-                            "--log", str(tmp_path / "log.jsonl"))  # fmt: skip
+                            "--log", str(tmp_path / "log.jsonl"), "--bn-batches", "2")  # fmt: skip
     assert code == 0, err
+    said = ["loading timm:test_resnet", "data: ", "evaluating the converted model on 1 held-out "
+            "batch (before)", "re-estimating BatchNorm statistics on 2 batches",
+            "serfswap recovery: 4 steps"]  # fmt: skip
+    where = [stdout.find(line) for line in said]
+    assert -1 not in where and where == sorted(where), stdout  # what it does, as it does it
     assert "40 images" in stdout and "36 train, 4 held out" in stdout
     assert "serfswap recovery: 4 steps" in stdout
     assert (tmp_path / "r.safetensors.curves.png").read_bytes().startswith(b"\x89PNG")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serfswap import trainstate
+from serfswap.cli import main
 from serfswap.recover import _schedule
 
 from .test_cli_recover import TEXT, image_folder, text_model  # noqa: F401 (fixtures)
@@ -169,3 +170,25 @@ def test_keep_and_an_unfinished_run_is_never_started_over(
     longer = serfswap(*base[:-1], "9", "--resume", check=False)
     assert longer.returncode == 2 and "finish it first" in longer.stderr, longer.stderr
     assert [s for s, _ in trainstate.checkpoints(folder)] == [3], "left as it was"
+
+
+def test_recover_help_shows_the_api_options_and_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["recover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--batch-size BATCH_SIZE examples per step (default: 32)",
+                  "(default: 0.1)", "--blend", "--bn-batches", "(0: off; default: 20)",
+                  "--eval-every", "--keep KEEP", "--keep-checkpoints", "more --steps"):  # fmt: skip
+        assert shown in text, shown
+
+
+def test_recover_option_errors_speak_cli(sources: dict[str, list[str]], capsys,
+                                         tmp_path: Path) -> None:  # fmt: skip
+    out = str(tmp_path / "o.safetensors")
+    for bad, message in ((["--keep", "0"], "--keep"), (["--warmup", "2"], "--warmup"),
+                         (["--blend", "-1"], "--blend"), (["--bn-batches", "-1"], "--bn-batches"),
+                         (["--eval-every", "-2"], "--eval-every")):  # fmt: skip
+        code = main(["recover", *sources["text"], "--steps", "1", "-o", out, *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("error:") == 1, err
+        assert not Path(out).exists()
