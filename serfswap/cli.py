@@ -187,9 +187,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
+    import logging
+
+    # The library says what it is doing in the slow parts without a progress bar (BatchNorm
+    # re-estimation, the "before" evaluation, skipping to where a run resumes): shown here as
+    # plain lines, flushed at once, for this command only.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("serfswap")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _recover(args)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _recover(args: argparse.Namespace) -> int:
     import torch
 
     from . import data as recovery_data
+    from . import trainstate
     from .convert import REPORT_ATTR, convert
     from .io import describe, write_checkpoint
     from .paths import check_input_path
@@ -197,6 +217,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or not 0 < args.held_out < 1:
         raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
+    if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
+        raise InvalidArgumentError("--keep must be >= 1, --bn-batches and --eval-every >= 0")
+    if not (0 <= args.warmup <= 1 and 0 <= args.blend <= 1):
+        raise InvalidArgumentError("--warmup and --blend are fractions of the steps, 0 to 1")
     out = _output(args, args.data, args.tokenizer)
     source = check_input_path(args.data)
     checkpoints = Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
@@ -207,6 +231,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         from .curves import require_matplotlib
 
         require_matplotlib()
+    print(f"loading {args.model}", flush=True)
     loaded = _load(args)
     _needs_module(loaded, "recover")
     teacher = loaded.model
@@ -231,15 +256,25 @@ def cmd_recover(args: argparse.Namespace) -> int:
     student = convert(teacher, **_swap_options(args))
     print(student.serfswap_report.summary())
     every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
+    evals = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
     result = recover(
         student, teacher, batches.train, steps=args.steps, eval_data=batches.held_out,
         lr=args.lr, seed=args.seed, checkpoint_dir=checkpoints, checkpoint_every=every,
-        resume=args.resume, eval_every=max(1, args.steps // 10), log=args.log,
-        plot=args.plot, train=args.train, autocast=args.autocast,
+        keep=args.keep, resume=args.resume, eval_every=evals, log=args.log, plot=args.plot,
+        train=args.train, autocast=args.autocast, bn_batches=args.bn_batches,
+        warmup=args.warmup, blend=args.blend,
     )  # fmt: skip
     print(result)
     write_checkpoint(student.to(torch.device("cpu")), arch, out)
-    print(f"wrote {out} (checkpoints of the run in {checkpoints}/)")
+    print(f"wrote {out}")
+    # Only once OUT is written: until then the checkpoints are the run's only result.
+    if result.checkpoint is not None and not args.keep_checkpoints:
+        removed = trainstate.remove_run(checkpoints)
+        print(f"removed the run's {removed} checkpoint(s) from {checkpoints}/ (--keep-checkpoints "
+              "keeps them, to extend the run later with --resume and more --steps)")  # fmt: skip
+    elif result.checkpoint is not None:
+        print(f"kept the checkpoints in {checkpoints}/: --resume with more --steps extends "
+              "this run")  # fmt: skip
     if args.plot is not None:
         print(f"wrote {args.plot}")
     return 0
@@ -498,27 +533,62 @@ def build_parser() -> argparse.ArgumentParser:
         "unconverted MODEL, on an image folder (timm models; the model's own transforms) or a "
         "text file with one example per line (HuggingFace models; the model's tokenizer). "
         "A share of the data is held out for the before/after figures. Checkpoints are written "
-        "as the run goes (--resume continues a killed run); OUT is a serfswap checkpoint that "
-        "`serfswap export` reads.",
+        "as the run goes: --resume continues a killed run to exactly the weights it would have "
+        "had, or extends a finished one (kept with --keep-checkpoints) to more --steps; they "
+        "are removed once OUT is written. Rerunning a finished command starts it over. OUT is "
+        "a serfswap checkpoint that `serfswap export` reads.",
     )
     _add_model_arguments(rec)
     _add_swap_arguments(rec)
     rec.add_argument("--data", required=True, help="an image folder or a text file")
-    rec.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    rec.add_argument("--steps", type=int, required=True,
+                     help="optimiser steps in all; with --resume, more than a finished run's "
+                     "extends it")  # fmt: skip
     rec.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    rec.add_argument("--batch-size", type=int, default=32)
-    rec.add_argument("--lr", type=float, default=1e-4)
-    rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--held-out", type=float, default=0.1, help="share held out (default 0.1)")
-    rec.add_argument("--max-length", type=int, default=128, help="tokens per text example")
+    rec.add_argument(
+        "--batch-size", type=int, default=32, help="examples per step (default: %(default)s)"
+    )
+    rec.add_argument("--lr", type=float, default=1e-4,
+                     help="peak learning rate (AdamW; warmup, then cosine decay to 0; "
+                     "default: %(default)s)")  # fmt: skip
+    rec.add_argument("--warmup", type=float, default=0.1,
+                     help="fraction of the steps of linear warmup "
+                     "(default: %(default)s)")  # fmt: skip
+    rec.add_argument("--blend", type=float, default=0.0,
+                     help="fraction of the steps over which each Serf ramps from the original "
+                     "activation (0: off; default: %(default)s)")  # fmt: skip
+    rec.add_argument("--bn-batches", type=int, default=20,
+                     help="batches to re-estimate BatchNorm statistics on first, for models "
+                     "with BatchNorm (0: off; default: %(default)s)")  # fmt: skip
+    rec.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    rec.add_argument(
+        "--held-out", type=float, default=0.1, help="share held out (default: %(default)s)"
+    )
+    rec.add_argument(
+        "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
+    )
     rec.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's directory)")
     rec.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     rec.add_argument("--train", choices=["all", "converted"], default="all",
                      help="train all parameters, or only the converted modules'")  # fmt: skip
     rec.add_argument("--autocast", choices=["bf16"], help="bfloat16 autocast")
+    rec.add_argument("--eval-every", type=int,
+                     help="steps between held-out evaluations (default: steps / 10; 0: only "
+                     "before and after)")  # fmt: skip
     rec.add_argument("--checkpoint-dir", help="default: OUT.checkpoints next to OUT")
-    rec.add_argument("--checkpoint-every", type=int, help="steps (default: steps / 10)")
-    rec.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    rec.add_argument("--checkpoint-every", type=int,
+                     help="steps (default: steps / 10; 0: no checkpoints)")  # fmt: skip
+    rec.add_argument(
+        "--keep",
+        type=int,
+        default=2,
+        help="checkpoints kept while the run goes (default: %(default)s)",
+    )
+    rec.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep them once OUT is written (to extend the run later)")  # fmt: skip
+    rec.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint (exactly), or extend a finished "
+                     "run to more --steps")  # fmt: skip
     rec.add_argument("--log", help="a JSON-lines file, one line per step")
     rec.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
                      "(default name: OUT.curves.png)")  # fmt: skip

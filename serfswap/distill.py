@@ -222,6 +222,10 @@ def swap_blends(model: nn.Module, install: bool) -> list[Blend]:
 
 
 @torch.no_grad()
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device) -> int:
     """Recompute BatchNorm running statistics of ``model`` on ``batches`` (cumulative average)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -12,6 +12,7 @@ linear warmup then cosine decay, gradient clipping. The pieces it compares live 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ from .distill import (
     converted_parents,
     embedding_loss,
     evaluate,
+    has_batchnorm,
     is_classifier,
     kl_loss,
     outputs,
@@ -39,6 +41,8 @@ from .distill import (
 )
 from .errors import InvalidArgumentError
 from .modes import eval_mode
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_LOSSES = ("auto", "kl", "mse-cosine")
 TRAIN_CHOICES = ("all", "converted")
@@ -65,9 +69,10 @@ class RecoveryOptions:
     bfloat16 autocast).
     Bookkeeping: ``seed``, ``eval_every`` (steps between held-out evaluations; 0: only before
     and after), ``checkpoint_dir`` with ``checkpoint_every`` (steps) and ``keep`` (how many to
-    keep), ``resume`` (continue from the newest checkpoint in ``checkpoint_dir``), ``log`` (a
-    JSON-lines file, one line per step), ``plot`` (a PNG of the curves; needs matplotlib),
-    ``progress`` (a tqdm bar, when tqdm is installed).
+    keep), ``resume`` (continue from the newest checkpoint in ``checkpoint_dir``, or extend a
+    finished run there to more ``steps``), ``log`` (a JSON-lines file, one line per step),
+    ``plot`` (a PNG of the curves; needs matplotlib), ``progress`` (a tqdm bar, when tqdm is
+    installed; the slow steps before it are logged at INFO on the ``serfswap`` logger).
     """
 
     lr: float = 1e-4
@@ -161,8 +166,17 @@ def recover(
             ``checkpoint_dir=...``, ``resume=True``, ``log=...``, ``plot=...``...).
 
     A resumed run (``resume=True``) ends with the same weights as an uninterrupted one when
-    ``data`` iterates the same way each time (a list, or a DataLoader with a seeded generator):
-    it skips the batches the finished steps used.
+    ``data``, built afresh in each process, yields the same sequence of passes (a list, or a
+    DataLoader with a seeded generator, which reshuffles on each pass): the run draws all its
+    batches, BatchNorm re-estimation's first, from one stream over ``data``, and a resumed run
+    skips the batches the finished part drew.
+
+    Finished runs: with ``resume=True`` and more ``steps`` than a finished run in
+    ``checkpoint_dir`` had, the run is extended: the added steps get their own warmup and
+    cosine decay to 0, peaking at ``lr`` (a warm restart; the finished run's rate has decayed
+    to 0), while the weights, AdamW moments, RNG states and data position carry on. Without
+    ``resume``, a finished run in ``checkpoint_dir`` is replaced by the new one; an unfinished
+    one is refused.
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
@@ -203,10 +217,22 @@ def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
             module.training = training
 
 
-def _schedule(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
+def _schedule(step: int, segments: list[tuple[int, int]], warmup: float) -> float:
+    """The learning-rate factor at ``step``: within each segment ``[start, end)`` of the run,
+    linear warmup over ``warmup`` of its steps, then cosine decay to 0 at its end. A run has
+    one segment; each extension of a finished run (``resume=True`` with more ``steps``) adds
+    one, a warm restart: the finished run's cosine has decayed to 0, so continuing it would
+    not train, and re-planning it over the longer run would jump to a mid-cosine rate."""
+    start, end = segments[-1]
+    for a, b in segments:
+        if step < b:
+            start, end = a, b
+            break
+    local, length = step - start, end - start
+    warm = max(1, int(warmup * length))
+    if local < warm:
+        return (local + 1) / warm
+    progress = (local - warm) / max(1, length - warm)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -223,15 +249,23 @@ class _Run:
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
-        warm = max(1, int(opts.warmup * steps))
+        # [start, end) of each planned part of the run: one, plus one per extension.
+        self.segments: list[tuple[int, int]] = [(0, steps)]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _schedule(s, steps, warm)
+            self.optimizer, lambda s: _schedule(s, self.segments, opts.warmup)
         )
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
         self.before: dict[str, float] = {}
         self.step = 0
+        self.bn_drawn = 0  # batches BatchNorm re-estimation drew from the stream before step 1
         self.last_checkpoint: Path | None = None
+
+    def _say(self, message: str) -> None:
+        """What the run is doing, for the slow parts that show no progress bar (logging, at
+        INFO, on the main process; ``serfswap recover`` prints these lines)."""
+        if self.world.main:
+            logger.info(message)
 
     # set-up ------------------------------------------------------------------------------
 
@@ -250,16 +284,42 @@ class _Run:
         if error is not None:  # raised on every rank: none is left waiting for the others
             raise InvalidArgumentError(error)
         if path is None:
+            if self.opts.resume:  # e.g. the checkpoints of a finished run were removed
+                self._say(f"no checkpoint in {self.folder} to resume from: starting at step 0")
             return None
         state = trainstate.load(path, self.student, steps=self.steps)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         self.evals, self.before = state["evals"], state["before"]
+        self.bn_drawn = state.get("bn_drawn", 0)
+        self.segments = [tuple(s) for s in state.get("segments", [(0, state["steps"])])]
         rngs = state["rng"]
         trainstate.set_rng_state(rngs[self.world.rank % len(rngs)])
         self.last_checkpoint = path
+        if state["steps"] < self.steps:  # a finished run, extended
+            self._extend(state["steps"])
+        else:
+            self._say(f"resumed from {path} at step {self.step} of {self.steps}")
         return self.step
+
+    def _extend(self, finished: int) -> None:
+        """Plan the steps from ``finished`` to ``self.steps`` as a new segment of the schedule:
+        warmup over ``warmup`` of the added steps to this call's ``lr``, cosine decay to 0 at
+        the new end. Weights, AdamW moments, RNG states and the data position carry on."""
+        self.segments.append((finished, self.steps))
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.opts.lr
+        self.scheduler.base_lrs = [self.opts.lr] * len(self.optimizer.param_groups)
+        factor = _schedule(self.step, self.segments, self.opts.warmup)
+        for group in self.optimizer.param_groups:  # the rate of the next step, not the old 0
+            group["lr"] = self.opts.lr * factor
+        warm = max(1, int(self.opts.warmup * (self.steps - finished)))
+        self._say(
+            f"extending the finished run of {finished} steps to {self.steps}: the learning rate "
+            f"warms up again to {self.opts.lr:g} over {warm} steps, then decays by cosine to 0 "
+            f"at step {self.steps}"
+        )
 
     def _checkpoint(self) -> None:
         rngs = distributed.gather(trainstate.rng_state(), self.world)
@@ -272,6 +332,8 @@ class _Run:
                 "history": self.history,
                 "evals": self.evals,
                 "before": self.before,
+                "bn_drawn": self.bn_drawn,
+                "segments": self.segments,
             }
             self.last_checkpoint = trainstate.save(
                 self.folder, self.step, self.student, state, self.opts.keep
@@ -285,17 +347,29 @@ class _Run:
         opts = self.opts
         eval_batches = list(eval_data) if eval_data is not None else []
         resumed = self._resume()
+        # One stream of batches for the whole run: BatchNorm re-estimation draws the first
+        # ones, then each step the next. A resumed run skips what the finished part drew, so it
+        # reaches the same batch even when each pass over ``data`` differs (a DataLoader with a
+        # seeded generator shuffles anew on each pass: a second stream for BatchNorm would
+        # advance that generator on a fresh run and not on a resumed one).
+        batches = _cycle(self.data)
         if resumed is None:
             torch.manual_seed(opts.seed)
             if eval_batches:
+                n = len(eval_batches)
+                self._say(f"evaluating the converted model on {n} held-out "
+                          f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
                 self.before = self._evaluate(eval_batches)
-            if opts.bn_batches:
-                batches = _take(_cycle(self.data), opts.bn_batches)
-                local = (distributed.shard(b, self.world) for b in batches)
-                reestimate_batchnorm(self.student, local, self.device)
-        batches = _cycle(self.data)
-        for _ in range(self.step):  # the batches the finished steps used
-            next(batches)
+            if opts.bn_batches and has_batchnorm(self.student):
+                self._say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
+                local = (distributed.shard(b, self.world) for b in _take(batches, opts.bn_batches))
+                self.bn_drawn = reestimate_batchnorm(self.student, local, self.device)
+        elif self.bn_drawn + self.step:
+            drawn = self.bn_drawn + self.step
+            self._say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
+                      "re-estimation's and the finished steps')")  # fmt: skip
+            for _ in range(drawn):
+                next(batches)
         log = self._open_log()
         bar = _progress(self.steps, self.step, opts.progress and self.world.main)
         blends = swap_blends(self.student, install=True) if opts.blend > 0 else []
@@ -303,7 +377,7 @@ class _Run:
                 if opts.layer_weight else None)  # fmt: skip
         model = self._wrap()
         self.student.train(opts.train_mode)
-        ramp = max(1, int(opts.blend * self.steps))
+        ramp = max(1, int(opts.blend * self.segments[0][1]))  # the first run's, not extensions'
         try:
             while self.step < self.steps:
                 for b in blends:

@@ -5,10 +5,16 @@ weights and buffers) and ``state.pt`` (optimizer, scheduler, RNG states, step, h
 written into a hidden temporary folder beside it, flushed to disk, and renamed into place: a
 rename is atomic, so a run killed mid-write leaves a temporary folder that is never read, never
 a half-written ``step-*``. The last ``keep`` checkpoints are kept.
+
+A run is *finished* when its newest checkpoint is of its last step. A finished run can be
+extended (resumed with more steps), and is replaced when a run starts afresh in its folder; an
+unfinished one is only ever continued, never overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import re
@@ -21,6 +27,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InvalidArgumentError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "serfswap-recovery/1"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -80,7 +88,9 @@ def save(folder: Path, step: int, model: nn.Module, state: dict[str, Any], keep:
 
 def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``; return the rest of its state.
-    The state is checked (format, a run of ``steps`` steps) before the model is touched."""
+    The state is checked before the model is touched: its format, and ``steps``, which must be
+    the run's own, or more when the run has finished (an extension). A wrong ``steps`` is the
+    caller's mistake (InvalidArgumentError); a damaged file is a CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -90,10 +100,17 @@ def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read state.pt ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a serfswap recovery checkpoint")
-    if state["steps"] != steps:
-        raise CheckpointError(
-            f"{path} belongs to a run of {state['steps']} steps, not {steps}: resume with the "
-            "same steps, or start in another folder"
+    done, planned = state["step"], state["steps"]
+    if steps < planned:
+        raise InvalidArgumentError(
+            f"{path} belongs to a run of {planned} steps, not {steps}: a run cannot be "
+            f"shortened; resume with steps={planned} (--steps {planned}), or start in another "
+            "folder"
+        )
+    if steps > planned and done < planned:
+        raise InvalidArgumentError(
+            f"{path} belongs to a run of {planned} steps, not {steps}, stopped at step {done}: "
+            f"finish it first (resume with --steps {planned}), then extend it to more steps"
         )
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
@@ -102,19 +119,48 @@ def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
     return state
 
 
+def progress(path: Path) -> tuple[int, int]:
+    """(step, steps) of checkpoint ``path``: where its run stood, and how long it was planned.
+    Reads no tensor (the file is memory-mapped)."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"]), int(state["steps"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read state.pt ({exc})") from None
+
+
 def check_folder(folder: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh, also when resuming a folder that
-    holds no checkpoint yet). A folder that holds a run is only continued on request, never
-    overwritten."""
+    holds no checkpoint yet). Starting afresh where a finished run is replaces it: its result
+    has been returned, and the same call computes it again. An unfinished run is only continued
+    on request (``resume``), never overwritten."""
     if folder.exists() and not folder.is_dir():
         raise InvalidArgumentError(f"checkpoint folder {folder} is a file")
     found = checkpoints(folder)
     if found and not resume:
-        raise InvalidArgumentError(
-            f"{folder} already holds a recovery run (step {found[-1][0]}): pass resume=True "
-            "(--resume) to continue it, or choose another folder"
-        )
+        step, steps = progress(found[-1][1])
+        if step < steps:
+            raise InvalidArgumentError(
+                f"{folder} holds an unfinished recovery run (step {step} of {steps}): pass "
+                "resume=True (--resume) to continue it, or choose another folder"
+            )
+        remove_run(folder)
+        logger.info(f"{folder} held a finished run of {steps} steps: starting over (resume "
+                    "with more steps extends a finished run instead)")  # fmt: skip
+        return None
     return found[-1][1] if found else None
+
+
+def remove_run(folder: Path) -> int:
+    """Delete the checkpoints of the run in ``folder`` (and the folder when nothing else is
+    left in it); returns how many were removed. Other files in the folder are left."""
+    found = [path for _, path in checkpoints(folder)]
+    for path in found:
+        shutil.rmtree(path)
+    remove_partial(folder)
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        folder.rmdir()
+    return len(found)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -86,8 +86,13 @@ def test_recover_an_image_folder_then_export(
     code, stdout, err = run(capsys, "recover", "timm:test_resnet", "--weights", weights,
                             "--data", str(image_folder),
                             "--steps", "4", "--batch-size", "8", "-o", str(out), "--plot",
-                            "--log", str(tmp_path / "log.jsonl"))  # fmt: skip
+                            "--log", str(tmp_path / "log.jsonl"), "--bn-batches", "2")  # fmt: skip
     assert code == 0, err
+    said = ["loading timm:test_resnet", "data: ", "evaluating the converted model on 1 held-out "
+            "batch (before)", "re-estimating BatchNorm statistics on 2 batches",
+            "serfswap recovery: 4 steps"]  # fmt: skip
+    where = [stdout.find(line) for line in said]
+    assert -1 not in where and where == sorted(where), stdout  # what it does, as it does it
     assert "40 images" in stdout and "36 train, 4 held out" in stdout
     assert "serfswap recovery: 4 steps" in stdout
     assert (tmp_path / "r.safetensors.curves.png").read_bytes().startswith(b"\x89PNG")
@@ -115,10 +120,11 @@ def test_recover_a_text_file_and_resume(text_model: Path, tmp_path: Path, capsys
     after = float(report.split("cosine")[1].split()[1])
     assert after > before, report
 
-    code, _, err = run(capsys, *args)  # the folder holds a run: refused, not overwritten
-    assert code == 2 and "--resume" in err
-
     checkpoints = Path(f"{out}.checkpoints")
+    assert not checkpoints.exists(), "removed once OUT is written"
+    code, stdout, err = run(capsys, *args, "--keep-checkpoints")  # a rerun: just runs
+    assert code == 0, err
+    assert "kept the checkpoints" in stdout
     shutil.rmtree(checkpoints / "step-00000004")  # as if killed between steps 2 and 4
     out.unlink()
     code, stdout, err = run(capsys, *args, "--resume")
