@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,17 +272,25 @@ def _fresh_like(
 def _output_names(model: nn.Module, output: Any) -> list[str]:
     """ONNX output names as the model names its outputs: a ModelOutput's fields
     (``last_hidden_state``, ``pooler_output``, ``logits``), ``logits`` for a timm classifier's
-    tensor, ``output`` for a plain module's; nested items get ``.index`` suffixes."""
-    from torch.utils._pytree import tree_flatten_with_path
+    tensor, ``output`` for a plain module's; nested items get ``.index`` suffixes.
 
+    The order is the exporter's: mappings (ModelOutput is one) in key order without None,
+    sequences in order. Walked here because transformers 4.x registers ModelOutput with torch's
+    pytree without the keys that ``tree_flatten_with_path`` needs."""
     single = "logits" if isinstance(getattr(model, "pretrained_cfg", None), dict) else "output"
-    names = []
-    for path, leaf in tree_flatten_with_path(output)[0]:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        names.append(".".join(parts) if parts else single)
-    return names
+
+    def walk(value: Any, name: str) -> list[str]:
+        if isinstance(value, torch.Tensor):
+            return [name or single]
+        if isinstance(value, Mapping):
+            items = [(str(k), v) for k, v in value.items() if v is not None]
+        elif isinstance(value, list | tuple):
+            items = [(str(i), v) for i, v in enumerate(value)]
+        else:
+            return []
+        return [n for key, v in items for n in walk(v, f"{name}.{key}" if name else key)]
+
+    return walk(output, "")
 
 
 def _name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
