@@ -270,6 +270,22 @@ def _decide(
 def _nothing_matched(
     model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
 ) -> NothingToConvertError:
+    error = _nothing_matched_why(model, stages, found, families, **given)
+    kept = [
+        n or "(root)" for f, s in zip(found, stages, strict=True) if s == ROLE for n in f.names[:1]
+    ]
+    if kept and "positivity constraint" not in str(error):
+        error.args = (
+            f"{error}; also kept as positivity constraints: {', '.join(kept[:3])}"
+            f"{', ...' if len(kept) > 3 else ''} (to convert them, name them in include= or add "
+            f"{ROLE!r} to activations=)",
+        )
+    return error
+
+
+def _nothing_matched_why(
+    model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
+) -> NothingToConvertError:
     candidates = [f for f in found if f.family != GATE]
     if not candidates:
         gates = len(found)
@@ -281,7 +297,12 @@ def _nothing_matched(
         )
     seen = sorted({f.family for f in candidates})
     if ROLE in stages and all(s in ("family", "gate", ROLE) for s in stages):
-        kept = [n for f, s in zip(found, stages, strict=True) if s == ROLE for n in f.names[:1]]
+        kept = [
+            n or "(root)"
+            for f, s in zip(found, stages, strict=True)
+            if s == ROLE
+            for n in f.names[:1]
+        ]
         return NothingToConvertError(
             f"every activation of {model} that activations= selects is a positivity constraint "
             f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}: its output must stay "
