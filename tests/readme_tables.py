@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from serfswap import activations as acts
+from serfswap import positivity
 
 from .zoo import hf_zoo, timm_zoo
 
@@ -54,6 +55,17 @@ def activation_table() -> str:
         mods = ", ".join(rows.get(family, [])) or "-"
         fns = ", ".join(sorted(set(functions.get(family, [])))) or "-"
         lines.append(f"| {family} | {when} | {mods} | {fns} |")
+    known = ", ".join(
+        f"`{cls}.{attr}` ({module.split('.')[0]})"
+        for module, classes in positivity.KNOWN.items()
+        for cls, attrs in classes.items()
+        for attr in attrs
+    )
+    lines.append(
+        f"| role: {positivity.ROLE} | only when named (`include=` naming the site, or "
+        f"`activations=[..., '{positivity.ROLE}']`) | any of the above whose output must stay "
+        f"non-negative: {known}, and what the rules `query-key` / `denominator` find | same |"
+    )
     return "\n".join(lines)
 
 
