@@ -124,3 +124,14 @@ LEFT_OUT = {
     "hieradet_sam2": "smallest model at 896x896",
     "csatv2": "only model at 512x512",
 }
+
+# Models whose ONNX export (converted with the defaults for every family, exported with
+# export_onnx's defaults) fails, as measured: name -> (regex of the error, reason). The slow job
+# checks that each still fails this way (a fixed one must leave the table); the README shows it.
+EXPORT_FAILURES: dict[str, tuple[str, str]] = {
+    "test_coatnet": (
+        r"Reshape node",
+        "dynamic batch: the exporter bakes the example's batch into a window-partition Reshape; "
+        "the original ReLU/GELU model fails the same way (export with dynamic=False)",
+    ),
+}
