@@ -479,6 +479,11 @@ def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
                 item.owner.activation_relu_or_gelu = 0
             item.owner.__dict__[item.attribute] = replacement
     if any_functional:  # excluded owners get an empty scope, so a converted parent spares them
+        # So do activation modules left as they are (a kept feature map, an excluded ReLU): their
+        # forward calls F.relu, which a converted ancestor's scope would otherwise turn into Serf.
+        for item, site in decided:
+            if item.module is not None and not site.convert and item.family != GATE:
+                scopes.setdefault(id(item.module), (item.module, set()))
         for owner, families in scopes.values():
             current = owner.__dict__.get("forward")
             if isinstance(current, FunctionalScope):

@@ -197,3 +197,27 @@ def test_no_false_positive_on_ordinary_activations() -> None:
     assert source_constraints(OrdinaryMLP) == source_constraints(OrdinaryMLP)  # cached, stable
     assert not source_constraints(OrdinaryMLP).attributes
     assert not source_constraints(OrdinaryMLP).calls
+
+
+def test_kept_module_inside_a_converted_functional_scope_stays_relu() -> None:
+    """A kept nn.ReLU calls F.relu, which the scope of a converted ancestor that calls F.relu
+    itself would turn into Serf at run time: the kept module gets an empty scope of its own."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.fc = LinearAttention(), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc(self.attn(x)))
+
+    converted = serfswap.convert(Block())
+    assert _site(converted.serfswap_report, "attn.feature_map").rule == "query-key"
+    outputs: list[torch.Tensor] = []
+    converted.attn.feature_map.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.no_grad():
+        converted(torch.randn(2, 5, 8))
+    assert len(outputs) == 2 and all(bool((o >= 0).all()) for o in outputs)
+    assert any(bool((o == 0).any()) for o in outputs)  # ReLU's zeros, not Serf's negatives
+    reverted = serfswap.revert(converted)
+    assert "forward" not in reverted.attn.feature_map.__dict__
