@@ -82,7 +82,8 @@ def zoo_table() -> str:
         "",
         "ONNX export (slow job, `test_timm_export`): every timm model above, converted with "
         'the defaults for every family (`activations="all"`, positivity constraints kept), '
-        "is exported with `export_onnx`'s defaults and verified against torch at 1e-4, except:",
+        "is exported (batch 2 at the size above) with `export_onnx`'s defaults and verified "
+        "against torch at 1e-4 (fresh inputs of batch 3), except:",
         "",
         "| model | why its export fails |",
         "|---|---|",

@@ -129,14 +129,10 @@ LEFT_OUT = {
 # export_onnx's defaults) fails, as measured: name -> (regex of the error, reason). The slow job
 # checks that each still fails this way (a fixed one must leave the table); the README shows it.
 EXPORT_FAILURES: dict[str, tuple[str, str]] = {
-    "test_coatnet": (
-        r"Reshape node",
-        "dynamic batch: the exporter bakes the example's batch into a window-partition Reshape; "
-        "the original ReLU/GELU model fails the same way (export with dynamic=False)",
-    ),
     "test_maxvit": (
         r"Failed to decompose the FX graph",
-        "dynamic batch: torch.export cannot decompose a window-partition view with a symbolic "
-        "batch; the original model fails the same way (export with dynamic=False)",
+        "dynamic batch: torch.export cannot view a window partition (16*batch, 25, 2, 32) as "
+        "(16*batch, 5, 5, 64) with a symbolic batch; the original model fails the same way "
+        "(export with dynamic=False)",
     ),
 }
