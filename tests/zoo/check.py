@@ -110,8 +110,8 @@ def check_export(
     export must then fail with a message that matches, so a fixed failure is noticed too.
     """
     converted = serfswap.convert(prepare(model), activations="all")
-    # Batch 2, as export_onnx infers for timm: with batch 1 torch.export cannot keep the batch
-    # dynamic through an attention's reshape (ViT, BEiT: "Cannot view a tensor ... as (s77, ...)").
+    # Batch 2, as export_onnx infers for timm: an example of batch 1 lets the exporter bake the
+    # batch into a reshape (test_coatnet then fails on onnxruntime's fresh batch, 2 passes).
     inputs = {k: torch.randn(2, *v.shape[1:], dtype=v.dtype) for k, v in inputs.items()}
     if expected_failure is None:
         report = serfswap.export_onnx(converted, path, example_inputs=inputs)

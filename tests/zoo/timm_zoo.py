@@ -135,4 +135,16 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
         "(16*batch, 5, 5, 64) with a symbolic batch; the original model fails the same way "
         "(export with dynamic=False)",
     ),
+    "test_vit_relpos": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: torch.export cannot view the attention output (batch, 100, 3, 32) as "
+        "(batch, 100, 96) with a symbolic batch; the original model fails the same way (export "
+        "with dynamic=False)",
+    ),
+    "beit_base_patch16_224": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: torch.export cannot view the attention output (batch, 197, 12, 64) as "
+        "(batch, 197, 768) with a symbolic batch; the original model fails the same way (export "
+        "with dynamic=False)",
+    ),
 }
