@@ -147,4 +147,14 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
         "(batch, 197, 768) with a symbolic batch; the original model fails the same way (export "
         "with dynamic=False)",
     ),
+    "hiera_tiny_224": (
+        r"scaled_dot_product_attention",
+        "the exporter cannot translate this scaled_dot_product_attention call to ONNX "
+        "(torch.onnx ConversionError); not Serf: no Serf is involved in that node",
+    ),
+    "inception_v3": (
+        r"max abs diff [0-9.e+]+, max rel diff",
+        "output scale: the untrained, converted model's outputs reach 1.9e11 at 160x160; "
+        "onnxruntime differs by 1.6e5 at most (1e-6 of that; max rel diff 1.3e-3)",
+    ),
 }
