@@ -26,6 +26,7 @@ from . import integrations
 from .activations import GATE, class_family, function_info, resolve_families
 from .errors import InvalidArgumentError, NothingToConvertError
 from .functional import FunctionalScope, SerfFunction, class_call_sites, function_name
+from .positivity import ROLE, Constraint, class_constraints
 from .report import Plan, Site
 from .serf import Serf
 
@@ -58,6 +59,17 @@ class _Found:
     module: nn.Module | None = None  # kind module / norm-act: the instance
     attribute: str = ""  # kind attribute: the key in owner.__dict__
     refs: list[_Ref] = field(default_factory=list)
+    constraint: Constraint | None = None  # a positivity constraint (serfswap.positivity)
+
+
+def _module_constraint(refs: list[_Ref]) -> Constraint | None:
+    """The positivity constraint any parent that calls this activation module puts on it."""
+    for ref in refs:
+        if ref.parent is not None:
+            found = class_constraints(type(ref.parent)).attributes.get(ref.key)
+            if found is not None:
+                return found
+    return None
 
 
 def _walk(root: nn.Module) -> tuple[dict[int, list[_Ref]], list[tuple[str, nn.Module]]]:
@@ -121,6 +133,7 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
                     gated=_is_gated(parent),
                     module=module,
                     refs=mod_refs,
+                    constraint=_module_constraint(mod_refs),
                 )
             )
             continue
@@ -137,11 +150,14 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
                         owner=module,
                         gated=_is_gated(module),
                         attribute=key,
+                        constraint=class_constraints(type(module)).attributes.get(key),
                     )
                 )
         scope = module.__dict__.get("forward")
         done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
-        for site in class_call_sites(type(module)):
+        sites = class_call_sites(type(module))
+        calls = class_constraints(type(module)).calls if sites else {}
+        for site in sites:
             if site.family in done:
                 continue
             found.append(
@@ -152,6 +168,7 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
                     family=site.family,
                     owner=module,
                     where=f"{site.file}:{site.line} in {site.method}",
+                    constraint=calls.get((site.method, site.line)),
                 )
             )
     return found, has_serf
@@ -186,20 +203,61 @@ def _matches(names: list[str], patterns: tuple[str, ...]) -> str | None:
     return None
 
 
+_GLOB = frozenset("*?[")
+
+
+def _names_explicitly(names: list[str], patterns: tuple[str, ...]) -> str | None:
+    """The first pattern that names one of ``names`` explicitly: it matches the name, and its
+    last dotted part is literal (``"stages.3.*.kernel_func"``, ``"*.kernel_func"``, the full
+    name; not ``"*"`` nor ``"stages.3.*"``, which select whole regions of a model)."""
+    for pattern in patterns:
+        last = pattern.rsplit(".", 1)[-1]
+        if last and not (_GLOB & set(last)) and _matches(names, (pattern,)) is not None:
+            return pattern
+    return None
+
+
+def _split_role(
+    activations: Iterable[str | type] | str | None,
+) -> tuple[Iterable[str | type] | str | None, bool]:
+    """``activations`` without the ``"positivity"`` opt-in, and whether it was there. Alone, it
+    keeps the default families: ``activations="positivity"`` is the default plus the opt-in."""
+    if isinstance(activations, str):
+        return (None, True) if activations == ROLE else (activations, False)
+    if activations is None or not isinstance(activations, Iterable):
+        return activations, False
+    items = list(activations)
+    rest = [a for a in items if a != ROLE]
+    if len(rest) == len(items):
+        return items, False
+    return (rest or None), True
+
+
 def _decide(
     item: _Found,
     families: frozenset[str],
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     filter_fn: FilterFn | None,
+    positivity: bool = False,
 ) -> tuple[str, str]:
-    """(stage, reason): stage "convert" or the stage that skipped the site."""
+    """(stage, reason): stage "convert" or the stage that skipped the site.
+
+    A positivity constraint (:mod:`serfswap.positivity`) is skipped unless ``positivity`` (the
+    ``"positivity"`` opt-in of ``activations=``) or an include pattern names it explicitly.
+    """
     if item.family == GATE:
         return "gate", "gate or normaliser, never replaced"
     if item.family not in families:
         if item.family == "prelu":
             return "family", "has learned parameters; name 'prelu' in activations= to replace it"
         return "family", f"family {item.family!r} not selected (activations=)"
+    if (
+        item.constraint is not None
+        and not positivity
+        and not _names_explicitly(item.names, include)
+    ):
+        return ROLE, f"positivity constraint, {item.constraint}"
     if include and _matches(item.names, include) is None:
         return "include", "not matched by include="
     if exclude and (pattern := _matches(item.names, exclude)) is not None:
@@ -212,6 +270,22 @@ def _decide(
 def _nothing_matched(
     model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
 ) -> NothingToConvertError:
+    error = _nothing_matched_why(model, stages, found, families, **given)
+    kept = [
+        n or "(root)" for f, s in zip(found, stages, strict=True) if s == ROLE for n in f.names[:1]
+    ]
+    if kept and "positivity constraint" not in str(error):
+        error.args = (
+            f"{error}; also kept as positivity constraints: {', '.join(kept[:3])}"
+            f"{', ...' if len(kept) > 3 else ''} (to convert them, name them in include= or add "
+            f"{ROLE!r} to activations=)",
+        )
+    return error
+
+
+def _nothing_matched_why(
+    model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
+) -> NothingToConvertError:
     candidates = [f for f in found if f.family != GATE]
     if not candidates:
         gates = len(found)
@@ -222,6 +296,19 @@ def _nothing_matched(
             "stored as attributes, and F.relu / F.gelu / F.silu / F.mish calls in module code"
         )
     seen = sorted({f.family for f in candidates})
+    if ROLE in stages and all(s in ("family", "gate", ROLE) for s in stages):
+        kept = [
+            n or "(root)"
+            for f, s in zip(found, stages, strict=True)
+            if s == ROLE
+            for n in f.names[:1]
+        ]
+        return NothingToConvertError(
+            f"every activation of {model} that activations= selects is a positivity constraint "
+            f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}: its output must stay "
+            "non-negative, see the plan); to convert them anyway, name them in include= or add "
+            f"{ROLE!r} to activations="
+        )
     if "family" in stages and all(s in ("family", "gate") for s in stages):
         return NothingToConvertError(
             f"{model} has activations of families {seen}, none of which is in "
@@ -244,6 +331,24 @@ def _nothing_matched(
     )
 
 
+def _share_functional_skips(found: list[_Found], decisions: list[tuple[str, str]]) -> None:
+    """Skip every functional call of a family in a module where one call of it is a kept
+    positivity constraint: the scope that converts them works per module and family, not per
+    call, so converting the others would convert the constraint too."""
+    kept: dict[tuple[int, str], str] = {}
+    for item, (stage, _) in zip(found, decisions, strict=True):
+        if item.kind == "functional" and stage == ROLE:
+            kept.setdefault((id(item.owner), item.family), item.where)
+    for i, (item, (stage, _)) in enumerate(zip(found, decisions, strict=True)):
+        where = kept.get((id(item.owner), item.family))
+        if item.kind == "functional" and stage == "convert" and where is not None:
+            decisions[i] = (
+                ROLE,
+                f"same module and function as the positivity constraint at {where} "
+                "(functional calls are converted per module and function)",
+            )
+
+
 def _plan(
     model: nn.Module,
     include: str | Iterable[str] | None,
@@ -253,6 +358,7 @@ def _plan(
     function: str = "plan",
 ) -> tuple[Plan, list[tuple[_Found, Site]], bool]:
     _check_model(model, function)
+    activations, positivity = _split_role(activations)
     families = resolve_families(activations)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
@@ -260,10 +366,11 @@ def _plan(
             f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}"
         )
     found, has_serf = _find(model)
+    decisions = [_decide(item, families, inc, exc, filter_fn, positivity) for item in found]
+    _share_functional_skips(found, decisions)
     decided: list[tuple[_Found, Site]] = []
     stages = []
-    for item in found:
-        stage, reason = _decide(item, families, inc, exc, filter_fn)
+    for item, (stage, reason) in zip(found, decisions, strict=True):
         stages.append(stage)
         site = Site(
             name=item.names[0],
@@ -275,9 +382,18 @@ def _plan(
             gated=item.gated and stage == "convert",
             aliases=tuple(item.names[1:]),
             where=item.where,
+            role=ROLE if item.constraint is not None else "",
+            rule=item.constraint.rule if item.constraint is not None else "",
         )
         decided.append((item, site))
     plan = Plan(type(model).__name__, [site for _, site in decided])
+    kept = stages.count(ROLE)
+    if kept:
+        plan.notes.append(
+            f"{kept} positivity constraint{'s' if kept > 1 else ''} kept (linear-attention feature "
+            "maps, relu(x) + eps before a division, sqrt or log: Serf is negative below 0); to "
+            f"convert, name them in include= (e.g. '*.kernel_func') or add {ROLE!r} to activations="
+        )
     if not plan.converted and not has_serf:
         raise _nothing_matched(plan.model, stages, found, families, include=inc, exclude=exc)
     if not plan.converted:
@@ -302,6 +418,15 @@ def plan(
             that holds the function or makes the call.
         activations: families (``"relu"``, ``"gelu"``, ``"silu"``, ``"mish"``, ``"hardswish"``...),
             classes (``nn.ReLU``), or ``"all"``; default: the ReLU / GELU / Swish / Mish family.
+            Add ``"positivity"`` to convert positivity constraints too (alone, it means the
+            default families plus them).
+
+    Positivity constraints (:mod:`serfswap.positivity`: linear-attention feature maps such as
+    timm's ``LiteMLA.kernel_func``, ``relu(x) + eps`` before a division, sqrt or log) are left
+    alone, with the rule that recognised them in the plan, unless ``activations=`` holds
+    ``"positivity"`` or an ``include=`` pattern names them explicitly: it matches the site's
+    name and its last dotted part has no wildcard (``"*.kernel_func"``, a full name; ``"*"``
+    does not name them). ``"all"`` means all families, not this role.
 
     Raises:
         NothingToConvertError: nothing was selected; the message says which option removed what.
@@ -354,6 +479,11 @@ def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
                 item.owner.activation_relu_or_gelu = 0
             item.owner.__dict__[item.attribute] = replacement
     if any_functional:  # excluded owners get an empty scope, so a converted parent spares them
+        # So do activation modules left as they are (a kept feature map, an excluded ReLU): their
+        # forward calls F.relu, which a converted ancestor's scope would otherwise turn into Serf.
+        for item, site in decided:
+            if item.module is not None and not site.convert and item.family != GATE:
+                scopes.setdefault(id(item.module), (item.module, set()))
         for owner, families in scopes.values():
             current = owner.__dict__.get("forward")
             if isinstance(current, FunctionalScope):

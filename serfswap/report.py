@@ -13,6 +13,9 @@ class Site:
     ``kind`` is where it sits: ``module`` (a child module), ``norm-act`` (the activation of a
     fused norm+act layer such as timm's ``BatchNormAct2d``), ``attribute`` (a function stored as
     a module attribute) or ``functional`` (a call in a module's code, ``where`` says which).
+    ``role`` is ``positivity`` for an activation whose output the model needs non-negative
+    (a linear-attention feature map, ``relu(x) + eps`` before a division); ``rule`` says which
+    rule of :mod:`serfswap.positivity` recognised it, and ``reason`` what it saw, and where.
     """
 
     name: str
@@ -24,6 +27,8 @@ class Site:
     gated: bool = False
     aliases: tuple[str, ...] = ()
     where: str = ""
+    role: str = ""  # "positivity": the output must stay non-negative (serfswap.positivity)
+    rule: str = ""  # the rule that recognised the role: "known", "query-key", "denominator"
 
 
 @dataclass
@@ -68,9 +73,13 @@ class Plan:
                 name += f" (shared with {', '.join(s.aliases)})"
             if s.where:
                 name += f" [{s.where}]"
-            action = (
-                ("serf" + (", gated MLP" if s.gated else "")) if s.convert else f"skip: {s.reason}"
-            )
+            if s.convert:
+                action = "serf" + (", gated MLP" if s.gated else "")
+                action += (
+                    f" (positivity constraint, rule {s.rule}: converted as asked)" if s.role else ""
+                )
+            else:
+                action = f"skip: {s.reason}"
             rows.append((name, s.kind, s.source, action))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for row in rows:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from serfswap import activations as acts
+from serfswap import positivity
 
 from .zoo import hf_zoo, timm_zoo
 
@@ -54,6 +55,17 @@ def activation_table() -> str:
         mods = ", ".join(rows.get(family, [])) or "-"
         fns = ", ".join(sorted(set(functions.get(family, [])))) or "-"
         lines.append(f"| {family} | {when} | {mods} | {fns} |")
+    known = ", ".join(
+        f"`{cls}.{attr}` ({module.split('.')[0]})"
+        for module, classes in positivity.KNOWN.items()
+        for cls, attrs in classes.items()
+        for attr in attrs
+    )
+    lines.append(
+        f"| role: {positivity.ROLE} | only when named (`include=` naming the site, or "
+        f"`activations=[..., '{positivity.ROLE}']`) | any of the above whose output must stay "
+        f"non-negative: {known}, and what the rules `query-key` / `denominator` find | same |"
+    )
     return "\n".join(lines)
 
 
@@ -67,6 +79,15 @@ def zoo_table() -> str:
         "timm families not in the zoo, too large for CI's 2 CPU cores: "
         + "; ".join(f"{family} ({why})" for family, why in timm_zoo.LEFT_OUT.items())
         + ".",
+        "",
+        "ONNX export (slow job, `test_timm_export`): every timm model above, converted with "
+        'the defaults for every family (`activations="all"`, positivity constraints kept), '
+        "is exported (batch 2 at the size above) with `export_onnx`'s defaults and verified "
+        "against torch at 1e-4 (fresh inputs of batch 3), except:",
+        "",
+        "| model | why its export fails |",
+        "|---|---|",
+        *(f"| `{name}` | {why} |" for name, (_, why) in timm_zoo.EXPORT_FAILURES.items()),
         "",
         f"transformers: {len(hf_zoo.MODELS)} model types, built from a shrunk config:",
         "",

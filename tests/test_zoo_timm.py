@@ -1,12 +1,15 @@
-"""Every timm test_* architecture and one model per timm family, converted and reverted."""
+"""Every timm test_* architecture and one model per timm family, converted and reverted; in the
+slow job each is also exported to ONNX and verified."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from .zoo.check import check_model
-from .zoo.timm_zoo import FAMILIES, INPUT_SIZE, TEST_MODELS
+from .zoo.check import check_export, check_model
+from .zoo.timm_zoo import EXPORT_FAILURES, FAMILIES, INPUT_SIZE, TEST_MODELS
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extras")
 
@@ -30,3 +33,9 @@ def test_timm_test_architectures(name: str) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_timm_family(family: str) -> None:
     check_model(*build(FAMILIES[family]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*TEST_MODELS, *FAMILIES.values()])
+def test_timm_export(name: str, tmp_path: Path) -> None:
+    check_export(*build(name), tmp_path / "m.onnx", EXPORT_FAILURES.get(name))

@@ -1,15 +1,21 @@
-"""The zoo's one check: plan finds every activation, convert leaves none, revert is exact."""
+"""The zoo's checks: plan finds every activation, convert leaves none but the positivity
+constraints, revert is exact (:func:`check_model`); the default conversion exports to ONNX and
+verifies against torch (:func:`check_export`, the slow job)."""
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 import serfswap
 from serfswap.activations import GATE, class_family
+from serfswap.positivity import ROLE
 
 from ..probes import count_activation_calls
 
@@ -33,26 +39,40 @@ def original_activation_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if class_family(type(m)) not in (None, GATE)]
 
 
-def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.Plan:
-    """Convert every activation family and check the round trip; returns the report."""
+# Every family, and the positivity constraints too: the finder must reach every activation.
+EVERYTHING = ["all", ROLE]
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Eval mode, and no all-zero tensor: zero-initialised residual branches (Swin V2's
+    post-norms) or heads make a fresh model's output independent of its activations."""
     model.eval()
     with torch.no_grad():
-        # Zero-initialised residual branches (Swin V2's post-norms) or heads make a fresh model's
-        # output independent of its activations; give them small random values.
         for param in model.parameters():
             if not param.any():
                 param.normal_(0, 0.02)
+    return model
+
+
+def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.Plan:
+    """Convert every activation and check the round trip; returns the report."""
+    prepare(model)
     with torch.no_grad():
         before = run(model, inputs)
-    plan = serfswap.plan(model, activations="all")
+    plan = serfswap.plan(model, activations=EVERYTHING)
     assert plan.converted, "the plan found no activation"
     modules = original_activation_modules(model)
     planned = {
         n for s in plan.converted if s.kind in ("module", "norm-act") for n in (s.name, *s.aliases)
     }
     assert set(modules) <= planned, f"plan missed {set(modules) - planned}"
+    # The default rules keep exactly the positivity constraints.
+    by_default = serfswap.plan(model, activations="all")
+    kept = sorted(s.name for s in by_default.skipped if s.role == ROLE and s.kind == "module")
+    default = serfswap.convert(model, activations="all") if by_default.converted else model
+    assert sorted(original_activation_modules(default)) == kept
 
-    converted = serfswap.convert(model, activations="all")
+    converted = serfswap.convert(model, activations=EVERYTHING)
     assert original_activation_modules(converted) == []
     with torch.no_grad(), count_activation_calls() as calls:
         after = run(converted, inputs)
@@ -75,3 +95,32 @@ def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.P
     for a, b in zip(back, before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     return converted.serfswap_report
+
+
+def check_export(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    expected_failure: tuple[str, str] | None = None,
+) -> serfswap.ExportReport | None:
+    """Convert with the defaults a user gets for every family (positivity constraints kept) and
+    export with ``export_onnx``'s defaults (dynamic batch, verification at 1e-4).
+
+    ``expected_failure`` is ``(regex, reason)`` from the zoo's table of known failures: the
+    export must then fail with a message that matches, so a fixed failure is noticed too.
+    """
+    converted = serfswap.convert(prepare(model), activations="all")
+    # Batch 2, as export_onnx infers for timm: an example of batch 1 lets the exporter bake the
+    # batch into a reshape (test_coatnet then fails on onnxruntime's fresh batch, 2 passes).
+    inputs = {k: torch.randn(2, *v.shape[1:], dtype=v.dtype) for k, v in inputs.items()}
+    if expected_failure is None:
+        report = serfswap.export_onnx(converted, path, example_inputs=inputs)
+        assert report.verified
+        return report
+    pattern, reason = expected_failure
+    with pytest.raises(Exception) as caught:  # the table's regex says which
+        serfswap.export_onnx(converted, path, example_inputs=inputs)
+    assert re.search(pattern, str(caught.value)), (
+        f"failed otherwise than {reason!r}: {caught.value}"
+    )
+    return None

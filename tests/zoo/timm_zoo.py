@@ -124,3 +124,42 @@ LEFT_OUT = {
     "hieradet_sam2": "smallest model at 896x896",
     "csatv2": "only model at 512x512",
 }
+
+# Models whose ONNX export (converted with the defaults for every family, exported with
+# export_onnx's defaults) fails, as measured: name -> (regex of the error, reason). The slow job
+# checks that each still fails this way (a fixed one must leave the table); the README shows it.
+EXPORT_FAILURES: dict[str, tuple[str, str]] = {
+    "test_maxvit": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: torch.export cannot view a window partition (16*batch, 25, 2, 32) as "
+        "(16*batch, 5, 5, 64) with a symbolic batch; the original model fails the same way "
+        "(export with dynamic=False)",
+    ),
+    "maxvit_pico_rw_256": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: the window-partition view of test_maxvit, (16*batch, 64, 2, 32) as "
+        "(16*batch, 8, 8, 64) (same timm code; test_maxvit's original fails the same way)",
+    ),
+    "test_vit_relpos": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: torch.export cannot view the attention output (batch, 100, 3, 32) as "
+        "(batch, 100, 96) with a symbolic batch; the original model fails the same way (export "
+        "with dynamic=False)",
+    ),
+    "beit_base_patch16_224": (
+        r"Failed to decompose the FX graph",
+        "dynamic batch: torch.export cannot view the attention output (batch, 197, 12, 64) as "
+        "(batch, 197, 768) with a symbolic batch; the original model fails the same way (export "
+        "with dynamic=False)",
+    ),
+    "hiera_tiny_224": (
+        r"scaled_dot_product_attention",
+        "torch.onnx translates scaled_dot_product_attention for 4D query/key/value only; "
+        "Hiera's are not; the original model fails the same way",
+    ),
+    "inception_v3": (
+        r"max abs diff [0-9.e+]+, max rel diff",
+        "output scale: the untrained, converted model's outputs reach 1.9e11 at 160x160; "
+        "onnxruntime differs by 1.6e5 at most (1e-6 of that; max rel diff 1.3e-3)",
+    ),
+}
