@@ -128,11 +128,6 @@ LEFT_OUT = {
 # Models whose ONNX export (converted with the defaults for every family, exported with
 # export_onnx's defaults) fails, as measured: name -> (regex of the error, reason). The slow job
 # checks that each still fails this way (a fixed one must leave the table); the README shows it.
-# Exported by hand (tests/zoo/check.py's check_export), beyond the test_* architectures that
-# the slow job exports: the families measured so far, alphabetically up to maxxvit (coat_tiny
-# did not finish in the time given it, so it is not counted).
-EXPORT_MEASURED = [n for family, n in FAMILIES.items() if family <= "maxxvit" and family != "coat"]
-
 EXPORT_FAILURES: dict[str, tuple[str, str]] = {
     "test_maxvit": (
         r"Failed to decompose the FX graph",
