@@ -187,8 +187,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    import logging
-
     # The library says what it is doing in the slow parts without a progress bar (BatchNorm
     # re-estimation, the "before" evaluation, skipping to where a run resumes): shown here as
     # plain lines, flushed at once, for this command only.
