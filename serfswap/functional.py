@@ -37,7 +37,7 @@ import inspect
 import textwrap
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,12 +255,17 @@ def class_call_sites(cls: type) -> tuple[CallSite, ...]:
     activation classes themselves excluded: their calls are what they are)."""
     if class_family(cls) is not None:
         return ()
-    sites: list[CallSite] = []
+    return tuple(site for method, fn in model_methods(cls) for site in _scan_function(fn, method))
+
+
+def model_methods(cls: type) -> Iterator[tuple[str, Callable[..., Any]]]:
+    """(``Class.method``, function) for each function a model class defines along its MRO,
+    static and class methods unwrapped, infrastructure classes (torch, transformers' mixins)
+    left out: the code a model's own source scan reads."""
     for klass in cls.__mro__:
         if _is_infrastructure(klass):
             continue
         for name, attr in vars(klass).items():
             fn = attr.__func__ if isinstance(attr, staticmethod | classmethod) else attr
             if inspect.isfunction(fn):
-                sites.extend(_scan_function(fn, f"{klass.__qualname__}.{name}"))
-    return tuple(sites)
+                yield f"{klass.__qualname__}.{name}", fn

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .activations import TENSOR_METHODS, function_info
-from .functional import _UNRESOLVED, _is_infrastructure, _resolve
+from .functional import _UNRESOLVED, _resolve, model_methods
 
 ROLE = "positivity"  # the role of these sites, and the word that opts them in (activations=)
 
@@ -300,13 +300,8 @@ def _root_power(node: ast.expr) -> bool:
 
 
 def _methods(cls: type) -> Iterator[tuple[str, object]]:
-    for klass in cls.__mro__:
-        if _is_infrastructure(klass):
-            continue
-        for name, attr in vars(klass).items():
-            fn = attr.__func__ if isinstance(attr, staticmethod | classmethod) else attr
-            if inspect.isfunction(fn):
-                yield f"{klass.__qualname__}.{name}", inspect.unwrap(fn)
+    for method, fn in model_methods(cls):
+        yield method, inspect.unwrap(fn)
 
 
 def _known(cls: type) -> dict[str, Constraint]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Everything torch offers for the default families, the way modules and model code call them.
 PROBED = {
@@ -46,3 +47,16 @@ def count_activation_calls() -> Iterator[_Counter]:
     """Counts calls that reach torch's activation functions (the converted ones never do)."""
     with _Counter() as counter:
         yield counter
+
+
+class CountSerfOps(TorchDispatchMode):
+    """Counts calls of the ``serfswap::serf`` op that reach dispatch (one per Serf run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.serfswap.serf.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

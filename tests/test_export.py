@@ -9,30 +9,19 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import serfswap
 from serfswap.onnx_ops import check_graph, session
 
+from .probes import CountSerfOps
 from .zoo.hf_zoo import config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
 
-class _CountSerf(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.serfswap.serf.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def serf_calls(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """How many times one forward runs the Serf op: what the ONNX graph must hold."""
-    with torch.no_grad(), _CountSerf() as counter:
+    with torch.no_grad(), CountSerfOps() as counter:
         model(**batch)
     return counter.calls
 

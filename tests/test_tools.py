@@ -21,29 +21,18 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import serfswap
 from serfswap.onnx_ops import check_graph, session
 from serfswap.serf import serf_composite
 
+from .probes import CountSerfOps
 from .zoo.hf_zoo import config
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
 _STANDARD_DOMAINS = {"", "ai.onnx"}
-
-
-class _CountSerf(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.serfswap.serf.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _KeywordCall(nn.Module):
@@ -125,7 +114,7 @@ def test_torch_onnx_export_as_on_the_original(arch: str, dynamo: bool, tmp_path:
     if isinstance(original, transformers.PreTrainedModel):
         original.config.use_cache = False  # GPT-2's KV cache is no ONNX output
     converted = serfswap.convert(original).eval()
-    with torch.no_grad(), _CountSerf() as counter:
+    with torch.no_grad(), CountSerfOps() as counter:
         converted(**inputs)
     assert counter.calls > 0
     for name, model in (("original", original), ("serf", converted)):
