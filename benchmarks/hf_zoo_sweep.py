@@ -45,8 +45,12 @@ MEMORY_BYTES = 4 << 30
 
 
 def first_line(exc: BaseException) -> str:
+    """The exception's first line, and its cause's (config validators wrap the real error)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    if exc.__cause__ is not None and exc.__cause__ is not exc:
+        line += f" ({first_line(exc.__cause__)})"
+    return line[:300]
 
 
 def trace() -> list[str]:

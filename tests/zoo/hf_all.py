@@ -49,6 +49,8 @@ SCALARS: dict[str, int] = {
     **dict.fromkeys(("n_groups", "mamba_n_groups", "num_groups_ssm"), 1),
     **dict.fromkeys(("mamba_d_state",), 8),
     **dict.fromkeys(("rotary_dim",), 8),
+    **dict.fromkeys(("window_size",), 4),  # Swin-like windows over 32x32 images, patch 4
+    **dict.fromkeys(("num_groups",), 8),  # group norms over the 16-channel stages below
     **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim",
                      "qk_nope_head_dim", "v_head_dim", "qk_rope_head_dim",
                      "linear_key_head_dim", "linear_value_head_dim"), HEAD_DIM),
@@ -86,7 +88,9 @@ def _stages(name: str, value: list[Any]) -> list[Any] | None:
 
 
 # Audio feature extractors (wav2vec2 and kin): two small convolutions.
-AUDIO_CONV = dict(conv_dim=[16, 16], conv_stride=[5, 4], conv_kernel=[10, 4])
+AUDIO_CONV = dict(
+    conv_dim=[16, 16], conv_stride=[5, 4], conv_kernel=[10, 4], num_feat_extract_layers=2
+)
 
 # Hand overrides, on top of the generic shrink: model_type -> fields (each with why).
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -121,6 +125,16 @@ BACKBONE = dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 64
 DEPTH_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "decoder_layers")
 
 
+def _layers(value: list[Any]) -> list[Any]:
+    """The first layers of a per-layer list; a hybrid (Mamba or linear attention and full
+    attention) keeps one full-attention layer, last, so both kinds are built and run."""
+    out = value[:LAYERS]
+    full = [v for v in value if isinstance(v, str) and "attention" in v and "linear" not in v]
+    if full and full[0] not in out:
+        out[-1] = full[0]
+    return out
+
+
 def _rope(rope: dict[str, Any]) -> dict[str, Any]:
     """Multimodal rotary sections split half the head dim (8) between time, height, width;
     per-layer-type rope dicts hold one such dict each."""
@@ -145,7 +159,9 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
             if small is not None:
                 out[key] = small
         if isinstance(value, list) and out[key] is value and depth and len(value) == depth > LAYERS:
-            out[key] = value[:LAYERS]  # per-layer lists (layer_types...) follow the depth
+            out[key] = _layers(value)  # per-layer lists (layer_types...) follow the depth
+        if key in ("attn_layer_indices", "attention_layer_indices") and isinstance(value, list):
+            out[key] = [LAYERS - 1]  # hybrids: the last of the small layers is attention
         if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
             out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}  # per-layer settings
         if key in ("rope_parameters", "rope_scaling") and isinstance(value, dict):
