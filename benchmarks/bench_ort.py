@@ -100,7 +100,7 @@ def bench(
     print("|---|---|---|---|")
     profiles: dict[int, dict[str, dict[str, float]]] = {}
     for batch in batches:
-        inputs = serfswap.export.example_inputs_for(original, batch=batch, seq=128)
+        inputs = serfswap.inputs.example_inputs_for(original, batch=batch, seq=128)
         feeds = {}
         for label, sess in sessions.items():
             names = [i.name for i in sess.get_inputs()]

@@ -216,6 +216,22 @@ def function_info(fn: object) -> FunctionInfo | None:
     return FunctionInfo(family, 1) if family is not None else None
 
 
+# Activation names as strings (transformers' ACT2FN keys, ``activation="silu"`` arguments), for
+# when transformers is not imported; with it, its ACT2CLS table decides.
+_STRING_FAMILIES = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "mish": "mish"}
+
+
+def string_family(name: str) -> str | None:
+    """The family an activation's name stands for (``"swish"`` -> ``"silu"``), or None."""
+    act2cls = getattr(sys.modules.get("transformers.activations"), "ACT2CLS", None)
+    entry = act2cls.get(name) if act2cls is not None else None
+    if entry is None:
+        family = _STRING_FAMILIES.get(name)
+    else:
+        family = class_family(entry[0] if isinstance(entry, tuple) else entry)
+    return family if family != GATE else None
+
+
 def resolve_families(activations: Iterable[str | type] | str | None) -> frozenset[str]:
     """The families a caller asked for: None is the default set, ``"all"`` every family."""
     if activations is None:

@@ -2,9 +2,14 @@
 
 The walk recurses over ``_modules`` (not ``named_modules()``, which visits a shared instance
 once) and records every (parent, key) that holds each activation instance, so a module shared by
-several parents becomes one shared Serf. It finds four kinds of site: activation modules,
-activations inside fused norm+act layers (timm's ``BatchNormAct2d.act``), activation functions
-stored as attributes, and functional calls in a module's code (see :mod:`serfswap.functional`).
+several parents becomes one shared Serf. It finds five kinds of site statically: activation
+modules, activations inside fused norm+act layers (timm's ``BatchNormAct2d.act``), activation
+functions stored as attributes, functional calls in a module's code and activations chosen by a
+string (see :mod:`serfswap.functional`). Then, given example inputs (inferred for timm and
+transformers models), one forward under :mod:`serfswap.audit` reaches what static reading cannot
+(helpers in other modules, modules built during the forward): each such call becomes a
+``run-time`` site converted by its module's scope, and a second forward checks that nothing that
+was to be converted still runs. What does is in the report as ``left``; ``strict=True`` raises.
 
 Plan, validate, then mutate: every check runs before the first change, so an error leaves the
 model as it was. Each Serf keeps the module it replaced (unregistered, so it is in neither
@@ -17,15 +22,31 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import audit as run_time
 from . import integrations
 from .activations import GATE, class_family, function_info, resolve_families
-from .errors import InvalidArgumentError, NothingToConvertError
-from .functional import FunctionalScope, SerfFunction, class_call_sites, function_name
+from .errors import (
+    ExampleInputsError,
+    InvalidArgumentError,
+    NothingToConvertError,
+    PartialConversionError,
+)
+from .functional import (
+    FunctionalScope,
+    SerfFunction,
+    class_call_sites,
+    class_string_sites,
+    function_name,
+    string_site_family,
+)
+from .inputs import as_kwargs, can_infer, example_inputs_for
+from .integrations import NAME
 from .positivity import ROLE, Constraint, class_constraints
 from .report import Plan, Site
 from .serf import Serf
@@ -33,6 +54,7 @@ from .serf import Serf
 FilterFn = Callable[[nn.Module, str], bool]
 REPORT_ATTR = "serfswap_report"
 _ORIGINAL_ATTR = "_serfswap_original"
+_STRINGS_ATTR = "_serfswap_strings"  # {attribute: original name} of converted string sites
 
 # Children that make an MLP gated (LLaMA / Mistral / Gemma, Phi-3, T5 v1.1, Mixtral experts).
 _GATE_PROJECTIONS = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"})
@@ -60,6 +82,7 @@ class _Found:
     attribute: str = ""  # kind attribute: the key in owner.__dict__
     refs: list[_Ref] = field(default_factory=list)
     constraint: Constraint | None = None  # a positivity constraint (serfswap.positivity)
+    stage: str = ""  # what the plan decided: "convert" or the stage that skipped it
 
 
 def _module_constraint(refs: list[_Ref]) -> Constraint | None:
@@ -153,6 +176,9 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
                         constraint=class_constraints(type(module)).attributes.get(key),
                     )
                 )
+        if module.__dict__.get(_STRINGS_ATTR):
+            has_serf = True
+        found.extend(_string_sites(name, module))
         scope = module.__dict__.get("forward")
         done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
         sites = class_call_sites(type(module))
@@ -172,6 +198,27 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
                 )
             )
     return found, has_serf
+
+
+def _string_sites(name: str, module: nn.Module) -> list[_Found]:
+    """``activation=self.<attr>`` calls whose attribute names an activation: one site per
+    attribute (the same one may be passed to several kernels)."""
+    found: dict[str, _Found] = {}
+    for site in class_string_sites(type(module)):
+        family = string_site_family(module, site)
+        if family is None or site.attribute in found:
+            continue
+        value = module.__dict__[site.attribute]
+        found[site.attribute] = _Found(
+            kind="string",
+            names=[name],
+            source=f"{site.keyword}={value!r}",
+            family=family,
+            owner=module,
+            attribute=site.attribute,
+            where=f"{site.file}:{site.line} in {site.method}",
+        )
+    return list(found.values())
 
 
 def _check_model(model: object, function: str) -> None:
@@ -233,14 +280,38 @@ def _split_role(
     return (rest or None), True
 
 
-def _decide(
-    item: _Found,
-    families: frozenset[str],
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
+@dataclass(frozen=True)
+class _Options:
+    """The selection options of plan / convert, checked once."""
+
+    families: frozenset[str]
+    positivity: bool  # the "positivity" opt-in of activations=
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    filter_fn: FilterFn | None
+
+
+def _options(
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
     filter_fn: FilterFn | None,
-    positivity: bool = False,
-) -> tuple[str, str]:
+    activations: Iterable[str | type] | str | None,
+) -> _Options:
+    activations, positivity = _split_role(activations)
+    if filter_fn is not None and not callable(filter_fn):
+        raise InvalidArgumentError(
+            f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}"
+        )
+    return _Options(
+        resolve_families(activations),
+        positivity,
+        _patterns(include, "include"),
+        _patterns(exclude, "exclude"),
+        filter_fn,
+    )
+
+
+def _decide(item: _Found, opts: _Options) -> tuple[str, str]:
     """(stage, reason): stage "convert" or the stage that skipped the site.
 
     A positivity constraint (:mod:`serfswap.positivity`) is skipped unless ``positivity`` (the
@@ -248,21 +319,21 @@ def _decide(
     """
     if item.family == GATE:
         return "gate", "gate or normaliser, never replaced"
-    if item.family not in families:
+    if item.family not in opts.families:
         if item.family == "prelu":
             return "family", "has learned parameters; name 'prelu' in activations= to replace it"
         return "family", f"family {item.family!r} not selected (activations=)"
     if (
         item.constraint is not None
-        and not positivity
-        and not _names_explicitly(item.names, include)
+        and not opts.positivity
+        and not _names_explicitly(item.names, opts.include)
     ):
         return ROLE, f"positivity constraint, {item.constraint}"
-    if include and _matches(item.names, include) is None:
+    if opts.include and _matches(item.names, opts.include) is None:
         return "include", "not matched by include="
-    if exclude and (pattern := _matches(item.names, exclude)) is not None:
+    if opts.exclude and (pattern := _matches(item.names, opts.exclude)) is not None:
         return "exclude", f"excluded by {pattern!r}"
-    if filter_fn is not None and not filter_fn(item.owner, item.names[0]):
+    if opts.filter_fn is not None and not opts.filter_fn(item.owner, item.names[0]):
         return "filter", "rejected by filter_fn"
     return "convert", ""
 
@@ -349,56 +420,77 @@ def _share_functional_skips(found: list[_Found], decisions: list[tuple[str, str]
             )
 
 
-def _plan(
-    model: nn.Module,
-    include: str | Iterable[str] | None,
-    exclude: str | Iterable[str] | None,
-    filter_fn: FilterFn | None,
-    activations: Iterable[str | type] | str | None,
-    function: str = "plan",
-) -> tuple[Plan, list[tuple[_Found, Site]], bool]:
-    _check_model(model, function)
-    activations, positivity = _split_role(activations)
-    families = resolve_families(activations)
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    if filter_fn is not None and not callable(filter_fn):
-        raise InvalidArgumentError(
-            f"filter_fn must be callable (module, name) -> bool, got {filter_fn!r}"
-        )
+def _site(item: _Found, stage: str, reason: str, *, left: bool = False) -> Site:
+    item.stage = stage
+    return Site(
+        name=item.names[0],
+        kind=item.kind,
+        source=item.source,
+        family=item.family,
+        convert=stage == "convert",
+        reason=reason,
+        gated=item.gated and stage == "convert",
+        aliases=tuple(item.names[1:]),
+        where=item.where,
+        role=ROLE if item.constraint is not None else "",
+        rule=item.constraint.rule if item.constraint is not None else "",
+        left=left,
+    )
+
+
+def _plan(model: nn.Module, opts: _Options) -> tuple[Plan, list[tuple[_Found, Site]], bool]:
+    """The static plan: every site the walk finds, each with its decision."""
     found, has_serf = _find(model)
-    decisions = [_decide(item, families, inc, exc, filter_fn, positivity) for item in found]
+    decisions = [_decide(item, opts) for item in found]
     _share_functional_skips(found, decisions)
-    decided: list[tuple[_Found, Site]] = []
-    stages = []
-    for item, (stage, reason) in zip(found, decisions, strict=True):
-        stages.append(stage)
-        site = Site(
-            name=item.names[0],
-            kind=item.kind,
-            source=item.source,
-            family=item.family,
-            convert=stage == "convert",
-            reason=reason,
-            gated=item.gated and stage == "convert",
-            aliases=tuple(item.names[1:]),
-            where=item.where,
-            role=ROLE if item.constraint is not None else "",
-            rule=item.constraint.rule if item.constraint is not None else "",
-        )
-        decided.append((item, site))
+    decided = [
+        (item, _site(item, stage, reason))
+        for item, (stage, reason) in zip(found, decisions, strict=True)
+    ]
     plan = Plan(type(model).__name__, [site for _, site in decided])
-    kept = stages.count(ROLE)
+    kept = sum(stage == ROLE for stage, _ in decisions)
     if kept:
         plan.notes.append(
             f"{kept} positivity constraint{'s' if kept > 1 else ''} kept (linear-attention feature "
             "maps, relu(x) + eps before a division, sqrt or log: Serf is negative below 0); to "
             f"convert, name them in include= (e.g. '*.kernel_func') or add {ROLE!r} to activations="
         )
-    if not plan.converted and not has_serf:
-        raise _nothing_matched(plan.model, stages, found, families, include=inc, exclude=exc)
-    if not plan.converted:
-        plan.notes.append("already converted: nothing left to convert with these options")
     return plan, decided, has_serf
+
+
+def _check_not_empty(
+    plan: Plan, decided: list[tuple[_Found, Site]], has_serf: bool, opts: _Options
+) -> None:
+    if plan.converted:
+        return
+    if not has_serf:
+        found = [item for item, _ in decided]
+        stages = [item.stage for item in found]
+        raise _nothing_matched(
+            plan.model, stages, found, opts.families, include=opts.include, exclude=opts.exclude
+        )
+    plan.notes.append("already converted: nothing left to convert with these options")
+
+
+def _audit_inputs(
+    model: nn.Module, example_inputs: Any, audit: bool | None
+) -> dict[str, torch.Tensor] | None:
+    """The keyword inputs of the run-time audit, or None when it is off or cannot run."""
+    if audit is not None and not isinstance(audit, bool):
+        raise InvalidArgumentError(f"audit= takes True, False or None, got {audit!r}")
+    if audit is False:
+        return None
+    if example_inputs is not None:
+        return as_kwargs(model, example_inputs)
+    if can_infer(model):
+        with torch.random.fork_rng(devices=[]):  # convert leaves the caller's random state
+            return example_inputs_for(model, batch=1)
+    if audit:
+        raise ExampleInputsError(
+            f"audit=True needs example_inputs= for a {type(model).__name__} (serfswap infers "
+            "them for timm and transformers models only)"
+        )
+    return None
 
 
 def plan(
@@ -408,6 +500,8 @@ def plan(
     exclude: str | Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
     activations: Iterable[str | type] | str | None = None,
+    example_inputs: Any = None,
+    audit: bool | None = None,
 ) -> Plan:
     """What :func:`convert` would change, changing nothing.
 
@@ -420,6 +514,10 @@ def plan(
             classes (``nn.ReLU``), or ``"all"``; default: the ReLU / GELU / Swish / Mish family.
             Add ``"positivity"`` to convert positivity constraints too (alone, it means the
             default families plus them).
+        example_inputs: a tensor, a tuple or a dict of keyword tensors for the run-time audit;
+            inferred for timm and transformers models.
+        audit: ``None`` (default): run the audit when inputs are given or can be inferred;
+            ``True``: run it or raise; ``False``: the static plan only.
 
     Positivity constraints (:mod:`serfswap.positivity`: linear-attention feature maps such as
     timm's ``LiteMLA.kernel_func``, ``relu(x) + eps`` before a division, sqrt or log) are left
@@ -428,10 +526,21 @@ def plan(
     name and its last dotted part has no wildcard (``"*.kernel_func"``, a full name; ``"*"``
     does not name them). ``"all"`` means all families, not this role.
 
+    With the audit, the plan is the report of a conversion of a copy of ``model`` (what only a
+    forward can show needs a converted model to run); without it, the static walk.
+
     Raises:
         NothingToConvertError: nothing was selected; the message says which option removed what.
     """
-    return _plan(model, include, exclude, filter_fn, activations)[0]
+    _check_model(model, "plan")
+    opts = _options(include, exclude, filter_fn, activations)
+    inputs = _audit_inputs(model, example_inputs, audit)
+    if inputs is None:
+        report, decided, has_serf = _plan(model, opts)
+        _check_not_empty(report, decided, has_serf, opts)
+        return report
+    report = _convert(copy.deepcopy(model), opts, inputs).__dict__[REPORT_ATTR]
+    return replace(report, applied=False, config_updates={})
 
 
 def _share_state(serf: Serf, original: nn.Module) -> None:
@@ -448,14 +557,7 @@ def _share_state(serf: Serf, original: nn.Module) -> None:
 
 
 def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
-    scopes: dict[int, tuple[nn.Module, set[str]]] = {}
-    any_functional = False
     for item, site in decided:
-        if item.kind == "functional":
-            owner_families = scopes.setdefault(id(item.owner), (item.owner, set()))[1]
-            if site.convert:
-                owner_families.add(item.family)
-                any_functional = True
         if not site.convert:
             continue
         if item.module is not None:
@@ -478,18 +580,157 @@ def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
                 }
                 item.owner.activation_relu_or_gelu = 0
             item.owner.__dict__[item.attribute] = replacement
-    if any_functional:  # excluded owners get an empty scope, so a converted parent spares them
-        # So do activation modules left as they are (a kept feature map, an excluded ReLU): their
-        # forward calls F.relu, which a converted ancestor's scope would otherwise turn into Serf.
-        for item, site in decided:
-            if item.module is not None and not site.convert and item.family != GATE:
-                scopes.setdefault(id(item.module), (item.module, set()))
-        for owner, families in scopes.values():
-            current = owner.__dict__.get("forward")
-            if isinstance(current, FunctionalScope):
-                current.families = current.families | families
-            else:
-                owner.__dict__["forward"] = FunctionalScope(owner, frozenset(families))
+        elif item.kind == "string":
+            strings = item.owner.__dict__.setdefault(_STRINGS_ATTR, {})
+            strings.setdefault(item.attribute, item.owner.__dict__[item.attribute])
+            item.owner.__dict__[item.attribute] = NAME  # ACT2FN["serf"] is Serf
+    _apply_scopes(decided)
+    return root
+
+
+def _apply_scopes(decided: list[tuple[_Found, Site]]) -> None:
+    """Give each module with functional (or run-time) calls to convert a scope for their
+    families; idempotent, so the run-time audit calls it again with the sites it adds."""
+    scopes: dict[int, tuple[nn.Module, set[str]]] = {}
+    for item, site in decided:
+        if item.kind in ("functional", "run-time"):
+            owner_families = scopes.setdefault(id(item.owner), (item.owner, set()))[1]
+            if site.convert:
+                owner_families.add(item.family)
+    if not any(families for _, families in scopes.values()):
+        return
+    # Excluded owners get an empty scope, so a converted parent spares them; so do activation
+    # modules left as they are (a kept feature map, an excluded ReLU): their forward calls
+    # F.relu, which a converted ancestor's scope would otherwise turn into Serf.
+    for item, site in decided:
+        if item.module is not None and not site.convert and item.family != GATE:
+            scopes.setdefault(id(item.module), (item.module, set()))
+    for owner, families in scopes.values():
+        current = owner.__dict__.get("forward")
+        if isinstance(current, FunctionalScope):
+            current.families = current.families | families
+        else:
+            owner.__dict__["forward"] = FunctionalScope(owner, frozenset(families))
+
+
+def _same_line(a: str, b: str) -> bool:
+    """Whether two ``file:line in function`` locations name the same line."""
+    return bool(a) and a.split(" in ", 1)[0] == b.split(" in ", 1)[0]
+
+
+def _run_time_decision(
+    ran: run_time.Ran, decided: list[tuple[_Found, Site]], opts: _Options
+) -> tuple[_Found, str, str] | None:
+    """What to do with an activation the audit saw run: None when a static site already says
+    (it is that site, or its module's decision for the family stands), else a run-time site
+    with its (stage, reason)."""
+    if (
+        ran.kind == "module"
+    ):  # an activation module of the model: the walk found it, the plan decided it
+        return None
+    statics = [
+        (item, site)
+        for item, site in decided
+        if item.owner is ran.owner and item.family == ran.family
+    ]
+    if any(_same_line(item.where, ran.where) for item, _ in statics):
+        return None
+    item = _Found("run-time", [ran.name], ran.call, ran.family, ran.owner, where=ran.where)
+    kept = next((site for _, site in statics if not site.convert), None)
+    if kept is not None and kept.role:
+        reason = (
+            f"same module and function as the positivity constraint at {kept.where or kept.name}"
+            " (functional calls are converted per module and function)"
+        )
+        return item, ROLE, reason
+    if kept is not None:
+        return None  # the module's own skip of this family (excluded, filtered...) covers it
+    stage, reason = _decide(item, opts)
+    return item, stage, reason
+
+
+def _run_audit(
+    model: nn.Module, inputs: dict[str, torch.Tensor], report: Plan
+) -> run_time.ActivationRecorder | None:
+    try:
+        return run_time.run(model, inputs)
+    except Exception as error:  # the model's own failure: reported, the conversion stands
+        first = str(error).strip().splitlines()
+        report.audit_error = f"{type(error).__name__}: {first[0] if first else ''}"[:300]
+        report.audited = False
+        report.notes.append(
+            f"not audited at run time: the forward on the example inputs failed "
+            f"({report.audit_error}); pass example_inputs= that the model accepts"
+        )
+        return None
+
+
+def _audit(
+    root: nn.Module,
+    decided: list[tuple[_Found, Site]],
+    opts: _Options,
+    inputs: dict[str, torch.Tensor],
+    report: Plan,
+) -> list[tuple[_Found, Site]]:
+    """Reach the activations only a forward shows, then check that none that was to be
+    converted still runs; returns ``decided`` with the run-time sites added."""
+    recorder = _run_audit(root, inputs, report)
+    if recorder is None:
+        return decided
+    added: list[tuple[_Found, Site]] = []
+    for ran in recorder.ran:
+        decision = _run_time_decision(ran, decided, opts)
+        if decision is not None:
+            item, stage, reason = decision
+            if stage == "convert" and ran.kind == "built":  # no scope reaches what it computes
+                stage, reason = "left", _LEFT + " (an activation module built during the forward)"
+            added.append((item, _site(item, stage, reason, left=stage == "left")))
+    decided = decided + added
+    if any(site.convert for _, site in added):
+        _apply_scopes(decided)
+        recorder = _run_audit(root, inputs, report)
+        if recorder is None:
+            return decided
+        for ran in recorder.ran:  # a second forward: what the scopes did not reach
+            decision = _run_time_decision(ran, decided, opts)
+            if decision is not None and decision[1] == "convert":
+                item = decision[0]
+                decided.append((item, _site(item, "left", _LEFT, left=True)))
+    report.sites = [site for _, site in decided]
+    report.audited = True
+    return decided
+
+
+_LEFT = "left: reached at run time only, still runs after conversion"
+
+
+def _convert(
+    target: nn.Module, opts: _Options, inputs: dict[str, torch.Tensor] | None
+) -> nn.Module:
+    """Convert ``target`` in place; its report is the root's ``serfswap_report``."""
+    report, decided, has_serf = _plan(target, opts)
+    if inputs is None:
+        _check_not_empty(report, decided, has_serf, opts)
+    root = _apply(target, decided)
+    if inputs is not None:
+        decided = _audit(root, decided, opts, inputs, report)
+        try:
+            _check_not_empty(report, decided, has_serf, opts)
+        except NothingToConvertError:
+            revert(root)
+            raise
+    else:
+        report.notes.append(
+            "not audited at run time: pass example_inputs= to check what still runs"
+        )
+    if not report.converted:  # already converted, nothing more: its report stands
+        return root
+    report.applied = True
+    previous = root.__dict__.get(REPORT_ATTR)
+    report.config_updates = dict(previous.config_updates) if previous is not None else {}
+    report.config_updates.update(integrations.update_hf_config(root, report))
+    report.notes.extend(integrations.config_notes(root, report))
+    root.__dict__[REPORT_ATTR] = report
     return root
 
 
@@ -501,6 +742,9 @@ def convert(
     filter_fn: FilterFn | None = None,
     activations: Iterable[str | type] | str | None = None,
     inplace: bool = False,
+    example_inputs: Any = None,
+    audit: bool | None = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Replace the activations of ``model`` with Serf; see :func:`plan` for the options.
 
@@ -512,27 +756,37 @@ def convert(
     in the config fields that named them, so ``save_pretrained`` / ``from_pretrained`` (after
     ``import serfswap``) rebuilds it.
 
+    The run-time audit (``example_inputs=``, ``audit=``; see :func:`plan`) runs one forward
+    after the static conversion, converts what only it reaches (a helper function's ``F.silu``
+    runs under its module's scope) and checks with a second forward that nothing that was to be
+    converted still runs; the report lists anything that does as ``left``. ``strict=True``
+    raises :class:`~serfswap.PartialConversionError` then, or when the audit could not run,
+    leaving ``model`` as it was.
+
     >>> import torch.nn as nn, serfswap
     >>> net = serfswap.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     >>> net[1]
     Serf()
     """
-    # Validate on the caller's model first, so that bad options cost no deep copy.
-    _, decided, _ = _plan(model, include, exclude, filter_fn, activations, "convert")
+    _check_model(model, "convert")
+    opts = _options(include, exclude, filter_fn, activations)
+    inputs = _audit_inputs(model, example_inputs, True if strict else audit)
+    if inputs is None or not inplace:  # bad options cost no deep copy
+        report, decided, has_serf = _plan(model, opts)
+        if inputs is None:
+            _check_not_empty(report, decided, has_serf, opts)
     target = model if inplace else copy.deepcopy(model)
-    if target is not model:
-        report, decided, _ = _plan(target, include, exclude, filter_fn, activations)
-    else:
-        report = Plan(type(model).__name__, [site for _, site in decided])
-    if not report.converted:
-        return target
-    root = _apply(target, decided)
-    report.applied = True
-    previous = root.__dict__.get(REPORT_ATTR)
-    report.config_updates = dict(previous.config_updates) if previous is not None else {}
-    report.config_updates.update(integrations.update_hf_config(root, report))
-    report.notes.extend(integrations.config_notes(root, report))
-    root.__dict__[REPORT_ATTR] = report
+    root = _convert(target, opts, inputs)
+    report = root.__dict__[REPORT_ATTR]
+    if strict and (report.left or not report.audited):
+        revert(root)
+        why = (
+            f"{len(report.left)} activations that were to be converted still run: "
+            + "; ".join(f"{s.name or '(root)'} {s.source} at {s.where}" for s in report.left[:3])
+            if report.left
+            else f"the run-time audit could not run ({report.audit_error})"
+        )
+        raise PartialConversionError(f"convert(strict=True): {why}")
     return root
 
 
@@ -560,6 +814,9 @@ def revert(model: nn.Module) -> nn.Module:
                 module.__dict__[key] = value.original
                 for attr, old in value.restore.items():
                     setattr(module, attr, old)
+            elif key == _STRINGS_ATTR:
+                module.__dict__.update(value)
+                del module.__dict__[key]
             elif key == "forward" and isinstance(value, FunctionalScope):
                 if value.inner is None:
                     del module.__dict__["forward"]

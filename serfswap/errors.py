@@ -42,3 +42,14 @@ class InvalidArgumentError(SerfswapError, TypeError):
 
 class CheckpointError(SerfswapError, ValueError):
     """A recovery checkpoint cannot be read, or belongs to another run (other steps, model)."""
+
+
+class ExampleInputsError(SerfswapError, ValueError):
+    """Example inputs cannot be inferred for a model (a plain module), or have the wrong form."""
+
+    exit_code = 2
+
+
+class PartialConversionError(SerfswapError, RuntimeError):
+    """``convert(..., strict=True)``: activations that were to be converted still run (or the
+    run-time audit that would show it could not run)."""

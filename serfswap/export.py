@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import os
 import re
@@ -30,7 +29,8 @@ from torch import nn
 
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import InvalidArgumentError, SerfswapError
+from .errors import ExampleInputsError, InvalidArgumentError, SerfswapError
+from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
 from .paths import check_output_path
 from .serf import keep_custom_op
@@ -158,84 +158,6 @@ def _pattern(decomposition: str) -> tuple[str, ...]:
 
 
 # Example inputs --------------------------------------------------------------------------------
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def example_inputs_for(
-    model: nn.Module, *, batch: int = 2, seq: int = 8
-) -> dict[str, torch.Tensor]:
-    """Inputs a timm or transformers model can run on, from its own configuration.
-
-    Raises ExportError for a plain module: its inputs cannot be guessed.
-    """
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and "input_size" in cfg:  # timm
-        channels, *size = cfg["input_size"]
-        first = cfg.get("first_conv")  # in_chans=1 models: the weights know, the cfg does not
-        first = first[0] if isinstance(first, list | tuple) and first else first
-        with contextlib.suppress(AttributeError, TypeError):
-            weight = model.get_parameter(f"{first}.weight")
-            channels = weight.shape[1] if weight.dim() == 4 else channels
-        return {"x": torch.randn(batch, channels, *size)}
-    config = getattr(model, "config", None)
-    main = getattr(model, "main_input_name", None)
-    if config is None or main is None:
-        raise ExportError(
-            f"cannot infer example inputs for a {type(model).__name__}: pass example_inputs "
-            "(a tensor, a tuple of tensors or a dict of keyword tensors)"
-        )
-    vision = getattr(config, "vision_config", config)
-    inputs: dict[str, torch.Tensor] = {}
-    vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or 100
-    if main == "input_ids" or (_accepts(model, "input_ids") and main != "pixel_values"):
-        inputs["input_ids"] = torch.randint(3, min(vocab, 1000), (batch, seq))
-        if _accepts(model, "attention_mask"):
-            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-        if _accepts(model, "token_type_ids") and getattr(config, "type_vocab_size", 0):
-            # what a tokenizer gives BERT-style models: the file takes the tokenizer's dict
-            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
-    if main == "pixel_values" or (_accepts(model, "pixel_values") and "input_ids" in inputs):
-        size = getattr(vision, "image_size", 224)
-        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-        channels = getattr(vision, "num_channels", 3)
-        inputs["pixel_values"] = torch.randn(batch, channels, height, width)
-    if main == "input_values":
-        inputs["input_values"] = torch.randn(batch, 16000)
-    if main == "input_features":
-        frames = 2 * getattr(config, "max_source_positions", 1500)
-        inputs["input_features"] = torch.randn(batch, config.num_mel_bins, frames)
-    if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
-        start = getattr(config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((batch, max(seq // 2, 2)), start)
-    if not inputs:
-        raise ExportError(
-            f"cannot infer example inputs for main input {main!r}: pass example_inputs"
-        )
-    return inputs
-
-
-def _as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, dict):
-        return dict(example_inputs)
-    if isinstance(example_inputs, list | tuple):
-        names = [
-            p.name
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        if len(names) < len(example_inputs):
-            raise ExportError(
-                f"{len(example_inputs)} example inputs for forward({', '.join(names)})"
-            )
-        return dict(zip(names, example_inputs, strict=False))
-    raise ExportError(
-        f"example_inputs must be a tensor, a tuple or a dict, not {type(example_inputs).__name__}"
-    )
 
 
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
@@ -681,7 +603,7 @@ def export_onnx(
         model = program.module()
         if example_inputs is None:
             args, kwargs = program.example_inputs
-            example_inputs = {**_as_kwargs(model, args), **kwargs}
+            example_inputs = {**as_kwargs(model, args), **kwargs}
         dynamic = False
     elif dynamic is not None and not isinstance(dynamic, bool):
         raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
@@ -690,7 +612,10 @@ def export_onnx(
     report_of_swap = model.__dict__.get(REPORT_ATTR)
     converted_count = len(report_of_swap.converted) if report_of_swap is not None else 0
     inferred = example_inputs is None
-    inputs = example_inputs_for(model) if inferred else _as_kwargs(model, example_inputs)
+    try:
+        inputs = example_inputs_for(model) if inferred else as_kwargs(model, example_inputs)
+    except ExampleInputsError as error:
+        raise ExportError(str(error)) from None
     if dtype != "fp32":
         model = copy.deepcopy(model).to(DTYPES[dtype])
         inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}

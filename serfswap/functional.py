@@ -25,7 +25,15 @@ In-place variants (``relu_``, ``F.relu(x, inplace=True)``) keep their contract: 
 written back into ``x``, from a copy when autograd needs the input.
 
 Limits: a call in a free function outside the class (not a method) is not found statically; it
-is still converted if it runs inside a converted module's forward (the scope covers callees).
+is still converted if it runs inside a converted module's forward (the scope covers callees), and
+the run-time audit (:mod:`serfswap.audit`) finds it and asks for that scope.
+
+**Activations chosen by a string** (``causal_conv1d_fn(x, w, activation=self.activation)`` with
+``self.activation == "silu"`` in transformers' Mamba mixers) are a site kind of their own: the
+class scan lists the ``activation=self.<attr>`` keywords of a model's methods; an instance whose
+attribute names an activation family gets ``"serf"`` there (``ACT2FN["serf"]`` is Serf), so the
+reference kernel builds Serf, and a compiled kernel that only knows "silu" fails loudly instead of
+quietly running SiLU.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from .activations import (
     activation_names,
     class_family,
     function_info,
+    string_family,
 )
 from .serf import serf
 
@@ -269,3 +278,77 @@ def model_methods(cls: type) -> Iterator[tuple[str, Callable[..., Any]]]:
             fn = attr.__func__ if isinstance(attr, staticmethod | classmethod) else attr
             if inspect.isfunction(fn):
                 yield f"{klass.__qualname__}.{name}", fn
+
+
+STRING_KEYWORDS = frozenset({"activation"})  # keyword arguments that choose an activation by name
+
+
+@dataclass(frozen=True)
+class StringSite:
+    """A call in a class's methods that passes an instance attribute as ``activation=``."""
+
+    keyword: str  # "activation"
+    attribute: str  # the attribute passed: ``self.activation`` -> "activation"
+    method: str
+    file: str
+    line: int
+
+
+def _keyword_names(code: types.CodeType) -> set[str]:
+    """The keyword-argument names the compiled code passes (constant tuples, nested code too)."""
+    names: set[str] = set()
+    for const in code.co_consts:
+        if isinstance(const, tuple):
+            names.update(c for c in const if isinstance(c, str))
+        elif isinstance(const, types.CodeType):
+            names |= _keyword_names(const)
+    return names
+
+
+def _scan_strings(fn: Callable[..., Any], method: str) -> list[StringSite]:
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or not (_keyword_names(code) & STRING_KEYWORDS):
+        return []
+    try:
+        lines, first_line = inspect.getsourcelines(fn)
+        file = inspect.getsourcefile(fn) or "?"
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    sites = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        for keyword in node.keywords:
+            value = keyword.value
+            if (
+                keyword.arg in STRING_KEYWORDS
+                and isinstance(value, ast.Attribute)
+                and isinstance(value.value, ast.Name)
+                and value.value.id == "self"
+            ):
+                line = first_line + node.lineno - 1
+                where = file.rsplit("/", 1)[-1]
+                sites.append(StringSite(keyword.arg, value.attr, method, where, line))
+    return sites
+
+
+@functools.cache
+def class_string_sites(cls: type) -> tuple[StringSite, ...]:
+    """The ``activation=self.<attr>`` keywords in the methods a model class defines (not
+    ``__init__``: a string there configures a submodule, which the walk sees as a module)."""
+    if class_family(cls) is not None:
+        return ()
+    return tuple(
+        site
+        for method, fn in model_methods(cls)
+        if not method.endswith(".__init__")
+        for site in _scan_strings(fn, method)
+    )
+
+
+def string_site_family(module: object, site: StringSite) -> str | None:
+    """The family the instance's attribute names, if it is a string naming an activation."""
+    value = getattr(module, "__dict__", {}).get(site.attribute)
+    return string_family(value) if isinstance(value, str) else None

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .activations import class_family
+from .activations import string_family
 from .report import Plan
 from .serf import Serf, serf
 
@@ -107,15 +107,6 @@ def _sub_configs(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return found
 
 
-def _family_of(act_name: str) -> str | None:
-    act2cls = getattr(sys.modules.get("transformers.activations"), "ACT2CLS", {})
-    entry = act2cls.get(act_name)
-    if entry is None:
-        return None
-    cls = entry[0] if isinstance(entry, tuple) else entry
-    return class_family(cls)
-
-
 def _fully_converted(report: Plan) -> set[str]:
     converted = {s.family for s in report.converted}
     return converted - {s.family for s in report.skipped}
@@ -139,7 +130,7 @@ def update_hf_config(model: nn.Module, report: Plan) -> dict[str, tuple[str, str
                 act, new = value, NAME
             else:
                 continue
-            if _family_of(act) in full:
+            if string_family(act) in full:
                 setattr(cfg, key, new)
                 updates[prefix + key] = (value, new)
     if updates:
@@ -163,7 +154,7 @@ def config_notes(model: nn.Module, report: Plan) -> list[str]:
             f"config not updated for {sorted(partial)}: only part of them was converted, which a "
             "config cannot express; save with serfswap's checkpoint instead of save_pretrained"
         )
-    if any(s.kind == "functional" for s in report.converted):
+    if any(s.kind in ("functional", "run-time") for s in report.converted):
         notes.append(
             "functional calls are not config fields: after from_pretrained, call "
             "serfswap.convert(model) again to convert them"

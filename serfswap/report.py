@@ -12,7 +12,11 @@ class Site:
 
     ``kind`` is where it sits: ``module`` (a child module), ``norm-act`` (the activation of a
     fused norm+act layer such as timm's ``BatchNormAct2d``), ``attribute`` (a function stored as
-    a module attribute) or ``functional`` (a call in a module's code, ``where`` says which).
+    a module attribute), ``functional`` (a call in a module's code, ``where`` says which),
+    ``string`` (an activation chosen by name, ``activation=self.activation``) or ``run-time``
+    (a call no static reading found, that the run-time audit saw run inside the module ``name``:
+    a helper function, a module built during the forward).
+    ``left`` marks an activation that was to be converted and still runs (seen by the audit).
     ``role`` is ``positivity`` for an activation whose output the model needs non-negative
     (a linear-attention feature map, ``relu(x) + eps`` before a division); ``rule`` says which
     rule of :mod:`serfswap.positivity` recognised it, and ``reason`` what it saw, and where.
@@ -29,17 +33,24 @@ class Site:
     where: str = ""
     role: str = ""  # "positivity": the output must stay non-negative (serfswap.positivity)
     rule: str = ""  # the rule that recognised the role: "known", "query-key", "denominator"
+    left: bool = False  # to be converted, yet it still runs: the run-time audit saw it
 
 
 @dataclass
 class Plan:
-    """What :func:`serfswap.convert` would change (``applied=False``) or changed (``True``)."""
+    """What :func:`serfswap.convert` would change (``applied=False``) or changed (``True``).
+
+    ``audited``: one forward on example inputs checked which activations still run (see
+    :mod:`serfswap.audit`); ``audit_error`` says why that forward failed, when it did.
+    """
 
     model: str
     sites: list[Site]
     applied: bool = False
     config_updates: dict[str, tuple[str, str]] = field(default_factory=dict)  # field: (old, new)
     notes: list[str] = field(default_factory=list)
+    audited: bool = False
+    audit_error: str = ""
 
     @property
     def converted(self) -> list[Site]:
@@ -48,6 +59,11 @@ class Plan:
     @property
     def skipped(self) -> list[Site]:
         return [s for s in self.sites if not s.convert]
+
+    @property
+    def left(self) -> list[Site]:
+        """Activations that were to be converted and still run: a partial conversion."""
+        return [s for s in self.sites if s.left]
 
     def counts(self) -> Counter[str]:
         """Converted sites per original class or function."""
@@ -62,6 +78,12 @@ class Plan:
             f"{len(self.converted)} {verb}"
             + (f" ({counts})" if counts else "")
             + f", {len(self.skipped)} left as they are"
+            + (
+                f"; PARTIAL: {len(self.left)} that were to be converted still run"
+                if self.left
+                else ""
+            )
+            + ("" if self.audited else " (not audited at run time)")
         )
 
     def __str__(self) -> str:

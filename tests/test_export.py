@@ -73,7 +73,7 @@ def test_export_real_architectures(arch: str, tmp_path: Path) -> None:
     graph = check_graph(onnx.load(path))
     assert graph.custom_domains == []
     assert graph.leftovers == {}, graph.leftovers
-    batch = serfswap.export.example_inputs_for(converted)
+    batch = serfswap.inputs.example_inputs_for(converted)
     assert (
         graph.serf == {"softplus": serf_calls(converted, batch)} == {"softplus": report.serf_nodes}
     )

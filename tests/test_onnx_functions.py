@@ -63,7 +63,7 @@ def test_each_serf_is_one_call(build, decomposition: str, tmp_path: Path) -> Non
     onnx.checker.check_model(str(tmp_path / "fn.onnx"), full_check=True)
 
     # onnxruntime inlines the function: the same kernels, the same numbers.
-    feeds = {k: v.numpy() for k, v in serfswap.export.example_inputs_for(model, batch=3).items()}
+    feeds = {k: v.numpy() for k, v in serfswap.inputs.example_inputs_for(model, batch=3).items()}
     got, want = outputs(tmp_path / "fn.onnx", feeds), outputs(tmp_path / "plain.onnx", feeds)
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):

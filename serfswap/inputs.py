@@ -1,0 +1,107 @@
+"""Example inputs for a model: inferred from a timm or transformers model's own configuration,
+or given by the caller as a tensor, a tuple or a dict, and normalised to keyword tensors.
+
+Two consumers need them: the run-time audit of :func:`serfswap.convert` (one forward that
+lists the activations still running) and :func:`serfswap.export_onnx` (the export's example
+and the verification's reference). Both accept the same forms and infer the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExampleInputsError
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes an argument called ``name``."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def can_infer(model: nn.Module) -> bool:
+    """Whether :func:`example_inputs_for` knows how to build inputs for ``model``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        return True
+    return getattr(model, "config", None) is not None and hasattr(model, "main_input_name")
+
+
+def example_inputs_for(
+    model: nn.Module, *, batch: int = 2, seq: int = 8
+) -> dict[str, torch.Tensor]:
+    """Inputs a timm or transformers model can run on, from its own configuration.
+
+    Raises ExampleInputsError for a plain module: its inputs cannot be guessed.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:  # timm
+        channels, *size = cfg["input_size"]
+        first = cfg.get("first_conv")  # in_chans=1 models: the weights know, the cfg does not
+        first = first[0] if isinstance(first, list | tuple) and first else first
+        with contextlib.suppress(AttributeError, TypeError):
+            weight = model.get_parameter(f"{first}.weight")
+            channels = weight.shape[1] if weight.dim() == 4 else channels
+        return {"x": torch.randn(batch, channels, *size)}
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        raise ExampleInputsError(
+            f"cannot infer example inputs for a {type(model).__name__}: pass example_inputs "
+            "(a tensor, a tuple of tensors or a dict of keyword tensors)"
+        )
+    vision = getattr(config, "vision_config", config)
+    inputs: dict[str, torch.Tensor] = {}
+    vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or 100
+    if main == "input_ids" or (accepts(model, "input_ids") and main != "pixel_values"):
+        inputs["input_ids"] = torch.randint(3, min(vocab, 1000), (batch, seq))
+        if accepts(model, "attention_mask"):
+            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if accepts(model, "token_type_ids") and getattr(config, "type_vocab_size", 0):
+            # what a tokenizer gives BERT-style models: the file takes the tokenizer's dict
+            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    if main == "pixel_values" or (accepts(model, "pixel_values") and "input_ids" in inputs):
+        size = getattr(vision, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = getattr(vision, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(batch, channels, height, width)
+    if main == "input_values":
+        inputs["input_values"] = torch.randn(batch, 16000)
+    if main == "input_features":
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        inputs["input_features"] = torch.randn(batch, config.num_mel_bins, frames)
+    if getattr(config, "is_encoder_decoder", False) and accepts(model, "decoder_input_ids"):
+        start = getattr(config, "decoder_start_token_id", None) or 0
+        inputs["decoder_input_ids"] = torch.full((batch, max(seq // 2, 2)), start)
+    if not inputs:
+        raise ExampleInputsError(
+            f"cannot infer example inputs for main input {main!r}: pass example_inputs"
+        )
+    return inputs
+
+
+def as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
+    """``example_inputs`` (a tensor, a tuple of positional tensors or a dict) as keywords of
+    ``model.forward``."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, list | tuple):
+        names = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(names) < len(example_inputs):
+            raise ExampleInputsError(
+                f"{len(example_inputs)} example inputs for forward({', '.join(names)})"
+            )
+        return dict(zip(names, example_inputs, strict=False))
+    raise ExampleInputsError(
+        f"example_inputs must be a tensor, a tuple or a dict, not {type(example_inputs).__name__}"
+    )
