@@ -9,7 +9,8 @@ them again), so the sweep can be stopped and resumed. Run it niced::
     nice -n 10 python benchmarks/hf_zoo_sweep.py [TYPE ...] [--jobs 2]
 
 Statuses: ``full`` (converts, the audit ran and finds nothing left), ``partial`` (the audit lists
-sites left, with the module they ran in), ``nothing`` (no activation to convert), ``too-large``
+sites left, with the module they ran in), ``unreported`` (an activation function still runs that
+the report names neither as kept nor as left: a silent partial conversion), ``nothing`` (no activation to convert), ``too-large``
 (over 5M parameters or a 10 s forward on one thread), ``no-build`` / ``no-run`` /
 ``convert-error`` / ``audit-error`` (reason: the exception's first line), ``timeout``, ``memory``.
 """
@@ -92,6 +93,9 @@ def audit(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, A
         return {**row, "status": "audit-error", "reason": report.audit_error}
     row["left"] = [site_row(s) for s in report.left]
     row["status"] = "partial" if report.left else "full"
+    named = {s.family for s in report.skipped} | {s.family for s in report.left}
+    if set(calls.seen) - named:  # calls the report accounts for neither as kept nor as left
+        row["status"] = "unreported"
     return row
 
 
@@ -141,7 +145,9 @@ def measure(model_type: str) -> dict[str, Any]:
 
 def _child(model_type: str, conn: Any) -> None:
     try:
-        conn.send(measure(model_type))
+        row = measure(model_type)
+        row["cpu_s"] = round(time.process_time(), 2)  # the child's CPU: the load of others aside
+        conn.send(row)
     except BaseException as exc:  # the parent must hear back whatever happens
         conn.send({"type": model_type, "status": "no-build", "reason": first_line(exc)})
     conn.close()

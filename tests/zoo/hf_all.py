@@ -51,7 +51,7 @@ SCALARS: dict[str, int] = {
     **dict.fromkeys(("rotary_dim",), 8),
     **dict.fromkeys(("window_size",), 4),  # Swin-like windows over 32x32 images, patch 4
     **dict.fromkeys(("num_groups",), 8),  # group norms over the 16-channel stages below
-    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim",
+    **dict.fromkeys(("head_dim", "d_kv", "d_head", "kv_channels", "attention_head_dim",
                      "qk_nope_head_dim", "v_head_dim", "qk_rope_head_dim",
                      "linear_key_head_dim", "linear_value_head_dim"), HEAD_DIM),
     **dict.fromkeys(("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
@@ -100,6 +100,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": dict(
         attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1
     ),
+    # attention layers are listed by index, none by default (and an all-Mamba stack fails)
+    "bamba": dict(attn_layer_indices=[1]),
     # 4 coordinate and 2 shape embeddings are concatenated into hidden_size (4*5 + 2*6 = 32)
     "layoutlmv3": dict(coordinate_size=5, shape_size=6),
 }
@@ -144,16 +146,52 @@ def _rope(rope: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def shrink(d: dict[str, Any]) -> dict[str, Any]:
+def _widths(d: dict[str, Any]) -> set[int]:
+    """The default widths anywhere in a config tree (hidden_size, d_model... of 64 and more)."""
+    found = {v for k, v in d.items() if SCALARS.get(k) == WIDTH and isinstance(v, int) and v >= 64}
+    for value in d.values():
+        if isinstance(value, dict):
+            found |= _widths(value)
+    return found
+
+
+def _width_like(key: str, value: Any, widths: set[int]) -> bool:
+    """A field that must equal some model's width (``codebook_dim``, ``out_hidden_size``,
+    ``condition_dim``...): a size-like name whose default is one of the config's widths."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value in widths
+            and key not in SCALARS and not key.startswith("max")
+            and any(part in key for part in ("size", "dim", "hidden", "channels")))  # fmt: skip
+
+
+def _mrope(d: dict[str, Any], out: dict[str, Any]) -> None:
+    """Multimodal-rope models (their config class skips ``mrope_section`` when validating
+    rope) split half the head dim into sections; their modeling defaults to [16, 24, 24]."""
+    from transformers import CONFIG_MAPPING
+
+    try:  # the lazy mapping's .get() answers None for every key
+        cls = CONFIG_MAPPING[d.get("model_type", "")]
+    except KeyError:
+        return
+    rope = out.get("rope_parameters")
+    if "mrope_section" in getattr(cls, "ignore_keys_at_rope_validation", ()) and isinstance(
+        rope, dict
+    ):
+        out["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}
+
+
+def shrink(d: dict[str, Any], widths: set[int] | None = None) -> dict[str, Any]:
     """The config dict ``d`` with its size fields made small; sub-configs (dicts with a
     ``model_type``) shrunk the same way."""
+    widths = _widths(d) if widths is None else widths
     out = dict(d)
     depth = next((d[k] for k in DEPTH_KEYS if isinstance(d.get(k), int)), None)
     for key, value in d.items():
         if isinstance(value, dict) and "model_type" in value:
-            out[key] = shrink(value)
+            out[key] = shrink(value, widths)
         elif key in SCALARS and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, SCALARS[key]) if key.startswith("max") else SCALARS[key]
+        elif _width_like(key, value, widths):
+            out[key] = WIDTH
         elif isinstance(value, list) and value and all(isinstance(v, int) for v in value):
             small = _stages(key, value)
             if small is not None:
@@ -166,6 +204,7 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
             out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}  # per-layer settings
         if key in ("rope_parameters", "rope_scaling") and isinstance(value, dict):
             out[key] = _rope(value)
+    _mrope(d, out)
     for key in ("out_features", "out_indices"):
         if key in out and "stage_names" in out:
             out[key] = None
@@ -302,14 +341,16 @@ def results() -> dict[str, dict[str, Any]]:
 
 # The statuses a type can have; the test runs the first three.
 TESTED_STATUSES = ("full", "partial", "nothing")
-# The slow test's share of CI: types are taken, cheapest first, until their recorded sweep time
-# (build + forward + convert with the audit, one thread) reaches this; the rest are left to
-# the sweep (the README says which).
+# The slow test's share of CI: types are taken, cheapest first, until their recorded CPU time in
+# the sweep (build, forward, convert with the audit; one thread) reaches this; the rest are left
+# to the sweep (the README says which).
 TEST_BUDGET_S = 240.0
 
 
 def cost(row: dict[str, Any]) -> float:
-    return sum(row.get(k) or 0.0 for k in ("build_s", "forward_s", "convert_s"))
+    """CPU seconds the sweep's child spent on the type (one thread; wall time on a shared
+    machine says more about the others' load)."""
+    return row.get("cpu_s") or 0.0
 
 
 def tested(recorded: dict[str, dict[str, Any]]) -> list[str]:
