@@ -10,9 +10,10 @@ them again), so the sweep can be stopped and resumed. Run it niced::
 
 Statuses: ``full`` (converts, the audit ran and finds nothing left), ``partial`` (the audit lists
 sites left, with the module they ran in), ``unreported`` (an activation function still runs that
-the report names neither as kept nor as left: a silent partial conversion), ``nothing`` (no activation to convert), ``too-large``
-(over 5M parameters or a 10 s forward on one thread), ``no-build`` / ``no-run`` /
-``convert-error`` / ``audit-error`` (reason: the exception's first line), ``timeout``, ``memory``.
+the report names neither as kept nor as left: a silent partial conversion), ``nothing`` (no
+activation to convert), ``too-large`` (over 5M parameters or a 10 s forward on one thread),
+``no-build`` / ``no-run`` / ``convert-error`` / ``audit-error`` (reason: the exception's first
+line), ``timeout``, ``memory``.
 """
 
 from __future__ import annotations
