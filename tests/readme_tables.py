@@ -16,7 +16,7 @@ from pathlib import Path
 from serfswap import activations as acts
 from serfswap import positivity
 
-from .zoo import hf_zoo, timm_zoo
+from .zoo import hf_all, hf_zoo, timm_zoo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -107,6 +107,94 @@ def zoo_table() -> str:
     return "\n".join(lines)
 
 
+STATUS_TITLES = {
+    "too-large": "too large for CI (over 5M parameters or a 10 s forward)",
+    "no-build": "does not build from a generically shrunk config",
+    "no-run": "builds, but does not run on the inferred inputs",
+    "convert-error": "convert raised",
+    "audit-error": "the audit's forward failed",
+    "timeout": "timed out",
+    "memory": "over the memory limit",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:200]
+
+
+def _left(row: dict) -> str:
+    return "; ".join(f"`{s['source']}` in `{s['name'] or '(root)'}`" + (f" [{s['where']}]" if
+                     s.get("where") else "") for s in row.get("left", []))  # fmt: skip
+
+
+def hf_zoo_table() -> str:
+    """The sweep over every transformers type (tests/zoo/hf_all.jsonl), by outcome."""
+    rows = hf_all.results()
+    if not rows:
+        raise SystemExit("tests/zoo/hf_all.jsonl is missing: run benchmarks/hf_zoo_sweep.py")
+    by: dict[str, list[str]] = defaultdict(list)
+    for t, row in sorted(rows.items()):
+        by[row["status"]].append(t)
+    tested = set(hf_all.tested(rows))
+    sweep_only = sorted(t for s in hf_all.TESTED_STATUSES for t in by[s] if t not in tested)
+    lines = [
+        f"`benchmarks/hf_zoo_sweep.py` ran each of the {len(rows)} types transformers "
+        f"{rows[next(iter(rows))].get('transformers', '5')} registers beyond those above: "
+        + ", ".join(f"{len(v)} {k}" for k, v in sorted(by.items(), key=lambda kv: -len(kv[1])))
+        + ".",
+        "",
+        f"Converts fully, the audit finding nothing left ({len(by['full'])}): "
+        + (", ".join(f"`{t}`" for t in by["full"]) or "none"),
+        "",
+        *(
+            [
+                f"Converts partly ({len(by['partial'])}): the report lists each site left at "
+                "run time.",
+                "",
+                "| type | left at run time | why |",
+                "|---|---|---|",
+                *(f"| `{t}` | {_left(rows[t])} | {hf_all.WHY.get(t, '')} |" for t in by["partial"]),
+            ]
+            if by["partial"]
+            else ["Converts partly: none (the audit finds nothing left in any type that runs)."]
+        ),
+        "",
+        *(
+            [
+                f"Runs an activation its report names neither as kept nor as left "
+                f"({len(by['unreported'])}, a silent partial conversion): "
+                + ", ".join(f"`{t}` ({rows[t].get('probe')})" for t in by["unreported"]),
+                "",
+            ]
+            if by["unreported"]
+            else []
+        ),
+        f"Nothing to convert (no activation of a default family; {len(by['nothing'])}):",
+        "",
+        "| type | what it uses instead |",
+        "|---|---|",
+        *(f"| `{t}` | {hf_all.WHY.get(t, '')} |" for t in by["nothing"]),
+        "",
+        f"`tests/test_zoo_hf_all.py` (slow job) converts {len(tested)} of these, the cheapest "
+        f"first, within {hf_all.TEST_BUDGET_S:.0f} s of the CPU time the sweep recorded for "
+        "them (it asserts each recorded outcome: the same sites left, none unreported, finite "
+        "outputs); the sweep alone "
+        f"runs the other {len(sweep_only)}: "
+        + (", ".join(f"`{t}`" for t in sweep_only) or "none")
+        + ".",
+        "",
+        "<details><summary>Types the sweep could not convert, and why (the exception's first "
+        "line)</summary>",
+        "",
+        "| type | outcome | reason |",
+        "|---|---|---|",
+    ]
+    for status, title in STATUS_TITLES.items():
+        lines += [f"| `{t}` | {title} | {_cell(rows[t].get('reason', ''))} |" for t in by[status]]
+    lines += ["", "</details>"]
+    return "\n".join(lines)
+
+
 RESULTS = README.parent / "benchmarks" / "RESULTS.md"
 
 
@@ -140,7 +228,12 @@ def benchmark_tables() -> str:
     return "\n".join(out).rstrip()
 
 
-SECTIONS = {"activations": activation_table, "zoo": zoo_table, "benchmarks": benchmark_tables}
+SECTIONS = {
+    "activations": activation_table,
+    "zoo": zoo_table,
+    "hf-zoo": hf_zoo_table,
+    "benchmarks": benchmark_tables,
+}
 
 
 def render(text: str) -> str:

@@ -1,0 +1,61 @@
+"""Every transformers type that builds small (``tests/zoo/hf_all.py``), converted with the
+run-time audit: the sweep's recorded classification (``tests/zoo/hf_all.jsonl``, the README's
+hf-zoo table) must still hold, and no conversion is partial without the report saying so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .probes import count_activation_calls
+from .zoo import hf_all
+from .zoo.check import prepare, tensors
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+serfswap = pytest.importorskip("serfswap")
+
+RECORDED = hf_all.results()
+TESTED = hf_all.tested(RECORDED)
+
+
+def test_every_type_is_recorded() -> None:
+    """The table covers every type transformers registers today (a new transformers release
+    adds types: run the sweep for them)."""
+    missing = sorted(set(hf_all.types()) - set(RECORDED))
+    assert not missing, f"run: python benchmarks/hf_zoo_sweep.py {' '.join(missing)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TESTED)
+def test_hf_all(model_type: str) -> None:
+    recorded = RECORDED[model_type]
+    model = prepare(hf_all.build(model_type))
+    batch = hf_all.runnable_inputs(model)
+    assert sorted(batch) == recorded["inputs"]
+    if recorded["status"] == "nothing":
+        with pytest.raises(serfswap.NothingToConvertError):
+            serfswap.convert(model, activations="all", example_inputs=batch, audit=True)
+        return
+    converted = serfswap.convert(model, activations="all", example_inputs=batch, audit=True)
+    report = converted.serfswap_report
+    assert report.audited, report.audit_error
+    left = sorted(hf_all.site_key(s) for s in report.left)
+    assert left == sorted(hf_all.site_key(s) for s in recorded.get("left", [])), str(report)
+    assert all(s.left for s in report.left)
+    # Independently of the audit: every activation function the converted model still calls
+    # belongs to a family the report names, as kept (positivity) or left.
+    with torch.no_grad(), count_activation_calls() as calls:
+        out = tensors(converted(**batch))
+    named = {s.family for s in report.skipped} | {s.family for s in report.left}
+    assert set(calls.seen) <= named, f"unreported calls {dict(calls.seen)}:\n{report}"
+    assert out and all(torch.isfinite(t).all() for t in out if t.is_floating_point())
+
+
+def test_every_type_not_converting_fully_says_why() -> None:
+    """The README's table gives a reason for each type that runs but does not convert fully."""
+    unexplained = sorted(
+        t
+        for t, row in RECORDED.items()
+        if row["status"] in ("partial", "nothing") and t not in hf_all.WHY
+    )
+    assert not unexplained, f"add to tests/zoo/hf_all.py WHY: {unexplained}"
