@@ -10,9 +10,11 @@ from ._version import __version__
 from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,
+    ExampleInputsError,
     InvalidActivationsError,
     InvalidArgumentError,
     NothingToConvertError,
+    PartialConversionError,
     SerfswapError,
     UnsupportedDtypeError,
 )
@@ -35,12 +37,14 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CheckpointError",
+    "ExampleInputsError",
     "ExportError",
     "ExportMismatchError",
     "ExportReport",
     "InvalidActivationsError",
     "InvalidArgumentError",
     "NothingToConvertError",
+    "PartialConversionError",
     "Plan",
     "RecoveryOptions",
     "RecoveryResult",

@@ -144,6 +144,7 @@ def _swap_options(args: argparse.Namespace) -> dict[str, object]:
         "include": args.include,
         "exclude": args.exclude,
         "activations": args.activations,
+        "audit": False if args.no_audit else None,
     }
 
 
@@ -179,7 +180,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"cannot describe the architecture of {loaded.source} ({type(loaded.model).__name__}) "
             "for a checkpoint without pickled code; `serfswap export` it directly instead"
         )
-    converted = convert(loaded.model, inplace=True, **_swap_options(args))
+    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
     write_checkpoint(converted, arch, out)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
@@ -442,6 +443,12 @@ def _add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         help="families to replace (relu gelu silu mish hardswish ... or all); "
         "default: relu gelu silu mish",
     )
+    parser.add_argument(
+        "--no-audit",
+        action="store_true",
+        help="skip the run-time audit (one forward on inputs built from the model's config that "
+        "lists activations that were to be converted and still run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(conv)
     _add_swap_arguments(conv)
+    conv.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (writing nothing) when the audit sees activations that were to be converted "
+        "still run, or cannot run",
+    )
     conv.add_argument("-o", "--output", required=True, help="the checkpoint to write")
     conv.set_defaults(func=cmd_convert)
 

@@ -101,6 +101,7 @@ class ExportReport:
     outputs: list[str] = field(default_factory=list)
     dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
     fallback: str | None = None  # why the shapes are less dynamic than asked, when they are
+    left_at_run_time: int = 0  # activations the conversion was to replace that still run
 
     def __str__(self) -> str:
         lines = [
@@ -125,6 +126,11 @@ class ExportReport:
                 or "none (static shapes)"
             ),
         ]
+        if self.left_at_run_time:
+            lines.append(
+                f"  PARTIAL conversion: {self.left_at_run_time} activations that were to be "
+                "converted still run (the model's serfswap_report lists them as left)"
+            )
         if self.fallback:
             lines.append(f"  shapes: {self.fallback}")
         if self.verified:
@@ -608,7 +614,7 @@ def export_onnx(
     elif dynamic is not None and not isinstance(dynamic, bool):
         raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
     elif convert_activations:
-        model = convert(model)
+        model = convert(model, example_inputs=example_inputs)
     report_of_swap = model.__dict__.get(REPORT_ATTR)
     converted_count = len(report_of_swap.converted) if report_of_swap is not None else 0
     inferred = example_inputs is None
@@ -657,4 +663,5 @@ def export_onnx(
             if failures:
                 report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
             break
+    report.left_at_run_time = len(report_of_swap.left) if report_of_swap is not None else 0
     return report
