@@ -42,3 +42,7 @@ class InvalidArgumentError(SerfswapError, TypeError):
 
 class CheckpointError(SerfswapError, ValueError):
     """A recovery checkpoint cannot be read, or belongs to another run (other steps, model)."""
+
+
+class ShapeMismatchError(SerfswapError, ValueError):
+    """Tensors that must have one shape do not (a gradient and its input, in a kernel call)."""
