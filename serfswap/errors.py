@@ -53,3 +53,7 @@ class ExampleInputsError(SerfswapError, ValueError):
 class PartialConversionError(SerfswapError, RuntimeError):
     """``convert(..., strict=True)``: activations that were to be converted still run (or the
     run-time audit that would show it could not run)."""
+
+
+class ShapeMismatchError(SerfswapError, ValueError):
+    """Tensors that must have one shape do not (a gradient and its input, in a kernel call)."""
