@@ -141,63 +141,78 @@ def _find(root: nn.Module) -> tuple[list[_Found], bool]:
     for name, module in order:
         if isinstance(module, Serf):
             has_serf = True
-            continue
-        family = class_family(type(module))
-        if family is not None:
-            mod_refs = refs[id(module)]
-            parent = mod_refs[0].parent
-            found.append(
-                _Found(
-                    kind="norm-act" if _is_norm_act(parent) else "module",
-                    names=[r.name for r in mod_refs],
-                    source=_class_name(type(module)),
-                    family=family,
-                    owner=module,
-                    gated=_is_gated(parent),
-                    module=module,
-                    refs=mod_refs,
-                    constraint=_module_constraint(mod_refs),
-                )
-            )
-            continue
-        for key, value in vars(module).items():
-            if isinstance(value, SerfFunction | FunctionalScope):
-                has_serf = True
-            elif not key.startswith("_") and (info := function_info(value)) is not None:
-                found.append(
-                    _Found(
-                        kind="attribute",
-                        names=[f"{name}.{key}" if name else key],
-                        source=function_name(value),
-                        family=info.family,
-                        owner=module,
-                        gated=_is_gated(module),
-                        attribute=key,
-                        constraint=class_constraints(type(module)).attributes.get(key),
-                    )
-                )
-        if module.__dict__.get(_STRINGS_ATTR):
-            has_serf = True
-        found.extend(_string_sites(name, module))
-        scope = module.__dict__.get("forward")
-        done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
-        sites = class_call_sites(type(module))
-        calls = class_constraints(type(module)).calls if sites else {}
-        for site in sites:
-            if site.family in done:
-                continue
-            found.append(
-                _Found(
-                    kind="functional",
-                    names=[name],
-                    source=site.call,
-                    family=site.family,
-                    owner=module,
-                    where=f"{site.file}:{site.line} in {site.method}",
-                    constraint=calls.get((site.method, site.line)),
-                )
-            )
+        elif class_family(type(module)) is not None:
+            found.append(_module_site(module, refs[id(module)]))
+        else:
+            has_serf |= _holds_serf(module)
+            found.extend(_attribute_sites(name, module))
+            found.extend(_string_sites(name, module))
+            found.extend(_functional_sites(name, module))
     return found, has_serf
+
+
+def _holds_serf(module: nn.Module) -> bool:
+    """Whether convert already changed this module's attributes, strings or forward."""
+    return bool(module.__dict__.get(_STRINGS_ATTR)) or any(
+        isinstance(value, SerfFunction | FunctionalScope) for value in vars(module).values()
+    )
+
+
+def _module_site(module: nn.Module, refs: list[_Ref]) -> _Found:
+    """An activation module, under every name that holds it (in a fused norm+act or not)."""
+    parent = refs[0].parent
+    return _Found(
+        kind="norm-act" if _is_norm_act(parent) else "module",
+        names=[r.name for r in refs],
+        source=_class_name(type(module)),
+        family=class_family(type(module)) or "",
+        owner=module,
+        gated=_is_gated(parent),
+        module=module,
+        refs=refs,
+        constraint=_module_constraint(refs),
+    )
+
+
+def _attribute_sites(name: str, module: nn.Module) -> list[_Found]:
+    """Activation functions stored as public attributes (timm's ``GammaAct.act_fn``)."""
+    found = []
+    for key, value in vars(module).items():
+        if not key.startswith("_") and (info := function_info(value)) is not None:
+            found.append(
+                _Found(
+                    kind="attribute",
+                    names=[f"{name}.{key}" if name else key],
+                    source=function_name(value),
+                    family=info.family,
+                    owner=module,
+                    gated=_is_gated(module),
+                    attribute=key,
+                    constraint=class_constraints(type(module)).attributes.get(key),
+                )
+            )
+    return found
+
+
+def _functional_sites(name: str, module: nn.Module) -> list[_Found]:
+    """Calls in the module's class source, except families its scope converts already."""
+    scope = module.__dict__.get("forward")
+    done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
+    sites = class_call_sites(type(module))
+    calls = class_constraints(type(module)).calls if sites else {}
+    return [
+        _Found(
+            kind="functional",
+            names=[name],
+            source=site.call,
+            family=site.family,
+            owner=module,
+            where=f"{site.file}:{site.line} in {site.method}",
+            constraint=calls.get((site.method, site.line)),
+        )
+        for site in sites
+        if site.family not in done
+    ]
 
 
 def _string_sites(name: str, module: nn.Module) -> list[_Found]:
