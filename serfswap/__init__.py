@@ -16,7 +16,14 @@ from .errors import (
     SerfswapError,
     UnsupportedDtypeError,
 )
-from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from .export import (
+    ExportError,
+    ExportMismatchError,
+    ExportReport,
+    Verification,
+    export_onnx,
+    verify_onnx,
+)
 from .recover import RecoveryOptions, RecoveryResult, recover
 from .report import Plan, Site
 from .serf import Serf, keep_custom_op, serf
@@ -48,6 +55,7 @@ __all__ = [
     "SerfswapError",
     "Site",
     "UnsupportedDtypeError",
+    "Verification",
     "__version__",
     "convert",
     "export_onnx",
@@ -56,4 +64,5 @@ __all__ = [
     "recover",
     "revert",
     "serf",
+    "verify_onnx",
 ]
