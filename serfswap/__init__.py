@@ -10,15 +10,20 @@ from ._version import __version__
 from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,
+    ExportError,
+    ExportFailedError,
+    ExportMismatchError,
     InvalidActivationsError,
     InvalidArgumentError,
+    InvalidChoiceError,
+    ModelLoadError,
+    ModelSpecError,
+    NoDeviceError,
     NothingToConvertError,
     SerfswapError,
     UnsupportedDtypeError,
 )
 from .export import (
-    ExportError,
-    ExportMismatchError,
     ExportReport,
     Verification,
     export_onnx,
@@ -43,10 +48,15 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CheckpointError",
     "ExportError",
+    "ExportFailedError",
     "ExportMismatchError",
     "ExportReport",
     "InvalidActivationsError",
     "InvalidArgumentError",
+    "InvalidChoiceError",
+    "ModelLoadError",
+    "ModelSpecError",
+    "NoDeviceError",
     "NothingToConvertError",
     "Plan",
     "RecoveryOptions",

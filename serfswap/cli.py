@@ -243,6 +243,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
+    # One command's script, step by step: check, load, read the data, convert, recover, write,
+    # clean up; each step is a call or two, in the order the user sees them printed.
     import torch
 
     from . import data as recovery_data
@@ -318,7 +320,8 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def _add_recover(commands: Any) -> None:
-    """The `recover` command's arguments."""
+    """The `recover` command's arguments. Long because the command has many options, one
+    declaration each; nothing to split but the list."""
     parser = commands.add_parser(
         "recover",
         help="convert, then fine-tune with the original as teacher; write a checkpoint",

@@ -30,7 +30,7 @@ from torch import nn
 
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import InvalidArgumentError, SerfswapError
+from .errors import ExportError, ExportFailedError, ExportMismatchError, InvalidArgumentError
 from .modes import eval_mode
 from .paths import check_input_path, check_output_path
 from .serf import keep_custom_op
@@ -56,26 +56,6 @@ def check_opset(opset: object) -> int:
             "(lower opsets cannot express what the exporter writes)"
         )
     return opset
-
-
-class ExportError(SerfswapError, ValueError):
-    """The export cannot be made as asked: bad option, missing inputs, unwritable target."""
-
-    exit_code = 2
-
-
-class ExportFailedError(ExportError):
-    """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
-    failed on the model (a valid request that failed, hence status 1)."""
-
-    exit_code = 1
-
-
-class ExportMismatchError(ExportError, AssertionError):
-    """onnxruntime and torch disagree beyond the tolerance; nothing was written. An ExportError
-    (every failure of an export is one) and an AssertionError, as before; status 1."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -353,6 +333,41 @@ def _feed(names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     raise ExportError(f"the ONNX file takes inputs {names}; given {list(inputs)}")
 
 
+def _differences(
+    names: list[str], got: list[Any], want: list[torch.Tensor], atol: float, rtol: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The largest absolute and relative differences of each output, onnxruntime's (``got``)
+    against torch's (``want``); ExportMismatchError when one is beyond the tolerance."""
+    abs_diff, rel_diff, bad = {}, {}, []
+    for name, ort_out, torch_out in zip(names, got, want, strict=True):
+        expected = torch_out.float()
+        actual = torch.from_numpy(ort_out).float()
+        if actual.shape != expected.shape:
+            raise ExportMismatchError(
+                f"output {name}: onnxruntime shape {tuple(actual.shape)}, "
+                f"torch {tuple(expected.shape)} (a shape baked in at export?)"
+            )
+        if not bool(torch.isfinite(actual).all()):
+            raise ExportMismatchError(
+                f"onnxruntime's output {name} holds NaN or inf where torch's is finite"
+            )
+        diff = (actual - expected).abs()
+        abs_diff[name] = diff.max().item() if diff.numel() else 0.0
+        rel_diff[name] = (
+            (diff / expected.abs().clamp_min(1e-6)).max().item() if diff.numel() else 0.0
+        )
+        if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
+            bad.append(name)
+    if bad:
+        detail = "; ".join(
+            f"{n}: max abs diff {abs_diff[n]:.3g}, max rel diff {rel_diff[n]:.3g}" for n in bad
+        )
+        raise ExportMismatchError(
+            f"onnxruntime differs from torch beyond atol={atol}, rtol={rtol}: {detail}"
+        )
+    return abs_diff, rel_diff
+
+
 def _compare(
     model: nn.Module,
     path: Path,
@@ -387,34 +402,7 @@ def _compare(
                 f"torch's output {name} holds NaN or inf on the verification inputs: the model "
                 "itself is broken (non-finite weights?); refusing to write it"
             )
-    abs_diff, rel_diff, bad = {}, {}, []
-    for name, ort_out, torch_out in zip(names, got, want, strict=True):
-        expected = torch_out.float()
-        actual = torch.from_numpy(ort_out).float()
-        if actual.shape != expected.shape:
-            raise ExportMismatchError(
-                f"output {name}: onnxruntime shape {tuple(actual.shape)}, "
-                f"torch {tuple(expected.shape)} (a shape baked in at export?)"
-            )
-        if not bool(torch.isfinite(actual).all()):
-            raise ExportMismatchError(
-                f"onnxruntime's output {name} holds NaN or inf where torch's is finite"
-            )
-        diff = (actual - expected).abs()
-        abs_diff[name] = diff.max().item() if diff.numel() else 0.0
-        rel_diff[name] = (
-            (diff / expected.abs().clamp_min(1e-6)).max().item() if diff.numel() else 0.0
-        )
-        if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
-            bad.append(name)
-    if bad:
-        detail = "; ".join(
-            f"{n}: max abs diff {abs_diff[n]:.3g}, max rel diff {rel_diff[n]:.3g}" for n in bad
-        )
-        raise ExportMismatchError(
-            f"onnxruntime differs from torch beyond atol={atol}, rtol={rtol}: {detail}"
-        )
-    return abs_diff, rel_diff
+    return _differences(names, got, want, atol, rtol)
 
 
 # Export ------------------------------------------------------------------------------------------
