@@ -11,14 +11,26 @@ from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,
     ExampleInputsError,
+    ExportError,
+    ExportFailedError,
+    ExportMismatchError,
     InvalidActivationsError,
     InvalidArgumentError,
+    InvalidChoiceError,
+    ModelLoadError,
+    ModelSpecError,
+    NoDeviceError,
     NothingToConvertError,
     PartialConversionError,
     SerfswapError,
     UnsupportedDtypeError,
 )
-from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from .export import (
+    ExportReport,
+    Verification,
+    export_onnx,
+    verify_onnx,
+)
 from .recover import RecoveryOptions, RecoveryResult, recover
 from .report import Plan, Site
 from .serf import Serf, keep_custom_op, serf
@@ -39,10 +51,15 @@ __all__ = [
     "CheckpointError",
     "ExampleInputsError",
     "ExportError",
+    "ExportFailedError",
     "ExportMismatchError",
     "ExportReport",
     "InvalidActivationsError",
     "InvalidArgumentError",
+    "InvalidChoiceError",
+    "ModelLoadError",
+    "ModelSpecError",
+    "NoDeviceError",
     "NothingToConvertError",
     "PartialConversionError",
     "Plan",
@@ -52,6 +69,7 @@ __all__ = [
     "SerfswapError",
     "Site",
     "UnsupportedDtypeError",
+    "Verification",
     "__version__",
     "convert",
     "export_onnx",
@@ -60,4 +78,5 @@ __all__ = [
     "recover",
     "revert",
     "serf",
+    "verify_onnx",
 ]

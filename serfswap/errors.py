@@ -40,12 +40,24 @@ class InvalidArgumentError(SerfswapError, TypeError):
     exit_code = 2
 
 
+class InvalidChoiceError(SerfswapError, ValueError):
+    """An option has a value outside the ones it takes (a device name, a choice of a list)."""
+
+    exit_code = 2
+
+
 class CheckpointError(SerfswapError, ValueError):
     """A recovery checkpoint cannot be read, or belongs to another run (other steps, model)."""
 
 
 class ExampleInputsError(SerfswapError, ValueError):
     """Example inputs cannot be inferred for a model (a plain module), or have the wrong form."""
+
+    exit_code = 2
+
+
+class ExportError(SerfswapError, ValueError):
+    """The export cannot be made as asked: bad option, missing inputs, unwritable target."""
 
     exit_code = 2
 
@@ -57,3 +69,31 @@ class PartialConversionError(SerfswapError, RuntimeError):
 
 class ShapeMismatchError(SerfswapError, ValueError):
     """Tensors that must have one shape do not (a gradient and its input, in a kernel call)."""
+
+
+class ExportFailedError(ExportError):
+    """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
+    failed on the model (a valid request that failed, hence status 1)."""
+
+    exit_code = 1
+
+
+class ExportMismatchError(ExportError, AssertionError):
+    """onnxruntime and torch disagree beyond the tolerance; nothing was written. An ExportError
+    (every failure of an export is one) and an AssertionError, as before; status 1."""
+
+    exit_code = 1
+
+
+class ModelLoadError(SerfswapError, ValueError):
+    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to load."""
+
+
+class ModelSpecError(ModelLoadError):
+    """MODEL or --arch is wrong on the command line: no such path, unknown architecture."""
+
+    exit_code = 2
+
+
+class NoDeviceError(SerfswapError, RuntimeError):
+    """device="cuda" was asked for, and onnxruntime has no usable CUDA provider."""

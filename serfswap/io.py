@@ -40,21 +40,11 @@ from torch import nn
 from . import safe_pickle
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import InvalidArgumentError, SerfswapError
+from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
 from .paths import check_input_path
 
 FORMAT = "serfswap-checkpoint/1"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-class ModelLoadError(SerfswapError, ValueError):
-    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to load."""
-
-
-class ModelSpecError(ModelLoadError):
-    """MODEL or --arch is wrong on the command line: no such path, unknown architecture."""
-
-    exit_code = 2
 
 
 @dataclass
