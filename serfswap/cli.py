@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .cli_generate import add_generate_command
 from .errors import InvalidArgumentError, SerfswapError
+from .export_decoder import TASKS
 
 if TYPE_CHECKING:
     import torch
@@ -358,6 +360,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         convert_activations=args.convert,
         functions=args.functions,
+        task=args.task,
     )
     print(report)
     if report.leftovers and not args.convert:
@@ -522,7 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each Serf as one call of the model-local ONNX function serfswap.Serf",
     )
+    export.add_argument("--task", choices=TASKS, default="default",
+                        help="text-generation-with-past: a decoder with its KV cache, in "
+                        "Optimum's layout (see `serfswap generate`)")  # fmt: skip
     export.set_defaults(func=cmd_export)
+    add_generate_command(commands)
 
     rec = commands.add_parser(
         "recover",
