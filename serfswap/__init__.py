@@ -23,6 +23,7 @@ from .errors import (
     NothingToConvertError,
     PartialConversionError,
     SerfswapError,
+    TaskError,
     UnsupportedDtypeError,
 )
 from .export import (
@@ -68,6 +69,7 @@ __all__ = [
     "Serf",
     "SerfswapError",
     "Site",
+    "TaskError",
     "UnsupportedDtypeError",
     "Verification",
     "__version__",

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .cli_generate import add_generate_command
 from .errors import InvalidArgumentError, SerfswapError
 from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, TOLERANCE
+from .export_decoder import TASKS
 from .recover import AUTOCAST_CHOICES, TRAIN_CHOICES, RecoveryOptions
 
 # The library's defaults are the command's: one place for each (the package imports these
@@ -118,6 +120,7 @@ def _load(args: argparse.Namespace) -> Loaded:
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
         timm_kwargs=_timm_kwargs(args),
+        causal_lm=getattr(args, "task", None) == "text-generation-with-past",
     )
     for note in loaded.notes:
         print(f"serfswap {args.command}: note: {note}", file=sys.stderr)
@@ -501,6 +504,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         convert_activations=args.convert,
         functions=args.functions,
+        task=args.task,
     )
     print(report)
     if report.leftovers and not args.convert:
@@ -552,6 +556,9 @@ def _add_export(commands: Any) -> None:
         action="store_true",
         help="each Serf as one call of the model-local ONNX function serfswap.Serf",
     )
+    parser.add_argument("--task", choices=TASKS, default="default",
+                        help="text-generation-with-past: a decoder with its KV cache, in "
+                        "Optimum's layout (see `serfswap generate`)")  # fmt: skip
     parser.set_defaults(func=cmd_export)
 
 
@@ -660,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_add_inspect, _add_convert, _add_export, _add_recover, _add_demo, _add_env):
         add(commands)
+    add_generate_command(commands)
     for command in commands.choices.values():  # `serfswap export ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks of errors")  # fmt: skip

@@ -71,6 +71,11 @@ class ShapeMismatchError(SerfswapError, ValueError):
     """Tensors that must have one shape do not (a gradient and its input, in a kernel call)."""
 
 
+class TaskError(ExportError):
+    """The model cannot be exported for the task asked (``--task text-generation-with-past`` on
+    an encoder or a timm model): a usage error, status 2."""
+
+
 class ExportFailedError(ExportError):
     """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
     failed on the model (a valid request that failed, hence status 1)."""
