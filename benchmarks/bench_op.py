@@ -6,6 +6,11 @@ round so that machine noise hits all of them alike, and prints each median with 
 to F.mish (the native kernel Serf is closest to). Also prints the bytes autograd keeps for
 backward per input element. Runs on CPU, and on CUDA too when there is a device.
 
+On CUDA it also prints, for float32 and bfloat16, the bandwidth each op achieves as a share of
+a device-to-device copy of the same bytes, timed in the same run: the limit of an elementwise op
+(forward reads x and writes y; forward+backward also reads grad and x and writes dx). The
+targets for Serf's fused Triton kernels: at least 80% of copy bandwidth, no slower than F.gelu.
+
     python benchmarks/bench_op.py                       # 64x256x56x56, CPU (+ CUDA if present)
     python benchmarks/bench_op.py --shape 8 64 56 56 --rounds 3   # quick look
 """
@@ -104,6 +109,73 @@ def bench(device: torch.device, shape: list[int], rounds: int) -> None:
         )
 
 
+BANDWIDTH_CANDIDATES = ("serfswap.serf", "F.mish", "F.gelu")
+
+
+def _cuda_median_ms(fn: Callable[[], object], rounds: int) -> float:
+    """Median of ``rounds`` timings with CUDA events, each over enough calls to last ~10 ms."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    calls = max(1, int(10 / max(start.elapsed_time(end), 1e-3)))
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def bench_cuda_bandwidth(shape: list[int], rounds: int) -> None:
+    """The CUDA table: time and share of copy bandwidth, float32 and bfloat16."""
+    device = torch.device("cuda")
+    print(
+        f"\ncuda ({torch.cuda.get_device_name(device)}): {'x'.join(map(str, shape))}, median of "
+        f"{rounds} rounds; bandwidth as a share of a device-to-device copy of the same bytes"
+    )
+    print("| dtype    | op             | fwd ms | fwd / copy BW | fwd+bwd ms | fwd+bwd / copy BW |")
+    print("|----------|----------------|--------|---------------|------------|-------------------|")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape, device=device, dtype=dtype)
+        grad = torch.randn_like(x)
+        x_req = x.clone().requires_grad_()
+        copy_dst = torch.empty_like(x)
+        nbytes = x.numel() * x.element_size()
+        copy_ms = _cuda_median_ms(lambda: copy_dst.copy_(x), rounds)  # noqa: B023
+        copy_bw = 2 * nbytes / copy_ms  # bytes per ms: one read, one write
+        for name in BANDWIDTH_CANDIDATES:
+            fn = CANDIDATES[name]
+
+            def forward(fn=fn) -> None:
+                with torch.no_grad():
+                    fn(x)  # noqa: B023
+
+            def forward_backward(fn=fn) -> None:
+                fn(x_req).backward(grad)  # noqa: B023
+                x_req.grad = None  # noqa: B023
+
+            f_ms = _cuda_median_ms(forward, rounds)
+            fb_ms = _cuda_median_ms(forward_backward, rounds)
+            f_share = 2 * nbytes / f_ms / copy_bw  # reads x, writes y
+            fb_share = 5 * nbytes / fb_ms / copy_bw  # + reads grad and x, writes dx
+            dtype_name = str(dtype).removeprefix("torch.")
+            print(
+                f"| {dtype_name:<8} | {name:<14} | {f_ms:6.3f} | {f_share:13.0%} | "
+                f"{fb_ms:10.3f} | {fb_share:17.0%} |"
+            )
+        print(
+            f"| {str(dtype).removeprefix('torch.'):<8} | copy           | {copy_ms:6.3f} | "
+            f"{1:13.0%} |            |                   |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[64, 256, 56, 56])
@@ -121,6 +193,10 @@ def main() -> None:
         raise SystemExit("no CUDA device")
     for device in devices:
         bench(device, args.shape, args.rounds)
+    if torch.cuda.is_available() and args.device in ("cuda", "all"):
+        bench_cuda_bandwidth(args.shape, args.rounds)
+    elif args.device == "all":
+        print("\ncuda: no device here; the CUDA table (Triton kernels vs copy bandwidth) needs one")
 
 
 if __name__ == "__main__":

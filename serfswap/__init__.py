@@ -10,13 +10,28 @@ from ._version import __version__
 from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,
+    ExampleInputsError,
+    ExportError,
+    ExportFailedError,
+    ExportMismatchError,
     InvalidActivationsError,
     InvalidArgumentError,
+    InvalidChoiceError,
+    ModelLoadError,
+    ModelSpecError,
+    NoDeviceError,
     NothingToConvertError,
+    PartialConversionError,
     SerfswapError,
+    TaskError,
     UnsupportedDtypeError,
 )
-from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from .export import (
+    ExportReport,
+    Verification,
+    export_onnx,
+    verify_onnx,
+)
 from .recover import RecoveryOptions, RecoveryResult, recover
 from .report import Plan, Site
 from .serf import Serf, keep_custom_op, serf
@@ -35,19 +50,28 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CheckpointError",
+    "ExampleInputsError",
     "ExportError",
+    "ExportFailedError",
     "ExportMismatchError",
     "ExportReport",
     "InvalidActivationsError",
     "InvalidArgumentError",
+    "InvalidChoiceError",
+    "ModelLoadError",
+    "ModelSpecError",
+    "NoDeviceError",
     "NothingToConvertError",
+    "PartialConversionError",
     "Plan",
     "RecoveryOptions",
     "RecoveryResult",
     "Serf",
     "SerfswapError",
     "Site",
+    "TaskError",
     "UnsupportedDtypeError",
+    "Verification",
     "__version__",
     "convert",
     "export_onnx",
@@ -56,4 +80,5 @@ __all__ = [
     "recover",
     "revert",
     "serf",
+    "verify_onnx",
 ]

@@ -117,7 +117,7 @@ class FunctionInfo:
     always_inplace: bool = False  # relu_ and friends
 
 
-_TORCH_FUNCTIONS: dict[Callable[..., object], FunctionInfo] = {
+TORCH_FUNCTIONS: dict[Callable[..., object], FunctionInfo] = {
     F.relu: FunctionInfo("relu", 1),
     torch.relu: FunctionInfo("relu"),
     torch.Tensor.relu: FunctionInfo("relu"),
@@ -157,8 +157,8 @@ _LIBRARY_FUNCTIONS: dict[str, dict[str, str]] = {
 
 # Method names of torch.Tensor that are activations: ``x.relu()`` in a forward.
 TENSOR_METHODS: dict[str, FunctionInfo] = {
-    "relu": _TORCH_FUNCTIONS[torch.Tensor.relu],
-    "relu_": _TORCH_FUNCTIONS[torch.Tensor.relu_],
+    "relu": TORCH_FUNCTIONS[torch.Tensor.relu],
+    "relu_": TORCH_FUNCTIONS[torch.Tensor.relu_],
 }
 
 
@@ -184,7 +184,7 @@ def _table_for(kind: str, loaded: tuple[str, ...]) -> dict[object, str]:
 @functools.cache  # asked once per method scanned; the tables are fixed
 def activation_names() -> frozenset[str]:
     """Every name an activation function or method goes by, for a cheap pre-filter of code."""
-    names = {getattr(fn, "__name__", "") for fn in _TORCH_FUNCTIONS}
+    names = {getattr(fn, "__name__", "") for fn in TORCH_FUNCTIONS}
     for table in _LIBRARY_FUNCTIONS.values():
         names.update(table)
     return frozenset(names | set(TENSOR_METHODS))
@@ -207,7 +207,7 @@ def function_info(fn: object) -> FunctionInfo | None:
     if isinstance(fn, functools.partial):
         fn = fn.func
     try:
-        info = _TORCH_FUNCTIONS.get(fn)  # type: ignore[call-overload]
+        info = TORCH_FUNCTIONS.get(fn)  # type: ignore[call-overload]
     except TypeError:  # unhashable
         return None
     if info is not None:

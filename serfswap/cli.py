@@ -20,10 +20,18 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .cli_generate import add_generate_command
 from .errors import InvalidArgumentError, SerfswapError
+from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, TOLERANCE
+from .export_decoder import TASKS
+from .recover import AUTOCAST_CHOICES, TRAIN_CHOICES, RecoveryOptions
+
+# The library's defaults are the command's: one place for each (the package imports these
+# modules already, so this costs `--help` nothing).
+DEFAULTS = RecoveryOptions()
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +97,13 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_env(commands: Any) -> None:
+    """The `env` command's arguments."""
+    parser = commands.add_parser("env", help="print versions and accelerators, for bug reports")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=cmd_env)
+
+
 def _load(args: argparse.Namespace) -> Loaded:
     from .io import load_model
 
@@ -105,6 +120,7 @@ def _load(args: argparse.Namespace) -> Loaded:
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
         timm_kwargs=_timm_kwargs(args),
+        causal_lm=getattr(args, "task", None) == "text-generation-with-past",
     )
     for note in loaded.notes:
         print(f"serfswap {args.command}: note: {note}", file=sys.stderr)
@@ -144,6 +160,7 @@ def _swap_options(args: argparse.Namespace) -> dict[str, object]:
         "include": args.include,
         "exclude": args.exclude,
         "activations": args.activations,
+        "audit": False if args.no_audit else None,
     }
 
 
@@ -166,6 +183,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(commands: Any) -> None:
+    """The `inspect` command's arguments."""
+    parser = commands.add_parser(
+        "inspect",
+        help="the plan: which activations, where, how many, what would be left",
+        description="Print what `serfswap convert` would change, changing nothing.",
+    )
+    _add_model_arguments(parser)
+    _add_swap_arguments(parser)
+    parser.set_defaults(func=cmd_inspect)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .io import describe, write_checkpoint
@@ -179,11 +208,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"cannot describe the architecture of {loaded.source} ({type(loaded.model).__name__}) "
             "for a checkpoint without pickled code; `serfswap export` it directly instead"
         )
-    converted = convert(loaded.model, inplace=True, **_swap_options(args))
+    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
     write_checkpoint(converted, arch, out)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
     return 0
+
+
+def _add_convert(commands: Any) -> None:
+    """The `convert` command's arguments."""
+    parser = commands.add_parser(
+        "convert",
+        help="convert a model and write a serfswap checkpoint",
+        description="Convert MODEL's activations to Serf and write a checkpoint (.safetensors: "
+        "weights plus a description of the architecture and the swap; no pickled code).",
+    )
+    _add_model_arguments(parser)
+    _add_swap_arguments(parser)
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (writing nothing) when the audit sees activations that were to be converted "
+        "still run, or cannot run",
+    )
+    parser.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    parser.set_defaults(func=cmd_convert)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -204,6 +253,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
+    # One command's script, step by step: check, load, read the data, convert, recover, write,
+    # clean up; each step is a call or two, in the order the user sees them printed.
     import torch
 
     from . import data as recovery_data
@@ -278,6 +329,79 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recover(commands: Any) -> None:
+    """The `recover` command's arguments. Long because the command has many options, one
+    declaration each; nothing to split but the list."""
+    parser = commands.add_parser(
+        "recover",
+        help="convert, then fine-tune with the original as teacher; write a checkpoint",
+        description="Convert MODEL to Serf and recover its quality by distillation from the "
+        "unconverted MODEL, on an image folder (timm models; the model's own transforms) or a "
+        "text file with one example per line (HuggingFace models; the model's tokenizer). "
+        "A share of the data is held out for the before/after figures. Checkpoints are written "
+        "as the run goes: --resume continues a killed run to exactly the weights it would have "
+        "had, or extends a finished one (kept with --keep-checkpoints) to more --steps; they "
+        "are removed once OUT is written. Rerunning a finished command starts it over. OUT is "
+        "a serfswap checkpoint that `serfswap export` reads.",
+    )
+    _add_model_arguments(parser)
+    _add_swap_arguments(parser)
+    parser.add_argument("--data", required=True, help="an image folder or a text file")
+    parser.add_argument("--steps", type=int, required=True,
+                     help="optimiser steps in all; with --resume, more than a finished run's "
+                     "extends it")  # fmt: skip
+    parser.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="examples per step (default: %(default)s)"
+    )
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                     help="peak learning rate (AdamW; warmup, then cosine decay to 0; "
+                     "default: %(default)s)")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=DEFAULTS.warmup,
+                     help="fraction of the steps of linear warmup "
+                     "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--blend", type=float, default=DEFAULTS.blend,
+                     help="fraction of the steps over which each Serf ramps from the original "
+                     "activation (0: off; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--bn-batches", type=int, default=DEFAULTS.bn_batches,
+                     help="batches to re-estimate BatchNorm statistics on first, for models "
+                     "with BatchNorm (0: off; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default: %(default)s")
+    parser.add_argument(
+        "--held-out", type=float, default=0.1, help="share held out (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
+    )
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's directory)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    parser.add_argument("--train", choices=TRAIN_CHOICES, default=DEFAULTS.train,
+                     help="train all parameters, or only the converted modules'")  # fmt: skip
+    parser.add_argument("--autocast", choices=[c for c in AUTOCAST_CHOICES if c],
+                        help="bfloat16 autocast")  # fmt: skip
+    parser.add_argument("--eval-every", type=int,
+                     help="steps between held-out evaluations (default: steps / 10; 0: only "
+                     "before and after)")  # fmt: skip
+    parser.add_argument("--checkpoint-dir", help="default: OUT.checkpoints next to OUT")
+    parser.add_argument("--checkpoint-every", type=int,
+                     help="steps (default: steps / 10; 0: no checkpoints)")  # fmt: skip
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=DEFAULTS.keep,
+        help="checkpoints kept while the run goes (default: %(default)s)",
+    )
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep them once OUT is written (to extend the run later)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint (exactly), or extend a finished "
+                     "run to more --steps")  # fmt: skip
+    parser.add_argument("--log", help="a JSON-lines file, one line per step")
+    parser.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
+                     "(default name: OUT.curves.png)")  # fmt: skip
+    parser.set_defaults(func=cmd_recover)
+
+
 def _beside(out: Path, suffix: str, option: str) -> Path:
     """A default name derived from OUT, refused up front when the folder cannot hold a name
     that long (OUT may legally be 255 bytes; OUT.checkpoints then is not)."""
@@ -336,6 +460,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(commands: Any) -> None:
+    """The `demo` command's arguments."""
+    parser = commands.add_parser(
+        "demo",
+        help="the whole thing on a built-in default: train, swap, recover, export, serve",
+        description="Train a small timm CNN with ReLU on scikit-learn's bundled digits (reused "
+        "from --out when already trained there), swap to Serf, recover it with the original as "
+        "teacher, export to ONNX, run it with onnxruntime, and print accuracy, latency and "
+        "files. --text does the same for all-MiniLM-L6-v2 (the [minilm] extra). No downloads.",
+    )
+    parser.add_argument(
+        "--out", default="serfswap-demo", help="output folder (default: %(default)s)"
+    )
+    parser.add_argument("--steps", type=int, default=300, help="recovery steps (default: 300)")
+    parser.add_argument("--train-steps", type=int, default=300,
+                      help="steps to train the ReLU original (default: 300)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text", action="store_true", help="the sentence-embedding demo")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=cmd_demo)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_opset, export_onnx
 
@@ -358,11 +504,62 @@ def cmd_export(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         convert_activations=args.convert,
         functions=args.functions,
+        task=args.task,
     )
     print(report)
     if report.leftovers and not args.convert:
         print("  hint: pass --convert to replace the activations that are left")
     return 0
+
+
+def _add_export(commands: Any) -> None:
+    """The `export` command's arguments."""
+    parser = commands.add_parser(
+        "export",
+        help="export to ONNX, Serf as standard ops, verified against torch",
+        description="Export MODEL to ONNX. The file is verified with onnxruntime against torch "
+        "on fresh inputs before it is written; a failed export writes nothing.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    parser.add_argument("--convert", action="store_true", help="convert activations first")
+    parser.add_argument(
+        "--decomposition",
+        choices=["softplus", "exp-log"],
+        default="softplus",
+        help="softplus: Softplus/Erf/Mul (default); exp-log: faster on onnxruntime's CPU",
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="default: %(default)s")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--static", action="store_true", help="fixed input shapes")
+    shapes.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="dynamic batch and sequence or an error (default: dynamic where it exports and "
+        "verifies, else a static sequence, else static shapes, said in the report)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="SHAPE[:DTYPE]",
+        help="an example input, e.g. 1,3,224,224 or 1,16:int64; once per positional input of "
+        "forward() (needed for plain modules; timm and transformers inputs are inferred)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    tolerances = ", ".join(f"{atol:g} {dtype}" for dtype, (atol, _) in TOLERANCE.items())
+    parser.add_argument("--atol", type=float, help=f"verification tolerance ({tolerances})")
+    tolerances = ", ".join(f"{rtol:g} {dtype}" for dtype, (_, rtol) in TOLERANCE.items())
+    parser.add_argument("--rtol", type=float, help=f"verification tolerance ({tolerances})")
+    parser.add_argument(
+        "--functions",
+        action="store_true",
+        help="each Serf as one call of the model-local ONNX function serfswap.Serf",
+    )
+    parser.add_argument("--task", choices=TASKS, default="default",
+                        help="text-generation-with-past: a decoder with its KV cache, in "
+                        "Optimum's layout (see `serfswap generate`)")  # fmt: skip
+    parser.set_defaults(func=cmd_export)
 
 
 _INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -442,6 +639,12 @@ def _add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         help="families to replace (relu gelu silu mish hardswish ... or all); "
         "default: relu gelu silu mish",
     )
+    parser.add_argument(
+        "--no-audit",
+        action="store_true",
+        help="skip the run-time audit (one forward on inputs built from the model's config that "
+        "lists activations that were to be converted and still run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,156 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    inspect = commands.add_parser(
-        "inspect",
-        help="the plan: which activations, where, how many, what would be left",
-        description="Print what `serfswap convert` would change, changing nothing.",
-    )
-    _add_model_arguments(inspect)
-    _add_swap_arguments(inspect)
-    inspect.set_defaults(func=cmd_inspect)
-
-    conv = commands.add_parser(
-        "convert",
-        help="convert a model and write a serfswap checkpoint",
-        description="Convert MODEL's activations to Serf and write a checkpoint (.safetensors: "
-        "weights plus a description of the architecture and the swap; no pickled code).",
-    )
-    _add_model_arguments(conv)
-    _add_swap_arguments(conv)
-    conv.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    conv.set_defaults(func=cmd_convert)
-
-    export = commands.add_parser(
-        "export",
-        help="export to ONNX, Serf as standard ops, verified against torch",
-        description="Export MODEL to ONNX. The file is verified with onnxruntime against torch "
-        "on fresh inputs before it is written; a failed export writes nothing.",
-    )
-    _add_model_arguments(export)
-    export.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
-    export.add_argument("--convert", action="store_true", help="convert activations first")
-    export.add_argument(
-        "--decomposition",
-        choices=["softplus", "exp-log"],
-        default="softplus",
-        help="softplus: Softplus/Erf/Mul (default); exp-log: faster on onnxruntime's CPU",
-    )
-    export.add_argument("--opset", type=int, default=20)
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    shapes = export.add_mutually_exclusive_group()
-    shapes.add_argument("--static", action="store_true", help="fixed input shapes")
-    shapes.add_argument(
-        "--dynamic",
-        action="store_true",
-        help="dynamic batch and sequence or an error (default: dynamic where it exports and "
-        "verifies, else a static sequence, else static shapes, said in the report)",
-    )
-    export.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="SHAPE[:DTYPE]",
-        help="an example input, e.g. 1,3,224,224 or 1,16:int64; once per positional input of "
-        "forward() (needed for plain modules; timm and transformers inputs are inferred)",
-    )
-    export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    export.add_argument("--atol", type=float, help="verification tolerance (default 1e-4 fp32)")
-    export.add_argument("--rtol", type=float, help="verification tolerance (default 1e-4 fp32)")
-    export.add_argument(
-        "--functions",
-        action="store_true",
-        help="each Serf as one call of the model-local ONNX function serfswap.Serf",
-    )
-    export.set_defaults(func=cmd_export)
-
-    rec = commands.add_parser(
-        "recover",
-        help="convert, then fine-tune with the original as teacher; write a checkpoint",
-        description="Convert MODEL to Serf and recover its quality by distillation from the "
-        "unconverted MODEL, on an image folder (timm models; the model's own transforms) or a "
-        "text file with one example per line (HuggingFace models; the model's tokenizer). "
-        "A share of the data is held out for the before/after figures. Checkpoints are written "
-        "as the run goes: --resume continues a killed run to exactly the weights it would have "
-        "had, or extends a finished one (kept with --keep-checkpoints) to more --steps; they "
-        "are removed once OUT is written. Rerunning a finished command starts it over. OUT is "
-        "a serfswap checkpoint that `serfswap export` reads.",
-    )
-    _add_model_arguments(rec)
-    _add_swap_arguments(rec)
-    rec.add_argument("--data", required=True, help="an image folder or a text file")
-    rec.add_argument("--steps", type=int, required=True,
-                     help="optimiser steps in all; with --resume, more than a finished run's "
-                     "extends it")  # fmt: skip
-    rec.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    rec.add_argument(
-        "--batch-size", type=int, default=32, help="examples per step (default: %(default)s)"
-    )
-    rec.add_argument("--lr", type=float, default=1e-4,
-                     help="peak learning rate (AdamW; warmup, then cosine decay to 0; "
-                     "default: %(default)s)")  # fmt: skip
-    rec.add_argument("--warmup", type=float, default=0.1,
-                     help="fraction of the steps of linear warmup "
-                     "(default: %(default)s)")  # fmt: skip
-    rec.add_argument("--blend", type=float, default=0.0,
-                     help="fraction of the steps over which each Serf ramps from the original "
-                     "activation (0: off; default: %(default)s)")  # fmt: skip
-    rec.add_argument("--bn-batches", type=int, default=20,
-                     help="batches to re-estimate BatchNorm statistics on first, for models "
-                     "with BatchNorm (0: off; default: %(default)s)")  # fmt: skip
-    rec.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    rec.add_argument(
-        "--held-out", type=float, default=0.1, help="share held out (default: %(default)s)"
-    )
-    rec.add_argument(
-        "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
-    )
-    rec.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's directory)")
-    rec.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
-    rec.add_argument("--train", choices=["all", "converted"], default="all",
-                     help="train all parameters, or only the converted modules'")  # fmt: skip
-    rec.add_argument("--autocast", choices=["bf16"], help="bfloat16 autocast")
-    rec.add_argument("--eval-every", type=int,
-                     help="steps between held-out evaluations (default: steps / 10; 0: only "
-                     "before and after)")  # fmt: skip
-    rec.add_argument("--checkpoint-dir", help="default: OUT.checkpoints next to OUT")
-    rec.add_argument("--checkpoint-every", type=int,
-                     help="steps (default: steps / 10; 0: no checkpoints)")  # fmt: skip
-    rec.add_argument(
-        "--keep",
-        type=int,
-        default=2,
-        help="checkpoints kept while the run goes (default: %(default)s)",
-    )
-    rec.add_argument("--keep-checkpoints", action="store_true",
-                     help="keep them once OUT is written (to extend the run later)")  # fmt: skip
-    rec.add_argument("--resume", action="store_true",
-                     help="continue from the last checkpoint (exactly), or extend a finished "
-                     "run to more --steps")  # fmt: skip
-    rec.add_argument("--log", help="a JSON-lines file, one line per step")
-    rec.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
-                     "(default name: OUT.curves.png)")  # fmt: skip
-    rec.set_defaults(func=cmd_recover)
-
-    demo = commands.add_parser(
-        "demo",
-        help="the whole thing on a built-in default: train, swap, recover, export, serve",
-        description="Train a small timm CNN with ReLU on scikit-learn's bundled digits (reused "
-        "from --out when already trained there), swap to Serf, recover it with the original as "
-        "teacher, export to ONNX, run it with onnxruntime, and print accuracy, latency and "
-        "files. --text does the same for all-MiniLM-L6-v2 (the [minilm] extra). No downloads.",
-    )
-    demo.add_argument("--out", default="serfswap-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=300, help="recovery steps (default: 300)")
-    demo.add_argument("--train-steps", type=int, default=300,
-                      help="steps to train the ReLU original (default: 300)")  # fmt: skip
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--text", action="store_true", help="the sentence-embedding demo")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_demo)
-
-    env = commands.add_parser("env", help="print versions and accelerators, for bug reports")
-    env.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    env.set_defaults(func=cmd_env)
+    for add in (_add_inspect, _add_convert, _add_export, _add_recover, _add_demo, _add_env):
+        add(commands)
+    add_generate_command(commands)
     for command in commands.choices.values():  # `serfswap export ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks of errors")  # fmt: skip

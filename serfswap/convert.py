@@ -53,7 +53,7 @@ from .serf import Serf
 
 FilterFn = Callable[[nn.Module, str], bool]
 REPORT_ATTR = "serfswap_report"
-_ORIGINAL_ATTR = "_serfswap_original"
+ORIGINAL_ATTR = "_serfswap_original"  # in a converted Serf's __dict__: the module it replaced
 _STRINGS_ATTR = "_serfswap_strings"  # {attribute: original name} of converted string sites
 
 # Children that make an MLP gated (LLaMA / Mistral / Gemma, Phi-3, T5 v1.1, Mixtral experts).
@@ -61,7 +61,9 @@ _GATE_PROJECTIONS = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"})
 
 
 @dataclass
-class _Ref:
+class Ref:
+    """One place that holds a module instance: ``parent._modules[key]``, named ``name``."""
+
     parent: nn.Module | None  # None: the root itself
     key: str
     name: str
@@ -80,12 +82,12 @@ class _Found:
     where: str = ""
     module: nn.Module | None = None  # kind module / norm-act: the instance
     attribute: str = ""  # kind attribute: the key in owner.__dict__
-    refs: list[_Ref] = field(default_factory=list)
+    refs: list[Ref] = field(default_factory=list)
     constraint: Constraint | None = None  # a positivity constraint (serfswap.positivity)
     stage: str = ""  # what the plan decided: "convert" or the stage that skipped it
 
 
-def _module_constraint(refs: list[_Ref]) -> Constraint | None:
+def _module_constraint(refs: list[Ref]) -> Constraint | None:
     """The positivity constraint any parent that calls this activation module puts on it."""
     for ref in refs:
         if ref.parent is not None:
@@ -95,9 +97,12 @@ def _module_constraint(refs: list[_Ref]) -> Constraint | None:
     return None
 
 
-def _walk(root: nn.Module) -> tuple[dict[int, list[_Ref]], list[tuple[str, nn.Module]]]:
-    """Every (parent, key) holding each module instance, and each instance once, in order."""
-    refs: dict[int, list[_Ref]] = {id(root): [_Ref(None, "", "")]}
+def walk(root: nn.Module) -> tuple[dict[int, list[Ref]], list[tuple[str, nn.Module]]]:
+    """Every (parent, key) holding each module instance, and each instance once, in order.
+
+    Not ``named_modules()``: it lists a shared instance once, under its first name, and a
+    conversion must reach every holder of it."""
+    refs: dict[int, list[Ref]] = {id(root): [Ref(None, "", "")]}
     order: list[tuple[str, nn.Module]] = [("", root)]
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -106,13 +111,41 @@ def _walk(root: nn.Module) -> tuple[dict[int, list[_Ref]], list[tuple[str, nn.Mo
                 continue
             name = f"{prefix}.{key}" if prefix else key
             first_visit = id(child) not in refs
-            refs.setdefault(id(child), []).append(_Ref(module, key, name))
+            refs.setdefault(id(child), []).append(Ref(module, key, name))
             if first_visit:
                 order.append((name, child))
                 visit(child, name)
 
     visit(root, "")
     return refs, order
+
+
+# The walker's verbs: what convert, revert and recovery's blend ramp do to the module tree.
+
+
+def put(refs: Iterable[Ref], module: nn.Module) -> bool:
+    """Write ``module`` into every place in ``refs`` (all the holders of one shared instance,
+    from :func:`walk`); True when one of them is the root, which no parent holds: the caller's
+    root is then ``module``."""
+    is_root = False
+    for ref in refs:
+        if ref.parent is None:
+            is_root = True
+        else:
+            ref.parent._modules[ref.key] = module
+    return is_root
+
+
+def original_of(serf: nn.Module) -> nn.Module | None:
+    """The module :func:`convert` replaced with ``serf``; None for anything else (a Serf the
+    user put in, or not a Serf at all)."""
+    return serf.__dict__.get(ORIGINAL_ATTR) if isinstance(serf, Serf) else None
+
+
+def converted_serfs(model: nn.Module) -> list[tuple[Serf, list[Ref]]]:
+    """Each Serf :func:`convert` put into ``model``, once, with every place that holds it."""
+    refs, order = walk(model)
+    return [(m, refs[id(m)]) for _, m in order if original_of(m) is not None]
 
 
 def _class_name(cls: type) -> str:
@@ -135,69 +168,84 @@ def _is_gated(parent: nn.Module | None) -> bool:
 
 def _find(root: nn.Module) -> tuple[list[_Found], bool]:
     """All activation sites of ``root``, and whether it already holds serfswap's Serf."""
-    refs, order = _walk(root)
+    refs, order = walk(root)
     found: list[_Found] = []
     has_serf = False
     for name, module in order:
         if isinstance(module, Serf):
             has_serf = True
-            continue
-        family = class_family(type(module))
-        if family is not None:
-            mod_refs = refs[id(module)]
-            parent = mod_refs[0].parent
-            found.append(
-                _Found(
-                    kind="norm-act" if _is_norm_act(parent) else "module",
-                    names=[r.name for r in mod_refs],
-                    source=_class_name(type(module)),
-                    family=family,
-                    owner=module,
-                    gated=_is_gated(parent),
-                    module=module,
-                    refs=mod_refs,
-                    constraint=_module_constraint(mod_refs),
-                )
-            )
-            continue
-        for key, value in vars(module).items():
-            if isinstance(value, SerfFunction | FunctionalScope):
-                has_serf = True
-            elif not key.startswith("_") and (info := function_info(value)) is not None:
-                found.append(
-                    _Found(
-                        kind="attribute",
-                        names=[f"{name}.{key}" if name else key],
-                        source=function_name(value),
-                        family=info.family,
-                        owner=module,
-                        gated=_is_gated(module),
-                        attribute=key,
-                        constraint=class_constraints(type(module)).attributes.get(key),
-                    )
-                )
-        if module.__dict__.get(_STRINGS_ATTR):
-            has_serf = True
-        found.extend(_string_sites(name, module))
-        scope = module.__dict__.get("forward")
-        done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
-        sites = class_call_sites(type(module))
-        calls = class_constraints(type(module)).calls if sites else {}
-        for site in sites:
-            if site.family in done:
-                continue
-            found.append(
-                _Found(
-                    kind="functional",
-                    names=[name],
-                    source=site.call,
-                    family=site.family,
-                    owner=module,
-                    where=f"{site.file}:{site.line} in {site.method}",
-                    constraint=calls.get((site.method, site.line)),
-                )
-            )
+        elif class_family(type(module)) is not None:
+            found.append(_module_site(module, refs[id(module)]))
+        else:
+            has_serf |= _holds_serf(module)
+            found.extend(_attribute_sites(name, module))
+            found.extend(_string_sites(name, module))
+            found.extend(_functional_sites(name, module))
     return found, has_serf
+
+
+def _holds_serf(module: nn.Module) -> bool:
+    """Whether convert already changed this module's attributes, strings or forward."""
+    return bool(module.__dict__.get(_STRINGS_ATTR)) or any(
+        isinstance(value, SerfFunction | FunctionalScope) for value in vars(module).values()
+    )
+
+
+def _module_site(module: nn.Module, refs: list[Ref]) -> _Found:
+    """An activation module, under every name that holds it (in a fused norm+act or not)."""
+    parent = refs[0].parent
+    return _Found(
+        kind="norm-act" if _is_norm_act(parent) else "module",
+        names=[r.name for r in refs],
+        source=_class_name(type(module)),
+        family=class_family(type(module)) or "",
+        owner=module,
+        gated=_is_gated(parent),
+        module=module,
+        refs=refs,
+        constraint=_module_constraint(refs),
+    )
+
+
+def _attribute_sites(name: str, module: nn.Module) -> list[_Found]:
+    """Activation functions stored as public attributes (timm's ``GammaAct.act_fn``)."""
+    found = []
+    for key, value in vars(module).items():
+        if not key.startswith("_") and (info := function_info(value)) is not None:
+            found.append(
+                _Found(
+                    kind="attribute",
+                    names=[f"{name}.{key}" if name else key],
+                    source=function_name(value),
+                    family=info.family,
+                    owner=module,
+                    gated=_is_gated(module),
+                    attribute=key,
+                    constraint=class_constraints(type(module)).attributes.get(key),
+                )
+            )
+    return found
+
+
+def _functional_sites(name: str, module: nn.Module) -> list[_Found]:
+    """Calls in the module's class source, except families its scope converts already."""
+    scope = module.__dict__.get("forward")
+    done = scope.families if isinstance(scope, FunctionalScope) else frozenset()
+    sites = class_call_sites(type(module))
+    calls = class_constraints(type(module)).calls if sites else {}
+    return [
+        _Found(
+            kind="functional",
+            names=[name],
+            source=site.call,
+            family=site.family,
+            owner=module,
+            where=f"{site.file}:{site.line} in {site.method}",
+            constraint=calls.get((site.method, site.line)),
+        )
+        for site in sites
+        if site.family not in done
+    ]
 
 
 def _string_sites(name: str, module: nn.Module) -> list[_Found]:
@@ -563,13 +611,10 @@ def _apply(root: nn.Module, decided: list[tuple[_Found, Site]]) -> nn.Module:
         if item.module is not None:
             serf = Serf(inplace=bool(getattr(item.module, "inplace", False)))
             serf.train(item.module.training)
-            serf.__dict__[_ORIGINAL_ATTR] = item.module
+            serf.__dict__[ORIGINAL_ATTR] = item.module
             _share_state(serf, item.module)
-            for ref in item.refs:
-                if ref.parent is None:
-                    root = serf
-                else:
-                    ref.parent._modules[ref.key] = serf
+            if put(item.refs, serf):
+                root = serf
         elif item.kind == "attribute":
             original = item.owner.__dict__[item.attribute]
             replacement = SerfFunction(original)
@@ -797,18 +842,12 @@ def revert(model: nn.Module) -> nn.Module:
     objects come back. A model that was not converted is returned as it is.
     """
     _check_model(model, "revert")
-    refs, order = _walk(model)
     root = model
-    for _, module in order:
-        original = module.__dict__.get(_ORIGINAL_ATTR) if isinstance(module, Serf) else None
-        if original is None:
-            continue
-        for ref in refs[id(module)]:
-            if ref.parent is None:
-                root = original
-            else:
-                ref.parent._modules[ref.key] = original
-    for _, module in order:
+    for serf, refs in converted_serfs(model):
+        original = original_of(serf)
+        if put(refs, original):
+            root = original
+    for _, module in walk(model)[1]:
         for key, value in list(vars(module).items()):
             if isinstance(value, SerfFunction):
                 module.__dict__[key] = value.original

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import _ORIGINAL_ATTR, _walk
+from .convert import converted_serfs, original_of, put, walk
 from .errors import InvalidArgumentError
+from .modes import eval_mode, modes
 from .serf import Serf
 
 # Batches -------------------------------------------------------------------------------------
@@ -133,6 +134,50 @@ def embedding_loss(
     return torch.stack(terms).sum()
 
 
+def loss_kind(output_loss: str, teacher: nn.Module, teacher_out: dict[str, Tensor]) -> str:
+    """``"kl"`` or ``"mse-cosine"``: ``output_loss`` unless ``"auto"``, then KL for a
+    classifier's logits and MSE plus cosine for anything else. Chosen once per run."""
+    if output_loss != "auto":
+        return output_loss
+    return "kl" if is_classifier(teacher, teacher_out) else "mse-cosine"
+
+
+def distillation_loss(
+    student_out: dict[str, Tensor],
+    teacher_out: dict[str, Tensor],
+    *,
+    kind: str,
+    temperature: float = 2.0,
+    mask: Tensor | None = None,
+    layer: Tensor | None = None,
+    labels: Tensor | None = None,
+    output_weight: float = 1.0,
+    layer_weight: float = 1.0,
+    task_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss of one step and its parts: ``output`` (``kind`` ``"kl"`` on the first output,
+    with ``temperature``; ``"mse-cosine"`` on every output, per real token by ``mask``) times
+    ``output_weight``, plus ``layer_weight`` times ``layer`` (the matched layers' loss, from
+    :class:`LayerTaps`) and, for KL with ``labels``, ``task_weight`` times cross-entropy.
+
+    Returns the loss to back-propagate and the weighted parts as floats (the run's record)."""
+    if kind == "kl":
+        s_out, t_out = next(iter(student_out.values())), next(iter(teacher_out.values()))
+        loss = kl_loss(s_out, t_out, temperature)
+    else:
+        loss = embedding_loss(student_out, teacher_out, mask)
+    loss = output_weight * loss
+    record = {"output": loss.item()}
+    if layer is not None:
+        loss = loss + layer_weight * layer
+        record["layer"] = layer.item()
+    if labels is not None and kind == "kl":
+        task = F.cross_entropy(next(iter(student_out.values())).float(), labels)
+        loss = loss + task_weight * task
+        record["task"] = task.item()
+    return loss, record
+
+
 class LayerTaps:
     """Forward hooks that record the outputs of the same named modules in two models, for
     matching the layers whose activations were converted."""
@@ -170,14 +215,12 @@ class LayerTaps:
 
 def converted_parents(model: nn.Module) -> list[str]:
     """Names of the modules that hold a converted activation: the layers to match."""
-    refs, order = _walk(model)
     names: list[str] = []
-    for _, module in order:
-        if isinstance(module, Serf) and _ORIGINAL_ATTR in module.__dict__:
-            for ref in refs[id(module)]:
-                parent = ref.name.rpartition(".")[0]
-                if ref.parent is not None and parent not in names:
-                    names.append(parent)
+    for _, refs in converted_serfs(model):
+        for ref in refs:
+            parent = ref.name.rpartition(".")[0]
+            if ref.parent is not None and parent not in names:
+                names.append(parent)
     return names
 
 
@@ -203,19 +246,19 @@ class Blend(nn.Module):
 
 def swap_blends(model: nn.Module, install: bool) -> list[Blend]:
     """Put a :class:`Blend` in place of every converted Serf (``install``), or take them out."""
-    refs, order = _walk(model)
-    blends: dict[int, Blend] = {}
-    for _, module in order:
-        if install and isinstance(module, Serf) and _ORIGINAL_ATTR in module.__dict__:
-            blend = blends.setdefault(id(module), Blend(module, module.__dict__[_ORIGINAL_ATTR]))
-        elif not install and isinstance(module, Blend):
-            blend = module
-        else:
-            continue
-        for ref in refs[id(module)]:
-            if ref.parent is not None:
-                ref.parent._modules[ref.key] = blend if install else blend.serf
-    return list(blends.values())
+    if install:
+        blends = []
+        for serf, refs in converted_serfs(model):
+            original = original_of(serf)
+            assert original is not None  # converted_serfs lists converted ones only
+            blends.append(Blend(serf, original))
+            put(refs, blends[-1])  # the root is never blended: it has no parent to hold one
+        return blends
+    refs, order = walk(model)
+    blends = [module for _, module in order if isinstance(module, Blend)]
+    for blend in blends:
+        put(refs[id(blend)], blend.serf)
+    return blends
 
 
 # BatchNorm -----------------------------------------------------------------------------------
@@ -231,21 +274,20 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    saved = [(m, m.momentum, m.training) for m in norms]
-    was_training = model.training
-    model.train()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
+    momenta = [(m, m.momentum) for m in norms]
     seen = 0
-    for batch in batches:
-        args, kwargs, _ = split_batch(to_device(batch, device))
-        model(*args, **kwargs)
-        seen += 1
-    for m, momentum, training in saved:
-        m.momentum = momentum
-        m.train(training)
-    model.train(was_training)
+    with modes(model, training=True):
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches, not a running one
+            for batch in batches:
+                args, kwargs, _ = split_batch(to_device(batch, device))
+                model(*args, **kwargs)
+                seen += 1
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
     return seen
 
 
@@ -262,8 +304,19 @@ def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], dev
     models); ``cosine``: mean cosine of the outputs (of the pooled sentence embeddings for
     hidden states); ``kl`` for classifiers; ``accuracy`` when batches carry labels.
     """
-    student_mode = student.training
-    student.eval()
+    with eval_mode(student):
+        sums, count = _sum_metrics(student, teacher, batches, device, temperature)
+    return {k: v / count for k, v in sums.items()} if count else {}
+
+
+def _sum_metrics(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    device: torch.device,
+    temperature: float,
+) -> tuple[dict[str, float], int]:
+    """The sums over examples of each metric of :func:`evaluate`, and the number of examples."""
     sums: dict[str, float] = {}
     count = 0
     for batch in batches:
@@ -288,8 +341,7 @@ def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], dev
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value * n
         count += n
-    student.train(student_mode)
-    return {k: v / count for k, v in sums.items()} if count else {}
+    return sums, count
 
 
 def _neighbours(emb: Tensor) -> Tensor:

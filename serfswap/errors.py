@@ -40,6 +40,12 @@ class InvalidArgumentError(SerfswapError, TypeError):
     exit_code = 2
 
 
+class InvalidChoiceError(SerfswapError, ValueError):
+    """An option has a value outside the ones it takes (a device name, a choice of a list)."""
+
+    exit_code = 2
+
+
 class CheckpointError(SerfswapError, ValueError):
     """A recovery checkpoint cannot be read, or belongs to another run (other steps, model)."""
 
@@ -50,6 +56,49 @@ class ExampleInputsError(SerfswapError, ValueError):
     exit_code = 2
 
 
+class ExportError(SerfswapError, ValueError):
+    """The export cannot be made as asked: bad option, missing inputs, unwritable target."""
+
+    exit_code = 2
+
+
 class PartialConversionError(SerfswapError, RuntimeError):
     """``convert(..., strict=True)``: activations that were to be converted still run (or the
     run-time audit that would show it could not run)."""
+
+
+class ShapeMismatchError(SerfswapError, ValueError):
+    """Tensors that must have one shape do not (a gradient and its input, in a kernel call)."""
+
+
+class TaskError(ExportError):
+    """The model cannot be exported for the task asked (``--task text-generation-with-past`` on
+    an encoder or a timm model): a usage error, status 2."""
+
+
+class ExportFailedError(ExportError):
+    """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
+    failed on the model (a valid request that failed, hence status 1)."""
+
+    exit_code = 1
+
+
+class ExportMismatchError(ExportError, AssertionError):
+    """onnxruntime and torch disagree beyond the tolerance; nothing was written. An ExportError
+    (every failure of an export is one) and an AssertionError, as before; status 1."""
+
+    exit_code = 1
+
+
+class ModelLoadError(SerfswapError, ValueError):
+    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to load."""
+
+
+class ModelSpecError(ModelLoadError):
+    """MODEL or --arch is wrong on the command line: no such path, unknown architecture."""
+
+    exit_code = 2
+
+
+class NoDeviceError(SerfswapError, RuntimeError):
+    """device="cuda" was asked for, and onnxruntime has no usable CUDA provider."""

@@ -17,8 +17,8 @@ import copy
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +29,24 @@ from torch import nn
 
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import ExampleInputsError, InvalidArgumentError, SerfswapError
+from .errors import (
+    ExampleInputsError,
+    ExportError,
+    ExportFailedError,
+    ExportMismatchError,
+    InvalidArgumentError,
+)
+from .export_decoder import WITH_PAST, DecoderWithPast, check_task, verification_inputs, with_past
+from .export_decoder import dynamic_shapes as decoder_shapes
+from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
-from .paths import check_output_path
+from .paths import check_input_path, check_output_path
 from .serf import keep_custom_op
 
 _TWO_GB = 2 * 1024**3
+DEFAULT_OPSET = 20
+DEFAULT_DTYPE = "fp32"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
@@ -54,30 +65,6 @@ def check_opset(opset: object) -> int:
             "(lower opsets cannot express what the exporter writes)"
         )
     return opset
-
-
-class ExportError(SerfswapError, ValueError):
-    """The export cannot be made as asked: bad option, missing inputs, unwritable target."""
-
-    exit_code = 2
-
-
-class ExportFailedError(ExportError):
-    """No shape plan could be exported and verified: the exporter, onnx.checker or onnxruntime
-    failed on the model (a valid request that failed, hence status 1)."""
-
-    exit_code = 1
-
-
-class _RuntimeFailure(Exception):
-    """onnxruntime could not run the exported graph at the verification sizes."""
-
-
-class ExportMismatchError(ExportError, AssertionError):
-    """onnxruntime and torch disagree beyond the tolerance; nothing was written. An ExportError
-    (every failure of an export is one) and an AssertionError, as before; status 1."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -101,6 +88,7 @@ class ExportReport:
     outputs: list[str] = field(default_factory=list)
     dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
     fallback: str | None = None  # why the shapes are less dynamic than asked, when they are
+    left_at_run_time: int = 0  # activations the conversion was to replace that still run
 
     def __str__(self) -> str:
         lines = [
@@ -125,6 +113,11 @@ class ExportReport:
                 or "none (static shapes)"
             ),
         ]
+        if self.left_at_run_time:
+            lines.append(
+                f"  PARTIAL conversion: {self.left_at_run_time} activations that were to be "
+                "converted still run (the model's serfswap_report lists them as left)"
+            )
         if self.fallback:
             lines.append(f"  shapes: {self.fallback}")
         if self.verified:
@@ -230,14 +223,16 @@ def _name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
     renames: dict[str, str] = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        for index, role in ((0, "batch"), (1, "sequence")):
-            if (
-                index < len(dims)
-                and dims[index].dim_param
-                and (role == "batch" or value.name in seq_names)
-            ):
+        past = value.name.startswith("past_key_values.")  # a KV cache in Optimum's layout
+        named = {0: True, 1: value.name in seq_names, 2: past}
+        for index, role in ((0, "batch"), (1, "sequence"), (2, "past_sequence")):
+            if index < len(dims) and dims[index].dim_param and named[index]:
                 prefix = "decoder_" if value.name.startswith("decoder_") and index == 1 else ""
                 renames.setdefault(dims[index].dim_param, prefix + role)
+    if any(name.startswith("past_sequence") for name in renames.values()):
+        mask = next((v for v in model.graph.input if v.name == "attention_mask"), None)
+        if mask is not None and mask.type.tensor_type.shape.dim[1].dim_param:
+            renames[mask.type.tensor_type.shape.dim[1].dim_param] = "past_sequence + sequence"
     if renames:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
         for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
@@ -267,41 +262,21 @@ def _short_ort(exc: BaseException) -> str:
     return re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)
 
 
-def _compare(
-    model: nn.Module,
-    path: Path,
-    inputs: dict[str, torch.Tensor],
-    atol: float,
-    rtol: float,
-    *,
-    positional: bool = False,
-) -> tuple[dict[str, float], dict[str, float]]:
-    from .onnx_ops import session
+def _feed(names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """onnxruntime's feed: by name when the file's inputs carry the names given (every file
+    serfswap writes), else in order (a file exported with other input names)."""
+    if all(name in inputs for name in names) and len(names) <= len(inputs):
+        return {name: inputs[name].numpy() for name in names}
+    if len(names) == len(inputs):
+        return {name: t.numpy() for name, t in zip(names, inputs.values(), strict=True)}
+    raise ExportError(f"the ONNX file takes inputs {names}; given {list(inputs)}")
 
-    # onnxruntime logs its own failures (a coloured line on stderr) before raising them: the
-    # raised error is reported in one line of ours instead; --debug shows onnxruntime's log.
-    quiet = not logging.getLogger("serfswap").isEnabledFor(logging.DEBUG)
-    sess = session(path, "cpu", log_severity=4 if quiet else None)
-    feed_names = [i.name for i in sess.get_inputs()]
-    feed = {name: inputs[name].numpy() for name in feed_names}
-    try:
-        got = sess.run(None, feed)
-    except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException...
-        sizes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in inputs.items())
-        raise _RuntimeFailure(
-            f"onnxruntime cannot run the exported graph at {sizes}: {_short_ort(exc)}"
-        ) from None
-    with torch.no_grad():
-        want = _leaves(model(*inputs.values()) if positional else model(**inputs))
-    names = [o.name for o in sess.get_outputs()]
-    if len(got) != len(want):
-        raise ExportMismatchError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
-    for name, torch_out in zip(names, want, strict=True):
-        if not bool(torch.isfinite(torch_out).all()):
-            raise ExportError(
-                f"torch's output {name} holds NaN or inf on the verification inputs: the model "
-                "itself is broken (non-finite weights?); refusing to write it"
-            )
+
+def _differences(
+    names: list[str], got: list[Any], want: list[torch.Tensor], atol: float, rtol: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The largest absolute and relative differences of each output, onnxruntime's (``got``)
+    against torch's (``want``); ExportMismatchError when one is beyond the tolerance."""
     abs_diff, rel_diff, bad = {}, {}, []
     for name, ort_out, torch_out in zip(names, got, want, strict=True):
         expected = torch_out.float()
@@ -330,6 +305,43 @@ def _compare(
             f"onnxruntime differs from torch beyond atol={atol}, rtol={rtol}: {detail}"
         )
     return abs_diff, rel_diff
+
+
+def _compare(
+    model: nn.Module,
+    path: Path,
+    inputs: dict[str, torch.Tensor],
+    atol: float,
+    rtol: float,
+    *,
+    positional: bool = False,
+) -> tuple[dict[str, float], dict[str, float]]:
+    from .onnx_ops import session
+
+    # onnxruntime logs its own failures (a coloured line on stderr) before raising them: the
+    # raised error is reported in one line of ours instead; --debug shows onnxruntime's log.
+    quiet = not logging.getLogger("serfswap").isEnabledFor(logging.DEBUG)
+    sess = session(path, "cpu", log_severity=4 if quiet else None)
+    feed = _feed([i.name for i in sess.get_inputs()], inputs)
+    try:
+        got = sess.run(None, feed)
+    except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException...
+        sizes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in inputs.items())
+        raise ExportFailedError(
+            f"onnxruntime cannot run the exported graph at {sizes}: {_short_ort(exc)}"
+        ) from None
+    with torch.no_grad():
+        want = _leaves(model(*inputs.values()) if positional else model(**inputs))
+    names = [o.name for o in sess.get_outputs()]
+    if len(got) != len(want):
+        raise ExportMismatchError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
+    for name, torch_out in zip(names, want, strict=True):
+        if not bool(torch.isfinite(torch_out).all()):
+            raise ExportError(
+                f"torch's output {name} holds NaN or inf on the verification inputs: the model "
+                "itself is broken (non-finite weights?); refusing to write it"
+            )
+    return _differences(names, got, want, atol, rtol)
 
 
 # Export ------------------------------------------------------------------------------------------
@@ -375,8 +387,11 @@ class _Shapes:
     label: str
     batch: set[str]
     sequence: set[str]
+    exact: dict[str, Any] | None = None  # a task's own dynamic shapes, other axes than 0 and 1
 
     def dynamic_shapes(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        if self.exact is not None:
+            return self.exact
         if not self.batch and not self.sequence:
             return None
         auto = torch.export.Dim.AUTO
@@ -430,125 +445,331 @@ class _AttemptFailed(Exception):
 
 
 @dataclass
-class _Job:
-    """What one export writes and checks; :meth:`attempt` runs it for one shape plan."""
+class _Request:
+    """One export, checked and ready: what :func:`_prepare` makes, with no file touched yet."""
 
     model: nn.Module
     program: torch.export.ExportedProgram | None
     path: Path
     inputs: dict[str, torch.Tensor]
     seq_names: set[str]
+    plans: list[_Shapes]  # the shape plans to try, in order
     opset: int
     decomposition: str
+    dtype: str
     converted_count: int
     external_data: bool | None
     functions: bool
     verify: bool
     atol: float
     rtol: float
-    dtype: str
     output_names: list[str] = field(default_factory=list)
+    left_at_run_time: int = 0  # activations the model's conversion left running (its report)
+    decoder: DecoderWithPast | None = None  # text-generation-with-past: export_decoder.py
 
-    def attempt(self, shapes: _Shapes) -> ExportReport:
-        """Export, check and verify in a staging folder; move the file into place on success."""
-        # A short name of its own: any legal name of the target stays legal inside it.
-        staging = Path(tempfile.mkdtemp(prefix=".serfswap-", dir=self.path.parent))
+
+def _named(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
+    """The example inputs as keywords, inferred when None; an export's error when they cannot
+    be (the message says to pass example_inputs)."""
+    try:
+        if example_inputs is None:
+            return example_inputs_for(model)
+        return as_kwargs(model, example_inputs)
+    except ExampleInputsError as error:
+        raise ExportError(str(error)) from None
+
+
+def _check_options(model: Any, opset: int, decomposition: str, dtype: str, dynamic: Any) -> None:
+    """Every option's type and value, before anything runs."""
+    from .onnx_ops import DECOMPOSITIONS
+
+    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
+        raise InvalidArgumentError(
+            f"export_onnx() takes an nn.Module or a torch.export program, got {model!r:.80}"
+        )
+    check_opset(opset)
+    if decomposition not in DECOMPOSITIONS:
+        raise ExportError(f"decomposition={decomposition!r}: use one of {sorted(DECOMPOSITIONS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    program = isinstance(model, torch.export.ExportedProgram)  # its shapes are its own
+    if dynamic is not None and not isinstance(dynamic, bool) and not program:
+        raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
+
+
+def _shape_plans(
+    inputs: dict[str, torch.Tensor], seq_names: set[str], dynamic: bool | None
+) -> list[_Shapes]:
+    """The shape plans to try: as asked, then (``dynamic=None``) a dynamic batch with a static
+    sequence, then static shapes."""
+    if dynamic is False:
+        return [_Shapes("static", set(), set())]
+    plans = [_Shapes("dynamic", set(inputs), seq_names)]
+    if dynamic is None:
+        if seq_names:
+            plans.append(_Shapes("dynamic batch, static sequence", set(inputs), set()))
+        plans.append(_Shapes("static", set(), set()))
+    return plans
+
+
+def _prepare(
+    model: nn.Module | torch.export.ExportedProgram,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    *,
+    dynamic: bool | None,
+    convert_activations: bool,
+    task: str,
+    **options: Any,
+) -> _Request:
+    """All the checks and all the decisions of an export, and no I/O: a ``.pt2`` program is
+    unwrapped, the model converted (a copy) and cast, the inputs inferred or named, the
+    tolerances and shape plans chosen. ``options``: the remaining fields of :class:`_Request`
+    (``atol`` / ``rtol`` may be None: the dtype's default)."""
+    _check_options(model, options["opset"], options["decomposition"], options["dtype"], dynamic)
+    path = check_output_path(Path(path))
+    check_task(model, task)
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None:  # a torch.export program: its shapes and inputs are its own
+        if convert_activations:
+            raise ExportError("convert needs a module, not a torch.export program")
+        model = program.module()
+        if example_inputs is None:
+            args, kwargs = program.example_inputs
+            example_inputs = {**_named(model, args), **kwargs}
+        dynamic = False
+    elif convert_activations:
+        model = convert(model, example_inputs=example_inputs)
+    swap = model.__dict__.get(REPORT_ATTR)
+    decoder = with_past(model) if task == WITH_PAST else None
+    if decoder is not None:  # the model with its cache as flat tensors (export_decoder.py)
+        if example_inputs is not None or dynamic is False:
+            raise ExportError(f"task {task!r} makes its own inputs, with dynamic shapes")
+        model, example_inputs = decoder, decoder_example_inputs(decoder)
+    inputs = _named(model, example_inputs)
+    dtype = options["dtype"]
+    if dtype != "fp32":
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+        inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
+    seq_names = _sequence_inputs(inputs) - ({"attention_mask"} if decoder else set())
+    plans = (
+        [_Shapes("dynamic", set(inputs), seq_names, decoder_shapes(decoder))]
+        if decoder is not None
+        else _shape_plans(inputs, seq_names, dynamic)
+    )
+    default_atol, default_rtol = TOLERANCE[dtype]
+    options["atol"] = default_atol if options["atol"] is None else options["atol"]
+    options["rtol"] = default_rtol if options["rtol"] is None else options["rtol"]
+    return _Request(
+        model, program, path, inputs, seq_names, plans, decoder=decoder,
+        converted_count=len(swap.converted) if swap is not None else 0,
+        left_at_run_time=len(swap.left) if swap is not None else 0, **options,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _staging(path: Path) -> Iterator[Path]:
+    """A path to write ``path``'s file (and any side file beside it) in a fresh folder next to
+    the target; on success every file in it moves into place, on failure none does. The folder
+    is on the target's filesystem, so the moves are atomic renames."""
+    # The name is chosen before the folder exists, so that a Ctrl-C or SIGTERM at any bytecode
+    # (inside mkdtemp's Python code, after its mkdir, was one: 1 run in 10 under load) finds it
+    # in the finally. A short name of its own: any legal name of the target stays legal inside.
+    staging: Path | None = path.parent / f".serfswap-{secrets.token_hex(8)}"
+    try:
         try:
-            staged = staging / self.path.name
-            self._export(shapes, staged)
-            report = self._inspect(staged, staging)
-            if self.verify:
-                fresh = _fresh_like(self.inputs, shapes.grow(), self.seq_names)
-                try:
-                    report.max_abs_diff, report.max_rel_diff = _compare(
-                        self.model, staged, fresh, self.atol, self.rtol,
-                        positional=self.program is not None,
-                    )  # fmt: skip
-                except (ExportMismatchError, _RuntimeFailure) as exc:
-                    raise _AttemptFailed(str(exc), exc) from None
-                report.verified = True
-            for staged_file in staging.iterdir():
-                target = self.path.parent / staged_file.name
-                os.replace(staged_file, target)
-                if target != self.path:
-                    report.external_data = target
-            return report
-        finally:
+            os.mkdir(staging, 0o700)
+        except FileExistsError:  # not ours (64 random bits: never in practice)
+            staging = None
+            raise
+        yield staging / path.name
+        for staged_file in staging.iterdir():
+            os.replace(staged_file, path.parent / staged_file.name)
+    finally:
+        if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _export(self, shapes: _Shapes, staged: Path) -> None:
-        from .onnx_ops import translation_table
 
-        try:
-            onnx_program = torch.onnx.export(
-                self.program if self.program is not None else self.model,
-                (),
-                kwargs=self.inputs,
-                dynamo=True,
-                opset_version=self.opset,
-                dynamic_shapes=shapes.dynamic_shapes(self.inputs),
-                custom_translation_table=translation_table(self.decomposition),
-                output_names=self.output_names,
-                verbose=False,
+def _write(req: _Request, shapes: _Shapes, staged: Path) -> dict[str, list[str]]:
+    """Export ``req`` with ``shapes`` to ``staged`` with serfswap's metadata, the dynamic axes
+    named and (``functions``) every Serf folded into a function call; the axes by input."""
+    from .onnx_ops import translation_table
+
+    try:
+        onnx_program = torch.onnx.export(
+            req.program if req.program is not None else req.model,
+            (),
+            kwargs=req.inputs,
+            dynamo=True,
+            opset_version=req.opset,
+            dynamic_shapes=shapes.dynamic_shapes(req.inputs),
+            custom_translation_table=translation_table(req.decomposition),
+            output_names=req.output_names,
+            input_names=req.decoder.onnx_input_names if req.decoder else None,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter's many kinds: one line of ours
+        raise _AttemptFailed(f"the exporter: {_one_line(exc)}", exc) from None
+    size = sum(p.numel() * p.element_size() for p in req.model.parameters())
+    onnx_program.model.metadata_props.update(
+        {
+            "serfswap.version": __version__,
+            "serfswap.decomposition": req.decomposition,
+            "serfswap.converted_activations": str(req.converted_count),
+        }
+    )
+    side = size > _TWO_GB if req.external_data is None else req.external_data
+    onnx_program.save(staged, external_data=side)
+    axes = _name_axes(staged, req.seq_names)
+    if req.functions:
+        _fold_into_functions(staged)
+    return axes
+
+
+def _inspect(req: _Request, staged: Path, axes: dict[str, list[str]]) -> ExportReport:
+    """onnx.checker (full), the opset written, the graph's domains, functions and Serf count:
+    the report of the staged file, with the paths it will have once in place."""
+    import onnx
+
+    from .onnx_ops import check_graph
+
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        raise _AttemptFailed(f"onnx.checker: {_one_line(exc)}", exc) from None
+    written = onnx.load(str(staged), load_external_data=False)
+    opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
+    if opset != req.opset:
+        raise ExportError(f"asked for opset {req.opset}, the exporter wrote {opset}")
+    graph = check_graph(written, str(staged.parent))
+    if graph.custom_domains:
+        raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
+    if graph.bad_functions:
+        raise ExportError(f"functions with a body that is not Serf: {graph.bad_functions}")
+    side_files = [f for f in staged.parent.iterdir() if f != staged]
+    names = req.decoder.onnx_input_names if req.decoder else list(req.inputs)
+    return ExportReport(
+        path=req.path,
+        decomposition=req.decomposition,
+        opset=opset,
+        dtype=req.dtype,
+        inputs=dict(zip(names, (tuple(v.shape) for v in req.inputs.values()), strict=True)),
+        serf_nodes=graph.serf_total,
+        leftovers=dict(graph.leftovers),
+        converted_activations=req.converted_count,
+        left_at_run_time=req.left_at_run_time,
+        functions=req.functions and graph.serf_total > 0,
+        outputs=[o.name for o in written.graph.output],
+        dynamic_axes=axes,
+        size_bytes=sum(f.stat().st_size for f in staged.parent.iterdir()),
+        external_data=req.path.parent / side_files[-1].name if side_files else None,
+    )
+
+
+def _attempt(req: _Request, shapes: _Shapes) -> ExportReport:
+    """Write, inspect and verify one shape plan in a staging folder; in place on success."""
+    with _staging(req.path) as staged:
+        report = _inspect(req, staged, _write(req, shapes, staged))
+        if req.verify:
+            fresh_sets = (
+                [_fresh_like(req.inputs, shapes.grow(), req.seq_names)]
+                if req.decoder is None
+                else verification_inputs(req.decoder)  # past lengths 0 and 7
             )
-        except Exception as exc:  # the exporter's many kinds: one line of ours
-            raise _AttemptFailed(f"the exporter: {_one_line(exc)}", exc) from None
-        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        onnx_program.model.metadata_props.update(
-            {
-                "serfswap.version": __version__,
-                "serfswap.decomposition": self.decomposition,
-                "serfswap.converted_activations": str(self.converted_count),
-            }
-        )
-        side = size > _TWO_GB if self.external_data is None else self.external_data
-        onnx_program.save(staged, external_data=side)
+            for fresh in fresh_sets:  # the worst difference of each output over the sets
+                try:
+                    abs_diff, rel_diff = _compare(
+                        req.model, staged, fresh, req.atol, req.rtol,
+                        positional=req.program is not None,
+                    )  # fmt: skip
+                except (ExportMismatchError, ExportFailedError) as exc:
+                    raise _AttemptFailed(str(exc), exc) from None
+                for mine, new in ((report.max_abs_diff, abs_diff), (report.max_rel_diff, rel_diff)):
+                    mine.update({k: max(v, mine.get(k, 0.0)) for k, v in new.items()})
+            report.verified = True
+    return report
 
-    def _inspect(self, staged: Path, staging: Path) -> ExportReport:
-        import onnx
 
-        from .onnx_ops import check_graph
-
-        axes = _name_axes(staged, self.seq_names)
-        if self.functions:
-            _fold_into_functions(staged)
+def _export(req: _Request) -> ExportReport:
+    """Try each shape plan in turn; the first that exports and verifies is written, and the
+    report says why the ones before failed."""
+    failures: list[str] = []
+    for number, shapes in enumerate(req.plans):
         try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except Exception as exc:  # ValidationError, InferenceError
-            raise _AttemptFailed(f"onnx.checker: {_one_line(exc)}", exc) from None
-        written = onnx.load(str(staged), load_external_data=False)
-        opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
-        if opset != self.opset:
-            raise ExportError(f"asked for opset {self.opset}, the exporter wrote {opset}")
-        graph = check_graph(written, str(staging))
-        if graph.custom_domains:
-            raise ExportError(f"the graph uses non-standard domains {graph.custom_domains}")
-        if graph.bad_functions:
-            raise ExportError(f"functions with a body that is not Serf: {graph.bad_functions}")
-        return ExportReport(
-            path=self.path,
-            decomposition=self.decomposition,
-            opset=opset,
-            dtype=self.dtype,
-            inputs={k: tuple(v.shape) for k, v in self.inputs.items()},
-            serf_nodes=graph.serf_total,
-            leftovers=dict(graph.leftovers),
-            converted_activations=self.converted_count,
-            functions=self.functions and graph.serf_total > 0,
-            outputs=[o.name for o in written.graph.output],
-            dynamic_axes=axes,
-            size_bytes=sum(f.stat().st_size for f in staging.iterdir()),
+            report = _attempt(req, shapes)
+        except _AttemptFailed as failed:
+            failures.append(f"{shapes.label} failed: {failed.reason}")
+            if number == len(req.plans) - 1:
+                dynamic_plan = bool(shapes.batch or shapes.sequence)
+                raise failed.error_with(failures[:-1], dynamic=dynamic_plan) from None
+            continue
+        if failures:
+            report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
+        return report
+    raise AssertionError("no shape plan")  # unreachable: there is always one plan
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_onnx` measured: the largest differences per output, by ONNX name."""
+
+    max_abs_diff: dict[str, float]
+    max_rel_diff: dict[str, float]
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{name}: max abs diff {diff:.2e}, max rel diff {self.max_rel_diff[name]:.2e}"
+            for name, diff in self.max_abs_diff.items()
         )
+
+
+def verify_onnx(
+    model: nn.Module | torch.export.ExportedProgram,
+    path: str | os.PathLike[str],
+    inputs: Any,
+    *,
+    atol: float = TOLERANCE["fp32"][0],
+    rtol: float = TOLERANCE["fp32"][1],
+) -> Verification:
+    """Run the ONNX file at ``path`` with onnxruntime (CPU) on ``inputs`` and compare every
+    output with ``model``'s, as :func:`export_onnx` does before it writes: for files you
+    exported yourself (``torch.onnx.export``, Optimum), or to check one again on your data.
+
+    ``inputs``: a tensor, a tuple (positional) or a dict (keyword) of tensors; fed to the file
+    by name when its inputs carry those names, else in order. The model runs in eval mode (each
+    module gets its mode back after) and without its KV cache, as ``export_onnx`` exports it.
+    Use inputs of another batch size than the export's to catch baked-in shapes.
+
+    Raises :class:`ExportMismatchError` (an AssertionError) when an output differs beyond
+    ``atol`` / ``rtol`` or has another shape, :class:`ExportFailedError` when onnxruntime cannot
+    run the file on these inputs, :class:`ExportError` when torch's own output is not finite.
+
+    >>> serfswap.verify_onnx(model, "model.onnx", torch.randn(3, 3, 224, 224))  # doctest: +SKIP
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        module, mode = model.module(), contextlib.nullcontext()  # its graph fixed the modes
+    elif isinstance(model, nn.Module):
+        module, mode = model, eval_mode(model)
+    else:
+        raise InvalidArgumentError(
+            f"verify_onnx() takes an nn.Module or a torch.export program, got {model!r:.80}"
+        )
+    path = check_input_path(path)
+    positional = not isinstance(inputs, dict)
+    named = _named(module, inputs)
+    with _without_kv_cache(module), mode:
+        abs_diff, rel_diff = _compare(module, path, named, atol, rtol, positional=positional)
+    return Verification(abs_diff, rel_diff)
 
 
 def export_onnx(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     path: str | os.PathLike[str],
     example_inputs: Any = None,
     *,
-    opset: int = 20,
+    opset: int = DEFAULT_OPSET,
     dynamic: bool | None = None,
-    dtype: str = "fp32",
+    dtype: str = DEFAULT_DTYPE,
     decomposition: str = "softplus",
     verify: bool = True,
     atol: float | None = None,
@@ -556,6 +777,7 @@ def export_onnx(
     convert_activations: bool = False,
     external_data: bool | None = None,
     functions: bool = False,
+    task: str = "default",
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
@@ -569,7 +791,8 @@ def export_onnx(
         dtype: ``"fp32"`` or ``"fp16"`` (Serf itself stays float32 inside the fp16 graph).
         decomposition: ``"softplus"`` (Softplus, Erf, Mul) or ``"exp-log"`` (Exp, Add, Log,
             Erf, Mul: faster on onnxruntime's CPU).
-        verify: check with onnxruntime against torch on fresh inputs of another batch size.
+        verify: check with onnxruntime against torch on fresh inputs of another batch size
+            (:func:`verify_onnx`).
         atol, rtol: verification tolerances (default: 1e-4 for fp32, 2e-2 for fp16).
         convert_activations: convert the model's activations to Serf first (a copy); without
             it, a model is exported as it is and the report counts what is left.
@@ -578,83 +801,25 @@ def export_onnx(
         functions: emit each Serf as one call of the model-local ONNX function
             ``serfswap.Serf`` (body: the decomposition), for readable graphs and single-node
             pattern matching; onnxruntime inlines it at load.
+        task: ``"default"``: the model's forward without its KV cache.
+            ``"text-generation-with-past"``: a transformers causal LM with its KV cache in
+            Optimum's layout (inputs ``past_key_values.{i}.key`` ..., outputs ``present.{i}.key``
+            ...), verified at past lengths 0 and 7; see :mod:`serfswap.export_decoder`.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
-    from .onnx_ops import DECOMPOSITIONS
-
-    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
-        raise InvalidArgumentError(
-            f"export_onnx() takes an nn.Module or a torch.export program, got {model!r:.80}"
-        )
-    check_opset(opset)
-    if decomposition not in DECOMPOSITIONS:
-        raise ExportError(f"decomposition={decomposition!r}: use one of {sorted(DECOMPOSITIONS)}")
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
-    path = Path(path)
-    check_output_path(path)
-    program = model if isinstance(model, torch.export.ExportedProgram) else None
-    if program is not None:  # a torch.export program: its shapes and inputs are its own
-        if convert_activations:
-            raise ExportError("convert needs a module, not a torch.export program")
-        model = program.module()
-        if example_inputs is None:
-            args, kwargs = program.example_inputs
-            example_inputs = {**as_kwargs(model, args), **kwargs}
-        dynamic = False
-    elif dynamic is not None and not isinstance(dynamic, bool):
-        raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
-    elif convert_activations:
-        model = convert(model)
-    report_of_swap = model.__dict__.get(REPORT_ATTR)
-    converted_count = len(report_of_swap.converted) if report_of_swap is not None else 0
-    inferred = example_inputs is None
-    try:
-        inputs = example_inputs_for(model) if inferred else as_kwargs(model, example_inputs)
-    except ExampleInputsError as error:
-        raise ExportError(str(error)) from None
-    if dtype != "fp32":
-        model = copy.deepcopy(model).to(DTYPES[dtype])
-        inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
-    seq_names = _sequence_inputs(inputs)
-    default_atol, default_rtol = TOLERANCE[dtype]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-
-    job = _Job(model, program, path, inputs, seq_names, opset, decomposition, converted_count,
-               external_data, functions, verify, atol, rtol, dtype)  # fmt: skip
-    if program is not None or dynamic is False:
-        plans = [_Shapes("static", set(), set())]
-    elif dynamic is True or not seq_names:
-        plans = [_Shapes("dynamic", set(inputs), seq_names)]
-    else:
-        plans = [_Shapes("dynamic", set(inputs), seq_names)]
-    if dynamic is None and program is None:  # the fallbacks: batch only, then nothing
-        if seq_names:
-            plans.append(_Shapes("dynamic batch, static sequence", set(inputs), set()))
-        plans.append(_Shapes("static", set(), set()))
-
+    req = _prepare(
+        model, path, example_inputs, dynamic=dynamic, convert_activations=convert_activations,
+        opset=opset, decomposition=decomposition, dtype=dtype, external_data=external_data,
+        functions=functions, verify=verify, atol=atol, rtol=rtol, task=task,
+    )  # fmt: skip
     # An exported program's module has no train/eval modes: its graph fixed them.
-    mode = contextlib.nullcontext() if program is not None else eval_mode(model)
+    mode = contextlib.nullcontext() if req.program is not None else eval_mode(req.model)
     # keep_custom_op: the tracer sees serfswap::serf, which the translation table maps to the
     # exact pattern; outside it, tracers get Serf's ATen ops (serf.py says why).
-    with _without_kv_cache(model), mode, keep_custom_op():
-        output = _run_once(model, inputs, positional=program is not None)
-        job.output_names = _output_names(model, output)
-        failures: list[str] = []
-        for number, shapes in enumerate(plans):
-            try:
-                report = job.attempt(shapes)
-            except _AttemptFailed as failed:
-                failures.append(f"{shapes.label} failed: {failed.reason}")
-                if number == len(plans) - 1:
-                    dynamic_plan = bool(shapes.batch or shapes.sequence)
-                    raise failed.error_with(failures[:-1], dynamic=dynamic_plan) from None
-                continue
-            if failures:
-                report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
-            break
-    return report
+    with _without_kv_cache(req.model), mode, keep_custom_op():
+        output = _run_once(req.model, req.inputs, positional=req.program is not None)
+        req.output_names = _output_names(req.model, output)
+        return _export(req)

@@ -54,8 +54,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .activations import (
-    _TORCH_FUNCTIONS,
     TENSOR_METHODS,
+    TORCH_FUNCTIONS,
     FunctionInfo,
     activation_names,
     class_family,
@@ -105,7 +105,7 @@ class SerfFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         families = getattr(_STATE, "families", None)
         if families:
-            info = _TORCH_FUNCTIONS.get(func)
+            info = TORCH_FUNCTIONS.get(func)
             if info is not None and info.family in families:
                 return apply_serf(info, args, kwargs)
         return func(*args, **kwargs)
@@ -179,21 +179,21 @@ def function_name(fn: object) -> str:
     return f"{short.get(module, module)}.{name}" if module else name
 
 
-_UNRESOLVED = object()
+UNRESOLVED = object()
 
 
-def _resolve(node: ast.expr, namespace: dict[str, Any]) -> object:
+def resolve(node: ast.expr, namespace: dict[str, Any]) -> object:
     """The object a ``Name`` / ``Attribute`` chain names in ``namespace``, if it is global."""
     if isinstance(node, ast.Name):
         if node.id in namespace:
             return namespace[node.id]
-        return getattr(builtins, node.id, _UNRESOLVED)
+        return getattr(builtins, node.id, UNRESOLVED)
     if isinstance(node, ast.Attribute):
-        base = _resolve(node.value, namespace)
-        if base is _UNRESOLVED:
-            return _UNRESOLVED
-        return getattr(base, node.attr, _UNRESOLVED)
-    return _UNRESOLVED
+        base = resolve(node.value, namespace)
+        if base is UNRESOLVED:
+            return UNRESOLVED
+        return getattr(base, node.attr, UNRESOLVED)
+    return UNRESOLVED
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -236,10 +236,10 @@ def _scan_function(fn: Callable[..., Any], method: str) -> list[CallSite]:
         if not isinstance(node, ast.Call):
             continue
         target = node.func
-        obj = _resolve(target, namespace)
-        info = function_info(obj) if obj is not _UNRESOLVED else None
+        obj = resolve(target, namespace)
+        info = function_info(obj) if obj is not UNRESOLVED else None
         call = ast.unparse(target)
-        if info is None and obj is _UNRESOLVED and isinstance(target, ast.Attribute):
+        if info is None and obj is UNRESOLVED and isinstance(target, ast.Attribute):
             info = TENSOR_METHODS.get(target.attr)  # x.relu(): a method on a local tensor
             call = f".{target.attr}()"
         if info is not None:

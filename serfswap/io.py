@@ -40,21 +40,11 @@ from torch import nn
 from . import safe_pickle
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
-from .errors import InvalidArgumentError, SerfswapError
+from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
 from .paths import check_input_path
 
 FORMAT = "serfswap-checkpoint/1"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-class ModelLoadError(SerfswapError, ValueError):
-    """MODEL cannot be loaded: corrupt, of an unknown form, mismatched, or unsafe to load."""
-
-
-class ModelSpecError(ModelLoadError):
-    """MODEL or --arch is wrong on the command line: no such path, unknown architecture."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -534,8 +524,12 @@ def load_model(
     trust_pickle: bool = False,
     trust_remote_code: bool = False,
     timm_kwargs: dict[str, Any] | None = None,
+    causal_lm: bool = False,
 ) -> Loaded:
     """Load MODEL as the CLI understands it (see the module docstring).
+
+    ``causal_lm``: a HuggingFace folder saved from a causal LM (its config's ``architectures``)
+    is loaded with its language-model head, as ``--task text-generation-with-past`` needs.
 
     ``trust_pickle``: unpickle with the full unpickler, and load ``.pt2`` programs; both run
     code from the file. ``trust_remote_code``: let a HuggingFace folder's own code build the
@@ -564,7 +558,10 @@ def load_model(
         config = _hf_config(path)
         _needs_remote_code(config, spec, trust_remote_code)
         with _no_progress_bars():
-            model = transformers.AutoModel.from_pretrained(
+            auto = transformers.AutoModel
+            if causal_lm and _saved_as_causal_lm(config):
+                auto = transformers.AutoModelForCausalLM
+            model = auto.from_pretrained(
                 path, attn_implementation="eager", trust_remote_code=trust_remote_code
             )
         return Loaded(model, spec, describe(model) if not trust_remote_code else None)
@@ -591,6 +588,14 @@ def load_model(
     raise ModelLoadError(
         f"{path}: not a PyTorch, safetensors or torch.export file (unknown format)"
     )
+
+
+def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
+    """Whether a folder's config.json names a causal-LM class (``LlamaForCausalLM``...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as lms
+
+    names = {n for v in lms.values() for n in ((v,) if isinstance(v, str) else v)}
+    return bool(names & set(config.get("architectures") or []))
 
 
 def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:

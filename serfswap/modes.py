@@ -1,4 +1,4 @@
-"""Running a model in eval mode without changing the mode the caller left it in."""
+"""Running a model in a mode without changing the modes the caller left it in."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; every submodule gets its own mode back after
-    (a model may mix modes, as with frozen BatchNorm in a training model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def modes(model: nn.Module, training: bool | None = None) -> Iterator[nn.Module]:
+    """``model`` inside the block, set to train (``True``) or eval (``False``) mode, or left as
+    it is (``None``: the block changes modes itself); every submodule gets its own mode back
+    after, on an exception too (a model may mix modes, as with frozen BatchNorm in a training
+    model, and a caller's model must not come back from a failed call in another mode)."""
+    saved = [(m, m.training) for m in model.modules()]
+    if training is not None:
+        model.train(training)
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, was_training in saved:
+            module.training = was_training
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """``model`` in eval mode inside the block: :func:`modes` with ``training=False``."""
+    return modes(model, False)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .activations import TENSOR_METHODS, function_info
-from .functional import _UNRESOLVED, _resolve, model_methods
+from .functional import UNRESOLVED, model_methods, resolve
 
 ROLE = "positivity"  # the role of these sites, and the word that opts them in (activations=)
 
@@ -141,15 +141,15 @@ class _MethodScan:
             and func.value.id == "self"
         ):
             return ("attr", func.attr), f"self.{func.attr}"
-        obj = _resolve(func, self.namespace)
-        if obj is not _UNRESOLVED and function_info(obj) is not None:
+        obj = resolve(func, self.namespace)
+        if obj is not UNRESOLVED and function_info(obj) is not None:
             return ("call", self.line(call)), ast.unparse(func)
-        if obj is _UNRESOLVED and isinstance(func, ast.Attribute) and func.attr in TENSOR_METHODS:
+        if obj is UNRESOLVED and isinstance(func, ast.Attribute) and func.attr in TENSOR_METHODS:
             return ("call", self.line(call)), f".{func.attr}()"
         return None
 
     def is_library(self, node: ast.expr) -> bool:
-        obj = _resolve(node, self.namespace)
+        obj = resolve(node, self.namespace)
         return obj is torch or obj is torch.nn.functional or getattr(obj, "__name__", "") == "math"
 
     def sources(self, node: ast.expr | None) -> frozenset[Source]:

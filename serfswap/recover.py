@@ -16,23 +16,21 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import curves, distributed, trainstate
 from .distill import (
     LayerTaps,
     converted_parents,
-    embedding_loss,
+    distillation_loss,
     evaluate,
     has_batchnorm,
-    is_classifier,
-    kl_loss,
+    loss_kind,
     outputs,
     reestimate_batchnorm,
     split_batch,
@@ -40,7 +38,7 @@ from .distill import (
     to_device,
 )
 from .errors import InvalidArgumentError
-from .modes import eval_mode
+from .modes import eval_mode, modes
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +149,8 @@ def recover(
     *,
     steps: int,
     eval_data: Iterable[Any] | None = None,
-    **options: Any,
+    options: RecoveryOptions | None = None,
+    **overrides: Any,
 ) -> RecoveryResult:
     """Fine-tune ``student`` (a converted model) towards ``teacher`` (the original) in place.
 
@@ -162,7 +161,9 @@ def recover(
         steps: optimiser steps.
         eval_data: held-out batches; the result reports agreement with the teacher on them
             before and after (and every ``eval_every`` steps).
-        options: see :class:`RecoveryOptions` (``lr=1e-4``, ``layer_weight=1.0``,
+        options: a :class:`RecoveryOptions` (default: its defaults), as torchao takes a
+            config object; checked when made, so it can be built before any data is read.
+        overrides: options as keywords, over ``options`` (``lr=1e-4``, ``layer_weight=1.0``,
             ``checkpoint_dir=...``, ``resume=True``, ``log=...``, ``plot=...``...).
 
     A resumed run (``resume=True``) ends with the same weights as an uninterrupted one when
@@ -181,10 +182,12 @@ def recover(
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
     known = {f.name for f in fields(RecoveryOptions)}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise InvalidArgumentError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-    opts = RecoveryOptions(**options)
+    if options is not None and not isinstance(options, RecoveryOptions):
+        raise InvalidArgumentError(f"options= takes a RecoveryOptions, got {options!r:.80}")
+    opts = replace(options, **overrides) if options is not None else RecoveryOptions(**overrides)
     if opts.plot is not None:
         curves.require_matplotlib()
     device = next(student.parameters()).device
@@ -200,7 +203,6 @@ def recover(
 def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
     """With ``train="converted"``, every parameter outside the converted modules frozen, for
     the run only: the student gets its ``requires_grad`` flags and its modes back after."""
-    modes = [(m, m.training) for m in student.modules()]
     params = list(student.parameters())
     saved = [p.requires_grad for p in params]
     if opts.train == "converted":
@@ -209,12 +211,11 @@ def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
         for p in params:
             p.requires_grad_(p.requires_grad and id(p) in keep)
     try:
-        yield
+        with modes(student):
+            yield
     finally:
         for p, flag in zip(params, saved, strict=True):
             p.requires_grad_(flag)
-        for module, training in modes:
-            module.training = training
 
 
 def _schedule(step: int, segments: list[tuple[int, int]], warmup: float) -> float:
@@ -260,6 +261,7 @@ class _Run:
         self.step = 0
         self.bn_drawn = 0  # batches BatchNorm re-estimation drew from the stream before step 1
         self.last_checkpoint: Path | None = None
+        self.loss_kind: str | None = None  # "kl" or "mse-cosine", chosen at the first step
 
     def _say(self, message: str) -> None:
         """What the run is doing, for the slow parts that show no progress bar (logging, at
@@ -344,15 +346,29 @@ class _Run:
 
     def run(self, eval_data: Iterable[Any] | None) -> RecoveryResult:
         start = time.perf_counter()
-        opts = self.opts
         eval_batches = list(eval_data) if eval_data is not None else []
-        resumed = self._resume()
         # One stream of batches for the whole run: BatchNorm re-estimation draws the first
-        # ones, then each step the next. A resumed run skips what the finished part drew, so it
-        # reaches the same batch even when each pass over ``data`` differs (a DataLoader with a
-        # seeded generator shuffles anew on each pass: a second stream for BatchNorm would
-        # advance that generator on a fresh run and not on a resumed one).
+        # ones, then each step the next (see _prepare).
         batches = _cycle(self.data)
+        resumed = self._prepare(batches, eval_batches)
+        self._loop(batches, eval_batches)
+        after = self._evaluate(eval_batches) if eval_batches else {}
+        if self.opts.plot is not None and self.world.main:
+            evals = [{"step": 0, **self.before}, *self.evals] if self.evals else []
+            curves.plot(self.history, evals, Path(self.opts.plot))
+        return RecoveryResult(self.steps, time.perf_counter() - start, self.before, after,
+                              self.history, self.evals, resumed, self.last_checkpoint)  # fmt: skip
+
+    def _prepare(self, batches: Iterator[Any], eval_batches: list[Any]) -> int | None:
+        """Resume, or start: the "before" evaluation and BatchNorm re-estimation. Returns the
+        step resumed from, or None.
+
+        A resumed run skips what the finished part drew from ``batches``, so it reaches the
+        same batch even when each pass over ``data`` differs (a DataLoader with a seeded
+        generator shuffles anew on each pass: a second stream for BatchNorm would advance that
+        generator on a fresh run and not on a resumed one)."""
+        opts = self.opts
+        resumed = self._resume()
         if resumed is None:
             torch.manual_seed(opts.seed)
             if eval_batches:
@@ -370,6 +386,12 @@ class _Run:
                       "re-estimation's and the finished steps')")  # fmt: skip
             for _ in range(drawn):
                 next(batches)
+        return resumed
+
+    def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
+        """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
+        taken down after (on an error too)."""
+        opts = self.opts
         log = self._open_log()
         bar = _progress(self.steps, self.step, opts.progress and self.world.main)
         blends = swap_blends(self.student, install=True) if opts.blend > 0 else []
@@ -384,17 +406,9 @@ class _Run:
                     b.alpha = min(1.0, (self.step + 1) / ramp)
                 record = self._train_step(model, taps, next(batches))
                 self.step += 1
-                self.history.append(record)
-                if log is not None:
-                    log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 bar.update(1)
-                if opts.eval_every and self.step % opts.eval_every == 0 and eval_batches:
-                    self.evals.append({"step": self.step, **self._evaluate(eval_batches)})
-                if opts.checkpoint_every and (
-                    self.step % opts.checkpoint_every == 0 or self.step == self.steps
-                ):
-                    self._checkpoint()
+                self._after_step(record, log, eval_batches)
         finally:
             bar.close()
             if log is not None:
@@ -403,12 +417,21 @@ class _Run:
                 taps.remove()
             if blends:
                 swap_blends(self.student, install=False)
-        after = self._evaluate(eval_batches) if eval_batches else {}
-        if opts.plot is not None and self.world.main:
-            evals = [{"step": 0, **self.before}, *self.evals] if self.evals else []
-            curves.plot(self.history, evals, Path(opts.plot))
-        return RecoveryResult(self.steps, time.perf_counter() - start, self.before, after,
-                              self.history, self.evals, resumed, self.last_checkpoint)  # fmt: skip
+
+    def _after_step(
+        self, record: dict[str, Any], log: curves.JsonLog | None, eval_batches: list[Any]
+    ) -> None:
+        """Record the step; evaluate and checkpoint when one is due."""
+        opts = self.opts
+        self.history.append(record)
+        if log is not None:
+            log.write(record)
+        if opts.eval_every and self.step % opts.eval_every == 0 and eval_batches:
+            self.evals.append({"step": self.step, **self._evaluate(eval_batches)})
+        if opts.checkpoint_every and (
+            self.step % opts.checkpoint_every == 0 or self.step == self.steps
+        ):
+            self._checkpoint()
 
     def _wrap(self) -> nn.Module:
         """The student, or under torchrun the student in DistributedDataParallel."""
@@ -424,38 +447,26 @@ class _Run:
         opts = self.opts
         batch = distributed.shard(batch, self.world)
         args, kwargs, labels = split_batch(to_device(batch, self.device))
-        mask = kwargs.get("attention_mask")
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=opts.autocast == "bf16")
         with autocast:
             with torch.no_grad():
                 t_outs = outputs(self.teacher(*args, **kwargs))
             s_outs = outputs(model(*args, **kwargs))
-        mode = opts.output_loss
-        if mode == "auto":
-            mode = "kl" if is_classifier(self.teacher, t_outs) else "mse-cosine"
-        if mode == "kl":
-            s_out, t_out = next(iter(s_outs.values())), next(iter(t_outs.values()))
-            loss = kl_loss(s_out, t_out, opts.temperature)
-        else:
-            loss = embedding_loss(s_outs, t_outs, mask)
-        loss = opts.output_weight * loss
-        record: dict[str, Any] = {"step": self.step + 1, "output": loss.item()}
-        if taps is not None:
-            layer = taps.loss()
-            if layer is not None:
-                loss = loss + opts.layer_weight * layer
-                record["layer"] = layer.item()
-        if labels is not None and mode == "kl":
-            task = F.cross_entropy(next(iter(s_outs.values())).float(), labels)
-            loss = loss + opts.task_weight * task
-            record["task"] = task.item()
+        if self.loss_kind is None:
+            self.loss_kind = loss_kind(opts.output_loss, self.teacher, t_outs)
+        loss, parts = distillation_loss(
+            s_outs, t_outs, kind=self.loss_kind, temperature=opts.temperature,
+            mask=kwargs.get("attention_mask"), layer=taps.loss() if taps is not None else None,
+            labels=labels, output_weight=opts.output_weight, layer_weight=opts.layer_weight,
+            task_weight=opts.task_weight,
+        )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, opts.clip)
         self.optimizer.step()
         self.scheduler.step()
-        record.update(loss=loss.item(), lr=self.scheduler.get_last_lr()[0])
-        return record
+        lr = self.scheduler.get_last_lr()[0]
+        return {"step": self.step + 1, **parts, "loss": loss.item(), "lr": lr}
 
     def _evaluate(self, batches: list[Any]) -> dict[str, float]:
         return evaluate(self.student, self.teacher, batches, self.device)

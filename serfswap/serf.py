@@ -57,8 +57,11 @@ float16 and bfloat16 are computed in float32 and rounded once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -229,6 +232,46 @@ def _serf_backward_op(grad: Tensor, x: Tensor) -> Tensor:
 @_serf_backward_op.register_fake
 def _serf_backward_fake(grad: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=grad.dtype)
+
+
+# The CUDA kernels of both ops: one fused Triton pass each (serfswap/triton_kernels.py) instead
+# of the ATen passes above (forward: softplus, erf_, mul_ and the branch-free tail, about eight
+# kernels; backward: seven passes plus casts).
+#
+# Registered with ``register_kernel("cuda")`` on the existing ops, not as a
+# ``torch.library.triton_op``: the ops' schema, fake, autograd and vmap rules and CPU kernels stay
+# as they are, so CPU callers, torch.export programs and serfswap's ONNX mapping see the same op;
+# triton is imported on the first CUDA call only, so `import serfswap` works without it (the
+# compat job's CPU torch). What triton_op adds, inductor tracing into the kernel, buys nothing
+# here: under torch.compile serf() is ATen ops that inductor fuses itself (see _is_traced), and
+# with keep_custom_op() the op is an extern call that runs this kernel, as torch.export's
+# programs do. float64 and tensors triton cannot take keep the ATen path.
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """serfswap.triton_kernels, or None where triton is not installed (e.g. Windows wheels)."""
+    try:
+        return importlib.import_module(".triton_kernels", __package__)
+    except ImportError:
+        return None
+
+
+@_serf_op.register_kernel("cuda")
+def _serf_cuda(x: Tensor) -> Tensor:
+    kernels = _triton_kernels()
+    if kernels is None or x.dtype not in kernels.KERNEL_DTYPES:
+        return _forward(x)
+    return kernels.serf_forward(x)
+
+
+@_serf_backward_op.register_kernel("cuda")
+def _serf_backward_cuda(grad: Tensor, x: Tensor) -> Tensor:
+    kernels = _triton_kernels()
+    dtypes = () if kernels is None else kernels.KERNEL_DTYPES
+    if x.dtype not in dtypes or grad.dtype not in dtypes or grad.shape != x.shape:
+        return _grad_times(grad, x)
+    return kernels.serf_backward(grad, x)
 
 
 def _batch_first(t: Tensor, dim: int | None, size: int) -> Tensor:

@@ -30,7 +30,7 @@ def activation_table() -> str:
         for name, family in names.items():
             rows[family].append(f"`{name}` ({lib})")
     functions: dict[str, list[str]] = defaultdict(list)
-    for fn, info in acts._TORCH_FUNCTIONS.items():
+    for fn, info in acts.TORCH_FUNCTIONS.items():
         module = (
             "Tensor"
             if "Tensor" in getattr(fn, "__qualname__", "")

@@ -221,3 +221,34 @@ def test_export_leaves_the_model_as_it_was(tmp_path: Path) -> None:
     model.bn1.eval()  # a mixed-mode model, as with frozen BatchNorm
     serfswap.export_onnx(model, tmp_path / "m.onnx")
     assert model.training and not model.bn1.training and model.layer1.training
+
+
+def test_verify_onnx_checks_a_file_exported_elsewhere(tmp_path: Path) -> None:
+    """A file from torch.onnx.export with input names of its own: fed in order, measured, and
+    a model that differs is caught (the file itself is left alone)."""
+    torch.manual_seed(0)
+    model = serfswap.convert(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)))
+    path = tmp_path / "own.onnx"
+    torch.onnx.export(
+        model, (torch.randn(2, 4),), str(path), input_names=["features"], dynamo=False,
+        dynamic_axes={"features": {0: "batch"}},
+    )  # fmt: skip
+    result = serfswap.verify_onnx(model, path, torch.randn(5, 4))
+    assert set(result.max_abs_diff) == set(result.max_rel_diff) and len(result.max_abs_diff) == 1
+    assert 0.0 < max(result.max_abs_diff.values()) < 1e-4 and "max abs diff" in str(result)
+    with torch.no_grad():
+        model[0].bias.add_(1e-2)
+    with pytest.raises(serfswap.ExportMismatchError, match=r"beyond atol=0\.0001"):
+        serfswap.verify_onnx(model, path, torch.randn(5, 4))
+    with pytest.raises(serfswap.ExportError, match=r"takes inputs \['features'\]"):
+        serfswap.verify_onnx(model, path, {"a": torch.randn(5, 4), "b": torch.randn(5, 4)})
+
+
+def test_verify_onnx_puts_the_model_in_eval_mode_and_back(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    serfswap.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 4))
+    model.train()
+    serfswap.verify_onnx(model, tmp_path / "m.onnx", {"input": torch.randn(3, 4)})
+    assert model.training and model[1].training
+    with pytest.raises(serfswap.InvalidArgumentError, match="no such file"):
+        serfswap.verify_onnx(model, tmp_path / "none.onnx", torch.randn(3, 4))

@@ -116,7 +116,7 @@ def test_check_graph_rejects_a_function_that_is_not_serf() -> None:
     model.functions[0].node[1].op_type = "Tanh"  # now x * tanh(softplus(x)): Mish, not Serf
     graph = check_graph(model)
     assert graph.bad_functions == ["serfswap.Serf"] and graph.serf_total == 0
-    with pytest.raises(ValueError, match="already defines"):
+    with pytest.raises(ValueError, match="is defined already"):
         fold_into_functions(_with_function_of(model))
 
 

@@ -170,6 +170,35 @@ def test_batchnorm_reestimation_changes_running_stats() -> None:
     assert not student.training and bn.momentum == 0.1
 
 
+def _failing(batches: list, after: int):
+    """The batches, then an error after ``after`` of them: a data loader that breaks."""
+    yield from batches[:after]
+    raise OSError("the data went away")
+
+
+def _state(model: nn.Module) -> list[tuple[str, bool, float | None]]:
+    return [(name, m.training, getattr(m, "momentum", None)) for name, m in model.named_modules()]
+
+
+def test_an_error_inside_bn_reestimation_or_evaluation_leaves_modes_and_momenta() -> None:
+    teacher, student = cnn()
+    student.train()
+    student.bn1.eval()  # mixed modes, as with frozen BatchNorm
+    student.layer1[0].bn1.momentum = 0.3
+    before = _state(student)
+    cpu = torch.device("cpu")
+    with pytest.raises(OSError, match="went away"):
+        reestimate_batchnorm(student, _failing(image_batches(2, 7), 1), cpu)
+    assert _state(student) == before
+    with pytest.raises(OSError, match="went away"):
+        evaluate(student, teacher, _failing(image_batches(2, 7), 1), cpu)
+    assert _state(student) == before
+    with pytest.raises(OSError, match="went away"):  # recovery's own re-estimation
+        recover(student, teacher, _failing(image_batches(2, 7), 1), steps=1, bn_batches=2,
+                progress=False)  # fmt: skip
+    assert _state(student) == before and not teacher.training
+
+
 def test_bad_arguments() -> None:
     teacher, student = cnn()
     with pytest.raises(serfswap.InvalidArgumentError, match="steps=0"):
@@ -181,3 +210,44 @@ def test_bad_arguments() -> None:
     with pytest.raises(serfswap.InvalidArgumentError, match="no batch"):
         recover(student, teacher, [], steps=1, progress=False)
     assert evaluate(student, teacher, [], torch.device("cpu")) == {}
+
+
+def test_an_options_object_is_the_same_run_as_keywords() -> None:
+    """recover(options=RecoveryOptions(...)) runs as the same keywords do; keywords given
+    beside it override its fields."""
+    teacher, student = cnn()
+    batches = image_batches(2, 3)
+    twin = copy.deepcopy(student)
+    options = serfswap.RecoveryOptions(lr=3e-4, bn_batches=0, progress=False)
+    by_object = recover(student, teacher, batches, steps=2, options=options, seed=1)
+    by_keywords = recover(twin, teacher, batches, steps=2, lr=3e-4, bn_batches=0, seed=1,
+                          progress=False)  # fmt: skip
+    assert [r["loss"] for r in by_object.history] == [r["loss"] for r in by_keywords.history]
+    assert (
+        by_object.history[0]["lr"]
+        != recover(
+            copy.deepcopy(twin), teacher, batches, steps=2, bn_batches=0, progress=False
+        ).history[0]["lr"]
+    )
+    with pytest.raises(serfswap.InvalidArgumentError, match="RecoveryOptions"):
+        recover(student, teacher, batches, steps=1, options={"lr": 1e-3})
+
+
+def test_distillation_loss_parts() -> None:
+    """The loss is a pure function of the outputs: its parts add up, with their weights."""
+    from serfswap.distill import distillation_loss
+
+    torch.manual_seed(0)
+    s, t, labels = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    layer = torch.tensor(0.5)
+    loss, parts = distillation_loss({"logits": s}, {"logits": t}, kind="kl", temperature=2.0,
+                                    layer=layer, labels=labels, layer_weight=2.0,
+                                    task_weight=0.5)  # fmt: skip
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True,
+                  reduction="batchmean")  # fmt: skip
+    assert parts["output"] == pytest.approx(kl.item() * 4)  # T^2
+    assert parts["task"] == pytest.approx(F.cross_entropy(s, labels).item())
+    expected = parts["output"] + 2.0 * parts["layer"] + 0.5 * parts["task"]
+    assert loss.item() == pytest.approx(expected)
+    _, parts = distillation_loss({"h": s}, {"h": t}, kind="mse-cosine", labels=labels)
+    assert set(parts) == {"output"}  # no task loss outside classification

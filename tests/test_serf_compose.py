@@ -137,7 +137,10 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     xr = x.clone().requires_grad_()
     serfswap.serf(xr).sum().backward()
     tol = {torch.float32: 5e-7, torch.float64: 1e-15}.get(dtype, torch.finfo(dtype).eps)
-    torch.testing.assert_close(y.cpu(), serfswap.serf(x), rtol=tol, atol=0)
+    # atol: one float32 subnormal step. Below x = -98 the result is subnormal, and the CUDA
+    # kernel (Triton) and the CPU op, each within half a step of float64 there, differ by one.
+    atol = 2.0**-149 if dtype == torch.float32 else 0
+    torch.testing.assert_close(y.cpu(), serfswap.serf(x), rtol=tol, atol=atol)
     torch.testing.assert_close(xc.grad.cpu(), xr.grad, rtol=max(tol, 1e-6), atol=1e-7)
 
 

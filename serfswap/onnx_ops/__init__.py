@@ -1,9 +1,11 @@
-"""The ONNX side of serfswap: Serf decompositions, graph checks, onnxruntime sessions.
+"""The ONNX side of serfswap: Serf decompositions, graph checks, onnxruntime sessions and
+greedy generation with an exported decoder.
 
 Imports onnx, onnxscript and onnxruntime, so ``import serfswap`` does not import this package.
 """
 
 from .decompositions import DECOMPOSITIONS, PATTERNS, translation_table
+from .generate import generate
 from .graph import GraphCheck, check_graph
 from .session import NoDeviceError, session
 
@@ -13,6 +15,7 @@ __all__ = [
     "GraphCheck",
     "NoDeviceError",
     "check_graph",
+    "generate",
     "session",
     "translation_table",
 ]

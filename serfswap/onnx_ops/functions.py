@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import ExportFailedError
 from .graph import SerfMatch, find_serf, scalar_constants
 
 DOMAIN = "serfswap"
@@ -29,7 +30,7 @@ def _scalar(graph: onnx.GraphProto, name: str, base_dir: str) -> onnx.TensorProt
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
             return next(a.t for a in node.attribute if a.name == "value")
-    raise ValueError(f"constant {name!r} not found")
+    raise ExportFailedError(f"cannot fold into functions: no constant {name!r} in the graph")
 
 
 def _body(match: SerfMatch, one: onnx.TensorProto | None, opset: int) -> onnx.FunctionProto:
@@ -87,12 +88,15 @@ def fold_into_functions(model: onnx.ModelProto, base_dir: str = "") -> int:
     if not matches:
         return 0
     if len({m.kind for m in matches}) > 1:
-        raise ValueError(f"decompositions of several kinds: {sorted({m.kind for m in matches})}")
+        kinds = sorted({m.kind for m in matches})
+        raise ExportFailedError(f"cannot fold into functions: decompositions of kinds {kinds}")
     if any((f.domain, f.name) == (DOMAIN, NAME) for f in model.functions):
-        raise ValueError(f"the model already defines {DOMAIN}.{NAME}")
+        raise ExportFailedError(f"cannot fold into functions: {DOMAIN}.{NAME} is defined already")
     ones = {m.one: _scalar(graph, m.one, base_dir) for m in matches if m.one is not None}
     if len({t.data_type for t in ones.values()}) > 1:
-        raise ValueError("exp-log decompositions of several dtypes: one function cannot hold them")
+        raise ExportFailedError(
+            "cannot fold into functions: exp-log decompositions of several dtypes"
+        )
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     call_at = {id(m.nodes[-1]): m for m in matches}

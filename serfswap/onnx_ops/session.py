@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SerfswapError
+from ..errors import InvalidChoiceError, NoDeviceError
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -16,10 +16,6 @@ log = logging.getLogger("serfswap")
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-
-
-class NoDeviceError(SerfswapError, RuntimeError):
-    """device="cuda" was asked for, and onnxruntime has no usable CUDA provider."""
 
 
 def session(
@@ -39,7 +35,7 @@ def session(
     import onnxruntime as ort
 
     if device not in ("auto", "cpu", "cuda"):
-        raise SerfswapError(f"device={device!r}: use 'auto', 'cpu' or 'cuda'")
+        raise InvalidChoiceError(f"device={device!r}: use 'auto', 'cpu' or 'cuda'")
     available = ort.get_available_providers()
     if device == "cuda" and _CUDA not in available:
         raise NoDeviceError(

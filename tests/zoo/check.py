@@ -59,7 +59,7 @@ def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.P
     prepare(model)
     with torch.no_grad():
         before = run(model, inputs)
-    plan = serfswap.plan(model, activations=EVERYTHING)
+    plan = serfswap.plan(model, activations=EVERYTHING, audit=False)  # the static walk
     assert plan.converted, "the plan found no activation"
     modules = original_activation_modules(model)
     planned = {
@@ -67,12 +67,16 @@ def check_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> serfswap.P
     }
     assert set(modules) <= planned, f"plan missed {set(modules) - planned}"
     # The default rules keep exactly the positivity constraints.
-    by_default = serfswap.plan(model, activations="all")
+    by_default = serfswap.plan(model, activations="all", audit=False)
     kept = sorted(s.name for s in by_default.skipped if s.role == ROLE and s.kind == "module")
-    default = serfswap.convert(model, activations="all") if by_default.converted else model
+    default = (
+        serfswap.convert(model, activations="all", audit=False) if by_default.converted else model
+    )
     assert sorted(original_activation_modules(default)) == kept
 
-    converted = serfswap.convert(model, activations=EVERYTHING)
+    converted = serfswap.convert(model, activations=EVERYTHING, example_inputs=inputs)
+    report = converted.serfswap_report
+    assert report.audited and report.left == [], str(report)  # #13: never silently partial
     assert original_activation_modules(converted) == []
     with torch.no_grad(), count_activation_calls() as calls:
         after = run(converted, inputs)

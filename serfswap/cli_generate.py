@@ -1,0 +1,69 @@
+"""``serfswap generate OUT.onnx --tokenizer DIR "prompt" ...``: greedy generation with a file
+exported with ``--task text-generation-with-past``, on onnxruntime; prints each continuation.
+
+A command of its own file, so that the CLI's parser stays one small function per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+
+def add_generate_command(commands: Any) -> None:
+    """The ``generate`` subcommand on ``commands`` (argparse's subparsers)."""
+    gen = commands.add_parser(
+        "generate",
+        help="greedy generation on onnxruntime with a text-generation-with-past export",
+        description="Continue each PROMPT greedily with an ONNX file exported with "
+        "--task text-generation-with-past (KV cache), on onnxruntime's CPU; prints one "
+        "continuation per prompt. Prompts of different lengths run as one left-padded batch.",
+    )
+    gen.add_argument("model", metavar="MODEL.onnx", help="the exported decoder")
+    gen.add_argument("prompts", metavar="PROMPT", nargs="+", help="the text to continue")
+    gen.add_argument("--tokenizer", required=True, metavar="DIR",
+                     help="the model's HuggingFace tokenizer folder")  # fmt: skip
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="default: %(default)s")
+    gen.add_argument("--trust-remote-code", action="store_true",
+                     help="allow a tokenizer that needs its folder's own code")  # fmt: skip
+    gen.set_defaults(func=cmd_generate)
+
+
+def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        message = "--tokenizer needs transformers (pip install 'serfswap[hf]')"
+        raise InvalidArgumentError(message) from None
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"no tokenizer in {directory} ({str(exc).strip().splitlines()[0]})"
+        ) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .onnx_ops import generate, session
+    from .paths import check_input_path
+
+    model = check_input_path(args.model)
+    if args.max_new_tokens < 1:
+        raise InvalidArgumentError("--max-new-tokens must be at least 1")
+    tokenizer = _tokenizer(Path(args.tokenizer), args.trust_remote_code)
+    tokenizer.padding_side = "left"  # new tokens follow every prompt's last real token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batch = tokenizer(args.prompts, padding=True, return_tensors="np")
+    tokens = generate(
+        session(model, "cpu"), batch["input_ids"], batch["attention_mask"],
+        max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    prompt_length = batch["input_ids"].shape[1]
+    for row in tokens[:, prompt_length:]:
+        print(tokenizer.decode(row, skip_special_tokens=True))
+    return 0
