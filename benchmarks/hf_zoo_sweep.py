@@ -55,9 +55,13 @@ def first_line(exc: BaseException) -> str:
     return line[:300]
 
 
-def trace() -> list[str]:
-    """The last frames of the exception being handled: where a type broke, for the README."""
-    return traceback.format_exc().splitlines()[-5:-1]
+def trace() -> str:
+    """Where the exception being handled was raised: ``file.py:line in function`` of its last
+    frame outside torch (the model's or transformers' line that broke)."""
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    outside = [f for f in frames if "/torch/" not in f.filename] or frames
+    last = outside[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 def has_audit() -> bool:
@@ -114,7 +118,7 @@ def measure(model_type: str) -> dict[str, Any]:
     try:
         model = hf_all.build(model_type)
     except Exception as exc:
-        return {**row, "status": "no-build", "reason": first_line(exc), "trace": trace()}
+        return {**row, "status": "no-build", "reason": first_line(exc), "at": trace()}
     row["class"] = type(model).__name__
     row["params"] = sum(p.numel() for p in model.parameters())
     row["build_s"] = round(time.perf_counter() - start, 2)
@@ -131,7 +135,7 @@ def measure(model_type: str) -> dict[str, Any]:
         if not outs:
             raise ValueError("the output holds no floating-point tensor")
     except Exception as exc:
-        return {**row, "status": "no-run", "reason": first_line(exc), "trace": trace()}
+        return {**row, "status": "no-run", "reason": first_line(exc), "at": trace()}
     if row["forward_s"] > hf_all.MAX_FORWARD_S:
         return {**row, "status": "too-large", "reason": f"forward {row['forward_s']} s"}
     start = time.perf_counter()
@@ -139,7 +143,7 @@ def measure(model_type: str) -> dict[str, Any]:
         row.update(audit(model, batch))
     except Exception as exc:
         row.update(status="convert-error", reason=first_line(exc))
-        row["trace"] = trace()
+        row["at"] = trace()
     row["convert_s"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -214,6 +218,18 @@ def main() -> None:
             out.flush()
             print(f"[{i + 1}/{len(todo)}] {row['type']}: {row['status']} "
                   f"{row.get('reason', '')}", flush=True)  # fmt: skip
+    compact(args.out)
+
+
+def compact(path: Path) -> None:
+    """Keep one line per type, the last one written, in type order (a resumed or redone sweep
+    appends)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["type"]] = row
+    path.write_text("".join(json.dumps(rows[t]) + "\n" for t in sorted(rows)))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ STATUS_TITLES = {
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:200]
+    return text.replace("|", "\\|").replace("\n", " ")[:160]
 
 
 def _left(row: dict) -> str:
@@ -184,13 +184,18 @@ def hf_zoo_table() -> str:
         + ".",
         "",
         "<details><summary>Types the sweep could not convert, and why (the exception's first "
-        "line)</summary>",
+        "line, and the line outside torch that raised it)</summary>",
         "",
         "| type | outcome | reason |",
         "|---|---|---|",
     ]
     for status, title in STATUS_TITLES.items():
-        lines += [f"| `{t}` | {title} | {_cell(rows[t].get('reason', ''))} |" for t in by[status]]
+        lines += [
+            f"| `{t}` | {title} | {_cell(rows[t].get('reason', ''))}"
+            + (f" (`{rows[t]['at']}`)" if rows[t].get("at") else "")
+            + " |"
+            for t in by[status]
+        ]
     lines += ["", "</details>"]
     return "\n".join(lines)
 
