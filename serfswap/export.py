@@ -519,6 +519,12 @@ def _prepare(
     tolerances and shape plans chosen. ``options``: the remaining fields of :class:`_Request`
     (``atol`` / ``rtol`` may be None: the dtype's default)."""
     _check_options(model, options["opset"], options["decomposition"], options["dtype"], dynamic)
+    # The ONNX side (onnx, onnxscript, onnxruntime: ~2 s) is imported now, before anything is
+    # staged: with that import inside the staging, a SIGINT sent as the staging folder appeared
+    # was lost and the export ran to its end (exit 0; twice in a row under load, in
+    # test_interrupted_export_leaves_nothing).
+    import serfswap.onnx_ops  # noqa: F401
+
     path = check_output_path(Path(path))
     check_task(model, task)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
