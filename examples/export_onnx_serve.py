@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18", help="a timm model name")
     parser.add_argument("--out", type=Path, help="the .onnx file (default: a temporary folder)")
-    parser.add_argument("--decomposition", choices=["softplus", "exp-log"])
+    parser.add_argument("--decomposition", choices=list(serfswap.onnx_ops.DECOMPOSITIONS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="tiny model, 64x64 inputs")

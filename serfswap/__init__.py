@@ -41,10 +41,12 @@ _integrations.register()
 
 def __getattr__(name: str) -> object:
     # The ONNX side and the loaders import onnx / onnxruntime / safetensors: load them on use.
-    if name in ("onnx_ops", "io"):
-        import importlib
+    import importlib
 
+    if name in ("onnx_ops", "io"):
         return importlib.import_module(f".{name}", __name__)
+    if name in ("save_checkpoint", "load_checkpoint"):
+        return getattr(importlib.import_module(".io", __name__), name)
     raise AttributeError(f"module 'serfswap' has no attribute {name!r}")
 
 
@@ -76,9 +78,11 @@ __all__ = [
     "convert",
     "export_onnx",
     "keep_custom_op",
+    "load_checkpoint",
     "plan",
     "recover",
     "revert",
+    "save_checkpoint",
     "serf",
     "verify_onnx",
 ]

@@ -10,7 +10,7 @@ How it attributes a call to a module: global forward hooks keep a stack of the m
 (``torch.nn.modules.module.register_module_forward_pre_hook``, so modules built during the
 forward count too); a call belongs to the innermost module that is part of the model. The
 recorder is a ``TorchFunctionMode`` entered *before* the model's own scopes, so it sits under
-:class:`serfswap.functional.SerfFunctionMode`: a call that a scope turned into Serf reaches it as
+:class:`serfswap.functional.SerfDispatchMode`: a call that a scope turned into Serf reaches it as
 ``serfswap::serf``, not as the activation, and is not counted as left.
 
 What it records:

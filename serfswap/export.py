@@ -17,8 +17,6 @@ import copy
 import logging
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ from torch import nn
 
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
+from .decompositions import DECOMPOSITIONS, PATTERNS
+from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from .errors import (
     ExampleInputsError,
     ExportError,
@@ -41,7 +41,7 @@ from .export_decoder import dynamic_shapes as decoder_shapes
 from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
-from .paths import check_input_path, check_output_path
+from .paths import check_input_path, check_output_path, staged_output
 from .serf import keep_custom_op
 
 _TWO_GB = 2 * 1024**3
@@ -96,7 +96,7 @@ class ExportReport:
             + (f", weights in {self.external_data.name}" if self.external_data else "")
             + f"), opset {self.opset}, {self.dtype}",
             f"  Serf: {self.serf_nodes} as {self.decomposition} "
-            f"({' -> '.join(_pattern(self.decomposition))})"
+            f"({' -> '.join(PATTERNS[self.decomposition])})"
             + (" in calls of the local function serfswap.Serf" if self.functions else "")
             + "; "
             + (
@@ -142,12 +142,6 @@ def _fold_into_functions(path: Path) -> None:
     count = fold_into_functions(model, str(path.parent))
     model.metadata_props.add(key="serfswap.functions", value=str(count))
     onnx.save(model, str(path))
-
-
-def _pattern(decomposition: str) -> tuple[str, ...]:
-    from .onnx_ops import PATTERNS
-
-    return PATTERNS[decomposition]
 
 
 # Example inputs --------------------------------------------------------------------------------
@@ -481,8 +475,6 @@ def _named(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
 
 def _check_options(model: Any, opset: int, decomposition: str, dtype: str, dynamic: Any) -> None:
     """Every option's type and value, before anything runs."""
-    from .onnx_ops import DECOMPOSITIONS
-
     if not isinstance(model, nn.Module | torch.export.ExportedProgram):
         raise InvalidArgumentError(
             f"export_onnx() takes an nn.Module or a torch.export program, got {model!r:.80}"
@@ -527,6 +519,12 @@ def _prepare(
     tolerances and shape plans chosen. ``options``: the remaining fields of :class:`_Request`
     (``atol`` / ``rtol`` may be None: the dtype's default)."""
     _check_options(model, options["opset"], options["decomposition"], options["dtype"], dynamic)
+    # The ONNX side (onnx, onnxscript, onnxruntime: ~2 s) is imported now, before anything is
+    # staged: with that import inside the staging, a SIGINT sent as the staging folder appeared
+    # was lost and the export ran to its end (exit 0; twice in a row under load, in
+    # test_interrupted_export_leaves_nothing).
+    import serfswap.onnx_ops  # noqa: F401
+
     path = check_output_path(Path(path))
     check_task(model, task)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
@@ -565,29 +563,6 @@ def _prepare(
         converted_count=len(swap.converted) if swap is not None else 0,
         left_at_run_time=len(swap.left) if swap is not None else 0, **options,
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _staging(path: Path) -> Iterator[Path]:
-    """A path to write ``path``'s file (and any side file beside it) in a fresh folder next to
-    the target; on success every file in it moves into place, on failure none does. The folder
-    is on the target's filesystem, so the moves are atomic renames."""
-    # The name is chosen before the folder exists, so that a Ctrl-C or SIGTERM at any bytecode
-    # (inside mkdtemp's Python code, after its mkdir, was one: 1 run in 10 under load) finds it
-    # in the finally. A short name of its own: any legal name of the target stays legal inside.
-    staging: Path | None = path.parent / f".serfswap-{secrets.token_hex(8)}"
-    try:
-        try:
-            os.mkdir(staging, 0o700)
-        except FileExistsError:  # not ours (64 random bits: never in practice)
-            staging = None
-            raise
-        yield staging / path.name
-        for staged_file in staging.iterdir():
-            os.replace(staged_file, path.parent / staged_file.name)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write(req: _Request, shapes: _Shapes, staged: Path) -> dict[str, list[str]]:
@@ -668,7 +643,7 @@ def _inspect(req: _Request, staged: Path, axes: dict[str, list[str]]) -> ExportR
 
 def _attempt(req: _Request, shapes: _Shapes) -> ExportReport:
     """Write, inspect and verify one shape plan in a staging folder; in place on success."""
-    with _staging(req.path) as staged:
+    with staged_output(req.path) as staged:
         report = _inspect(req, staged, _write(req, shapes, staged))
         if req.verify:
             fresh_sets = (
@@ -770,7 +745,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool | None = None,
     dtype: str = DEFAULT_DTYPE,
-    decomposition: str = "softplus",
+    decomposition: str = DEFAULT_DECOMPOSITION,
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,

@@ -92,8 +92,8 @@ def apply_serf(info: FunctionInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
 _STATE = threading.local()  # .families: the set the innermost running scope converts
 
 
-class SerfFunctionMode(TorchFunctionMode):
-    """Maps the activation functions of the running scope's families to Serf."""
+class SerfDispatchMode(TorchFunctionMode):
+    """Dispatches the activation functions of the running scope's families to Serf."""
 
     def __torch_function__(
         self,
@@ -142,7 +142,7 @@ class FunctionalScope:
         _STATE.families = self.families
         try:
             if outer is None:  # the outermost scope: the mode lives as long as the model runs
-                with SerfFunctionMode():
+                with SerfDispatchMode():
                     return self.original()(*args, **kwargs)
             return self.original()(*args, **kwargs)
         finally:
@@ -150,7 +150,11 @@ class FunctionalScope:
 
 
 class SerfFunction:
-    """Serf standing in for an activation function stored as a module attribute."""
+    """Serf standing in for an activation function stored as a module attribute.
+
+    Its name is part of converted models' on-disk form: they pickle it, and
+    :mod:`serfswap.safe_pickle` allows exactly ``serfswap.functional.SerfFunction``.
+    """
 
     def __init__(self, original: Callable[..., Any]) -> None:
         info = function_info(original)

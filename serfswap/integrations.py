@@ -9,6 +9,7 @@ module is first imported. Either way ``timm.layers.get_act_layer("serf")`` and
 
 from __future__ import annotations
 
+import copy
 import importlib.abc
 import importlib.machinery
 import re
@@ -162,10 +163,7 @@ def config_notes(model: nn.Module, report: Plan) -> list[str]:
     return notes
 
 
-def restore_hf_config(model: nn.Module, report: Plan) -> None:
-    config = _hf_config(model)
-    if config is None:
-        return
+def _undo_updates(config: Any, report: Plan) -> None:
     for path, (old, _) in report.config_updates.items():
         *parents, key = path.split(".")
         cfg = config
@@ -174,3 +172,20 @@ def restore_hf_config(model: nn.Module, report: Plan) -> None:
         setattr(cfg, key, old)
     if hasattr(config, _MARKER):
         delattr(config, _MARKER)
+
+
+def restore_hf_config(model: nn.Module, report: Plan) -> None:
+    config = _hf_config(model)
+    if config is not None:
+        _undo_updates(config, report)
+
+
+def config_before(config: Any, report: Plan | None) -> dict[str, Any]:
+    """``config`` as a dict, as it was before :func:`update_hf_config` wrote "serf" into it
+    for ``report``'s conversion: a checkpoint rebuilds the original model from it, then its
+    recorded swap converts that model as this one was (and updates the config the same way)."""
+    if report is None or not report.config_updates:
+        return config.to_dict()
+    original = copy.deepcopy(config)
+    _undo_updates(original, report)
+    return original.to_dict()

@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,9 +40,13 @@ from . import safe_pickle
 from ._version import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
-from .paths import check_input_path
+from .integrations import config_before
+from .paths import StrPath, check_input_path, check_output_path, staged_output
 
 FORMAT = "serfswap-checkpoint/1"
+# arch["head"] of a checkpoint of a transformers model with its language-model head; absent for
+# the bare model (AutoModel), as in every checkpoint written before the field existed.
+CAUSAL_LM = "causal-lm"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 
 
@@ -156,17 +159,17 @@ def _needs_remote_code(config: dict[str, Any], where: str, trust_remote_code: bo
     return True
 
 
-def _hf_from_config(config_dict: dict[str, Any]) -> nn.Module:
-    """A transformers model of a registered type from a config dict (random weights)."""
+def _hf_from_config(config_dict: dict[str, Any], *, causal_lm: bool = False) -> nn.Module:
+    """A transformers model of a registered type from a config dict (random weights); with
+    ``causal_lm``, the model with its language-model head (``AutoModelForCausalLM``)."""
     import transformers
 
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
+    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     try:
         config = transformers.AutoConfig.for_model(model_type, **config_dict)
-        return transformers.AutoModel.from_config(
-            config, attn_implementation="eager", trust_remote_code=False
-        )
+        return auto.from_config(config, attn_implementation="eager", trust_remote_code=False)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ModelLoadError(
             f"the {model_type} config cannot build a model: {_first_line(exc)}"
@@ -205,7 +208,7 @@ def _rebuild(arch: dict[str, Any]) -> nn.Module:
     if arch["kind"] == "timm":
         return _timm(arch["name"], num_classes=arch.get("num_classes", 1000),
                      **arch.get("kwargs", {}))  # fmt: skip
-    return _hf_from_config(arch["config"])
+    return _hf_from_config(arch["config"], causal_lm=arch.get("head") == CAUSAL_LM)
 
 
 def describe(model: nn.Module) -> dict[str, Any] | None:
@@ -215,7 +218,12 @@ def describe(model: nn.Module) -> dict[str, Any] | None:
         return {"kind": "timm", "name": cfg["architecture"], "num_classes": model.num_classes}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        return {"kind": "hf", "config": config.to_dict()}
+        # The config before convert() said "serf" in it: the checkpoint's swap redoes that.
+        config_dict = config_before(config, model.__dict__.get(REPORT_ATTR))
+        kind = type(model)
+        lm = kind.__module__.startswith("transformers.") and kind.__name__ in _causal_lm_classes()
+        head = {"head": CAUSAL_LM} if lm else {}
+        return {"kind": "hf", "config": config_dict, **head}
     return None
 
 
@@ -381,25 +389,44 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
 
 def save_checkpoint(
     model: nn.Module,
-    path: Path,
-    arch: dict[str, Any],
-    options: dict[str, Any],
-    extra: dict[str, str] | None = None,
+    path: StrPath,
+    *,
+    arch: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Weights plus the architecture and the swap, as safetensors metadata: no pickled code.
-    ``extra`` adds metadata entries of the caller's (the demo records how it trained)."""
-    from safetensors.torch import save_file
+    """Write ``model`` as a serfswap checkpoint: its weights, with the architecture (``arch``,
+    by default :func:`describe`'s) and the swap as safetensors metadata; no pickled code.
+    :func:`load_checkpoint` (and ``serfswap.io.load_model``, every CLI command) reads it back.
 
-    metadata = {
-        **(extra or {}),
+    Written with safetensors' ``save_model``, which stores a tensor shared by several names
+    (tied embeddings) once, under one of them. The file is staged beside ``path`` and renamed
+    over it: never half-written. ``metadata`` adds entries of the caller's (the demo records
+    how it trained).
+
+    >>> serfswap.save_checkpoint(serfswap.convert(model), "serf.safetensors")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_model
+
+    arch = arch if arch is not None else describe(model)
+    if arch is None:
+        raise InvalidArgumentError(
+            f"cannot describe a {type(model).__name__} (neither timm nor transformers) for a "
+            "checkpoint without pickled code; pass arch= or save its state_dict"
+        )
+    entries = {
+        **(metadata or {}),
         "format": FORMAT,
         "serfswap_version": __version__,
         "arch": json.dumps(arch),
-        "swap": json.dumps(options),
+        "swap": json.dumps(conversion_options(model)),
     }
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
-    _canonical_header(path)
+    with staged_output(check_output_path(path)) as staged:
+        save_model(model, str(staged), metadata=entries)
+        _canonical_header(staged)
+        # safetensors creates files readable by their owner only; give the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)
 
 
 def _canonical_header(path: Path) -> None:
@@ -414,27 +441,6 @@ def _canonical_header(path: Path) -> None:
         if len(encoded) <= size:  # always, for a permutation; else leave the file as written
             f.seek(8)
             f.write(encoded.ljust(size, b" "))
-
-
-def write_checkpoint(
-    model: nn.Module, arch: dict[str, Any], out: Path, extra: dict[str, str] | None = None
-) -> None:
-    """:func:`save_checkpoint` beside ``out``, then renamed over it: never half-written.
-
-    The staged file has a short name of its own, so any name ``out`` may legally have works.
-    """
-    fd, name = tempfile.mkstemp(prefix=".serfswap-", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    staged = Path(name)
-    try:
-        save_checkpoint(model, staged, arch, conversion_options(model), extra)
-        # safetensors creates files readable by their owner only; give the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staged, 0o666 & ~umask)
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
 
 
 def _field(metadata: dict[str, str], key: str, path: Path) -> dict[str, Any]:
@@ -470,6 +476,8 @@ def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
     else:
         config = arch.get("config")
         _require(isinstance(config, dict), path, "arch.config", "an object")
+        _require(arch.get("head", CAUSAL_LM) == CAUSAL_LM, path, "arch.head",
+                 f"{CAUSAL_LM!r} or absent")  # fmt: skip
         _needs_remote_code(config, str(path), trust_remote_code=False)
     return arch
 
@@ -483,21 +491,42 @@ def _checked_swap(metadata: dict[str, str], path: Path) -> dict[str, list[str]]:
     return swap
 
 
+def _tied(model: nn.Module) -> list[set[str]]:
+    """The groups of state-dict names that are one tensor (tied weights), found by identity,
+    which holds on the meta device too (where storages have no address to compare)."""
+    names: dict[int, set[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), set()).add(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
 def _check_declared_sizes(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                           path: Path) -> None:  # fmt: skip
     """Compare the sizes the metadata declares with the weights' shapes, building the model on
-    the meta device: a checkpoint that declares 10**12 classes allocates nothing."""
+    the meta device: a checkpoint that declares 10**12 classes allocates nothing. A tied tensor
+    is in the file under one of its names (see :func:`save_checkpoint`)."""
     with torch.device("meta"):
         skeleton = _rebuild(arch)
-    problem = _mismatch(_shapes(skeleton), shapes)
+    own = _shapes(skeleton)
+    for group in _tied(skeleton):
+        if group & shapes.keys():
+            for name in group - shapes.keys():
+                del own[name]
+    problem = _mismatch(own, shapes)
     if problem:
         raise ModelLoadError(f"{path}: the architecture its metadata declares does not match "
                              f"its weights: {problem}")  # fmt: skip
 
 
-def _load_checkpoint(
+def _read_checkpoint(
     path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
-) -> Loaded:
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a serfswap checkpoint whose header was read, and its checked ``arch``:
+    every field checked and the declared sizes compared with the weights before the model is
+    built, converted as the file says, then its weights loaded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as load_weights_into
+
     arch = _checked_arch(metadata, path)
     swap = _checked_swap(metadata, path)
     _check_declared_sizes(arch, shapes, path)
@@ -509,8 +538,30 @@ def _load_checkpoint(
         activations=swap["activations"],
         filter_fn=lambda module, name: name in sites,
     )
-    load_weights(model, _read_safetensors(path), path)
-    return Loaded(model, str(path), arch)
+    try:  # strict; safetensors' loader fills every name of a tied tensor from the one stored
+        load_weights_into(model, str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: not a readable serfswap checkpoint ({exc})") from None
+    return model, arch
+
+
+def load_checkpoint(path: StrPath) -> nn.Module:
+    """The model :func:`save_checkpoint` wrote to ``path``, converted as it was, its weights
+    loaded (tied weights tied again). Nothing in the file runs code: the architecture is
+    rebuilt from timm or transformers by name after its metadata is checked.
+
+    >>> model = serfswap.load_checkpoint("serf.safetensors")  # doctest: +SKIP
+    """
+    file = check_input_path(path)
+    if file.is_dir() or sniff(file) != "safetensors":
+        raise ModelLoadError(f"{path}: not a serfswap checkpoint (a .safetensors file)")
+    shapes, metadata = _safetensors_header(file)
+    if metadata.get("format") != FORMAT:
+        raise ModelLoadError(
+            f"{path}: a .safetensors file without serfswap's metadata (weights only): load it "
+            "with serfswap.io.load_model(..., arch=...)"
+        )
+    return _read_checkpoint(file, shapes, metadata)[0]
 
 
 # The one entry point -------------------------------------------------------------------------
@@ -569,7 +620,8 @@ def load_model(
     if kind == "safetensors":
         shapes, metadata = _safetensors_header(path)
         if metadata.get("format") == FORMAT:
-            return _load_checkpoint(path, shapes, metadata)
+            model, described = _read_checkpoint(path, shapes, metadata)
+            return Loaded(model, str(path), described)
         return _with_arch(path, _read_safetensors(path), arch, trust_remote_code, timm_kwargs)
     if kind == "pt2":
         return Loaded(_load_program(path, trust_pickle), spec)
@@ -590,12 +642,16 @@ def load_model(
     )
 
 
-def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
-    """Whether a folder's config.json names a causal-LM class (``LlamaForCausalLM``...)."""
+def _causal_lm_classes() -> set[str]:
+    """The names of transformers' causal-LM classes (``LlamaForCausalLM``...)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as lms
 
-    names = {n for v in lms.values() for n in ((v,) if isinstance(v, str) else v)}
-    return bool(names & set(config.get("architectures") or []))
+    return {n for v in lms.values() for n in ((v,) if isinstance(v, str) else v)}
+
+
+def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
+    """Whether a folder's config.json names a causal-LM class."""
+    return bool(_causal_lm_classes() & set(config.get("architectures") or []))
 
 
 def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:

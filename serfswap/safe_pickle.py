@@ -145,6 +145,8 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
     Fails closed: a global whose name is computed (not a literal string) or a call of anything
     but a named global is an error, never a guess.
     """
+    # Long: one branch per kind of opcode that moves names or calls, over one stack and memo.
+    # Read as a table against pickletools' opcode list; split, every piece would share them.
     result = PickleScan()
     stack: list[Any] = []
     memo: dict[int, Any] = {}

@@ -278,7 +278,7 @@ def _batch_first(t: Tensor, dim: int | None, size: int) -> Tensor:
     return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
 
 
-class _SerfFunction(torch.autograd.Function):
+class _SerfAutograd(torch.autograd.Function):
     """Autograd of ``serfswap::serf``: saves only ``x``, backward is ``serfswap::serf_backward``.
 
     The same rules are registered on the op itself (for ``torch.ops.serfswap.serf`` and for
@@ -308,7 +308,7 @@ class _SerfFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None], x: Tensor) -> tuple[Tensor, int | None]:
-        return _SerfFunction.apply(x), in_dims[0]  # elementwise: the batch dim stays put
+        return _SerfAutograd.apply(x), in_dims[0]  # elementwise: the batch dim stays put
 
 
 class _SerfBackwardFunction(torch.autograd.Function):
@@ -356,7 +356,7 @@ def _op_setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> N
     ctx.save_for_backward(*inputs)
 
 
-_serf_op.register_autograd(_SerfFunction.backward, setup_context=_op_setup_context)
+_serf_op.register_autograd(_SerfAutograd.backward, setup_context=_op_setup_context)
 _serf_backward_op.register_autograd(_SerfBackwardFunction.backward, setup_context=_op_setup_context)
 
 
@@ -485,7 +485,7 @@ def serf(x: Tensor) -> Tensor:
             # same autograd rules and stays one node in the graph.
             return _serf_op(x)
         return _serf_traced(x)
-    return _SerfFunction.apply(x)
+    return _SerfAutograd.apply(x)
 
 
 def serf_composite(x: Tensor) -> Tensor:

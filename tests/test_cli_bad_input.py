@@ -31,12 +31,12 @@ def one_line(err: str) -> str:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A serfswap checkpoint of timm's test_resnet (3 classes), as `serfswap convert` writes."""
     import serfswap
-    from serfswap.io import describe, write_checkpoint
+    from serfswap.io import save_checkpoint
 
     torch.manual_seed(0)
     model = serfswap.convert(timm.create_model("test_resnet", pretrained=False, num_classes=3))
     path = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
-    write_checkpoint(model, describe(model), path)
+    save_checkpoint(model, path)
     return path
 
 
@@ -99,13 +99,13 @@ def test_malformed_checkpoint_metadata(
 
 def test_declared_hidden_size_is_checked_against_the_weights(tmp_path: Path, capsys) -> None:
     import serfswap
-    from serfswap.io import describe, write_checkpoint
+    from serfswap.io import describe, save_checkpoint
 
     cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=37)  # fmt: skip
     model = serfswap.convert(transformers.BertModel(cfg))
     good = tmp_path / "bert.safetensors"
-    write_checkpoint(model, describe(model), good)
+    save_checkpoint(model, good)
     arch = describe(model)
     arch["config"]["hidden_size"] = 4096
     bad = _with_metadata(good, tmp_path / "bad.safetensors", arch=json.dumps(arch))

@@ -142,3 +142,45 @@ def test_unconverted_model_gets_no_function(tmp_path: Path) -> None:
     proto = onnx.load(tmp_path / "m.onnx")
     assert report.serf_nodes == 0 and not report.functions and not proto.functions
     assert report.leftovers == {"Relu": 12} and "serfswap.Serf" not in str(report)
+
+
+def _exp_log_graph(
+    mul_x_first: bool, one_first: bool, one: float, x_in_mul: str
+) -> onnx.ModelProto:
+    """x -> Exp -> Add(., 1) -> Log -> Erf -> Mul(x, .), with each commutative node's inputs in
+    the order asked, the constant ``one`` and Mul reading ``x_in_mul`` as its x."""
+    add_inputs = ["c", "ex"] if one_first else ["ex", "c"]
+    mul_inputs = [x_in_mul, "er"] if mul_x_first else ["er", x_in_mul]
+    nodes = [
+        helper.make_node(
+            "Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.FLOAT, [], [one])
+        ),
+        helper.make_node("Exp", ["x"], ["ex"]),
+        helper.make_node("Add", add_inputs, ["ad"]),
+        helper.make_node("Log", ["ad"], ["lg"]),
+        helper.make_node("Erf", ["lg"], ["er"]),
+        helper.make_node("Mul", mul_inputs, ["y"]),
+    ]
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("x", "z", "y")]
+    graph = helper.make_graph(nodes, "g", info[:2], info[2:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("mul_x_first", [True, False])
+@pytest.mark.parametrize("one_first", [True, False])
+def test_the_matcher_walks_the_record_in_either_input_order(
+    mul_x_first: bool, one_first: bool
+) -> None:
+    graph = check_graph(_exp_log_graph(mul_x_first, one_first, 1.0, "x"))
+    assert graph.serf == {"exp-log": 1} and not graph.leftovers
+    model = _exp_log_graph(mul_x_first, one_first, 1.0, "x")
+    assert fold_into_functions(model) == 1
+    assert [n.op_type for n in model.functions[0].node] == ["Constant", *PATTERNS["exp-log"]]
+
+
+@pytest.mark.parametrize(("one", "x_in_mul"), [(2.0, "x"), (1.0, "z")])
+def test_the_matcher_refuses_near_misses(one: float, x_in_mul: str) -> None:
+    # log(exp(x) + 2), or the Mul reading another value than the Exp: not Serf.
+    graph = check_graph(_exp_log_graph(True, False, one, x_in_mul))
+    assert graph.serf_total == 0
+    assert graph.leftovers == {"Erf outside a Serf pattern": 1}

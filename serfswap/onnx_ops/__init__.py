@@ -4,10 +4,11 @@ greedy generation with an exported decoder.
 Imports onnx, onnxscript and onnxruntime, so ``import serfswap`` does not import this package.
 """
 
-from .decompositions import DECOMPOSITIONS, PATTERNS, translation_table
+from ..decompositions import DECOMPOSITIONS, PATTERNS
 from .generate import generate
 from .graph import GraphCheck, check_graph
 from .session import NoDeviceError, session
+from .translation import translation_table
 
 __all__ = [
     "DECOMPOSITIONS",

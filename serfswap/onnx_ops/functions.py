@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 from onnx import helper, numpy_helper
 
+from ..decompositions import DECOMPOSITIONS, ONE, Decomposition, X
 from ..errors import ExportFailedError
 from .graph import SerfMatch, find_serf, scalar_constants
 
@@ -33,20 +34,15 @@ def _scalar(graph: onnx.GraphProto, name: str, base_dir: str) -> onnx.TensorProt
     raise ExportFailedError(f"cannot fold into functions: no constant {name!r} in the graph")
 
 
-def _body(match: SerfMatch, one: onnx.TensorProto | None, opset: int) -> onnx.FunctionProto:
-    """The function: the matched nodes renamed onto x -> y, plus the constant 1 for exp-log."""
-    rename = {match.x: "x", match.y: "y"}
-    if match.one is not None:
-        rename[match.one] = "one"
+def _body(record: Decomposition, one: onnx.TensorProto | None, opset: int) -> onnx.FunctionProto:
+    """The function x -> y whose body is ``record``'s steps (values ``t0``, ``t1``...), with
+    ``one``, the graph's constant 1, as a Constant node when a step reads it."""
+    names = [f"t{i}" for i in range(len(record.steps) - 1)] + ["y"]
+    leaves = {X: "x", ONE: "one"}
     nodes = [helper.make_node("Constant", [], ["one"], value=one)] if one is not None else []
-    for i, node in enumerate(match.nodes):
-        for out in node.output:
-            rename.setdefault(out, f"t{i}")
-        nodes.append(
-            helper.make_node(
-                node.op_type, [rename[n] for n in node.input], [rename[n] for n in node.output]
-            )
-        )
+    for step, out in zip(record.steps, names, strict=True):
+        inputs = [names[i] if isinstance(i, int) else leaves[i] for i in step.inputs]
+        nodes.append(helper.make_node(step.op, inputs, [out]))
     return helper.make_function(DOMAIN, NAME, ["x"], ["y"], nodes, [helper.make_opsetid("", opset)])
 
 
@@ -71,8 +67,8 @@ def fold_into_functions(model: onnx.ModelProto, base_dir: str = "") -> int:
     in place, and add the function. Returns how many were folded.
 
     ``base_dir``: the folder of the model file, when its weights are in a side file.
-    Raises ValueError when the graph holds decompositions of more than one kind (an export
-    holds one kind only) or already defines a ``serfswap.Serf``.
+    Raises :class:`~serfswap.ExportFailedError` when the graph holds decompositions of more
+    than one kind (an export holds one kind only) or already defines a ``serfswap.Serf``.
     """
     graph = model.graph
     # One list of the nodes, kept alive: protobuf hands out a new wrapper object per access, so
@@ -109,12 +105,13 @@ def fold_into_functions(model: onnx.ModelProto, base_dir: str = "") -> int:
             nodes.append(helper.make_node(NAME, [match.x], [match.y], node.name, domain=DOMAIN))
         elif id(node) not in folded:
             nodes.append(node)
-    # The constants 1 of exp-log moved into the body; drop those nothing else uses.
+    # The constants 1 (exp-log's) moved into the body; drop those nothing else uses.
     still_used = {name for node in nodes for name in node.input} | outputs
     unused = set(ones) - still_used
     _replace(graph.node, [n for n in nodes if n.op_type != "Constant" or n.output[0] not in unused])
     _replace(graph.initializer, [t for t in graph.initializer if t.name not in unused])
     _replace(graph.value_info, [v for v in graph.value_info if v.name not in gone])
-    model.functions.append(_body(matches[0], next(iter(ones.values()), None), opset))
+    record = DECOMPOSITIONS[matches[0].kind]
+    model.functions.append(_body(record, next(iter(ones.values()), None), opset))
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return len(matches)

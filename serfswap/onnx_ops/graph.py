@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from .decompositions import PATTERNS
+from ..decompositions import COMMUTATIVE, DECOMPOSITIONS, ONE, Decomposition, X
 
 # Op types that are themselves one of the activations serfswap replaces.
 _ACTIVATION_OPS = {
@@ -71,38 +71,62 @@ def scalar_constants(
     return values
 
 
+Binding = dict[str | int, str | onnx.NodeProto]  # X / ONE -> value name, step index -> node
+
+
+def _match_step(
+    record: Decomposition,
+    index: int,
+    value: str,
+    producer: dict[str, onnx.NodeProto],
+    constants: dict[str, float],
+    bound: Binding,
+) -> Binding | None:
+    """``bound`` extended so that step ``index`` of ``record`` is the node producing ``value``
+    and its inputs match the step's recursively (x the same value everywhere, the constant 1 a
+    scalar constant equal to 1), or None. Add and Mul are tried in both input orders."""
+    node = producer.get(value)
+    step = record.steps[index]
+    if node is None or node.op_type != step.op or len(node.input) != len(step.inputs):
+        return None
+    orders = [tuple(node.input)]
+    if step.op in COMMUTATIVE:
+        orders.append(tuple(reversed(node.input)))
+    for order in orders:
+        attempt: Binding | None = {**bound, index: node}
+        for ref, name in zip(step.inputs, order, strict=True):
+            if attempt is None:
+                break
+            if isinstance(ref, int):
+                attempt = _match_step(record, ref, name, producer, constants, attempt)
+            elif (ref == ONE and constants.get(name) != 1.0) or attempt.setdefault(
+                ref, name
+            ) != name:
+                attempt = None
+        if attempt is not None:
+            return attempt
+    return None
+
+
 def find_serf(nodes: Sequence[onnx.NodeProto], constants: dict[str, float]) -> list[SerfMatch]:
-    """Every Serf decomposition among ``nodes``, matched on its exact pattern (``PATTERNS``).
+    """Every Serf decomposition among ``nodes``: from each node, each record's steps
+    (:data:`serfswap.decompositions.DECOMPOSITIONS`) matched backwards from its last one.
 
     Pass a list, not a protobuf repeated field: callers compare nodes by id(), and protobuf
     makes a new wrapper object on each access unless one is still referenced.
     """
     producer = {out: node for node in nodes for out in node.output}
-
-    def parent(name: str, op_type: str) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
     matches = []
-    for mul in (n for n in nodes if n.op_type == "Mul"):
-        for x, other in (mul.input, reversed(mul.input)):
-            erf = parent(other, "Erf")
-            if erf is None:
+    for node in nodes:
+        for record in DECOMPOSITIONS.values():
+            last = len(record.steps) - 1
+            if node.op_type != record.steps[last].op:
                 continue
-            softplus = parent(erf.input[0], "Softplus")
-            if softplus is not None and softplus.input[0] == x:
-                matches.append(SerfMatch("softplus", (softplus, erf, mul), x, mul.output[0]))
-                break
-            log = parent(erf.input[0], "Log")
-            add = parent(log.input[0], "Add") if log is not None else None
-            if add is None:
-                continue
-            one = next((i for i in add.input if constants.get(i) == 1.0), None)
-            exp_out = next((i for i in add.input if i != one), None)
-            exp = parent(exp_out, "Exp") if exp_out is not None else None
-            if exp is not None and exp.input[0] == x and one is not None:
-                nodes_in_order = (exp, add, log, erf, mul)
-                matches.append(SerfMatch("exp-log", nodes_in_order, x, mul.output[0], one))
+            bound = _match_step(record, last, node.output[0], producer, constants, {})
+            if bound is not None:
+                found = tuple(bound[i] for i in range(len(record.steps)))
+                one = bound.get(ONE)
+                matches.append(SerfMatch(record.name, found, bound[X], node.output[0], one))
                 break
     return matches
 
@@ -120,7 +144,7 @@ def serf_function_kind(function: onnx.FunctionProto) -> str | None:
     if (
         (match.x, match.y) != (function.input[0], function.output[0])
         or any(n.op_type != "Constant" for n in rest)
-        or len(rest) != (match.kind == "exp-log")
+        or len(rest) != DECOMPOSITIONS[match.kind].needs_one
     ):
         return None
     return match.kind
@@ -160,7 +184,6 @@ def check_graph(model: onnx.ModelProto, base_dir: str = "") -> GraphCheck:
 
 
 __all__ = [
-    "PATTERNS",
     "GraphCheck",
     "SerfMatch",
     "check_graph",

@@ -1,0 +1,97 @@
+"""How Serf is written in standard ONNX ops: one record per decomposition, as data.
+
+Each record is the one source of what its decomposition is: the exporter's translation
+(:mod:`serfswap.onnx_ops.translation` builds the onnxscript function from the steps), the
+graph check (:func:`serfswap.onnx_ops.graph.find_serf` walks the steps backwards from the
+result), the folding into a ``serfswap.Serf`` function (its body is the steps) and the CLI's
+``--decomposition`` choices all read it. This module imports nothing heavy, so ``serfswap
+--help`` lists the choices without importing onnx or onnxscript.
+
+Both decompositions are in the default ONNX domain only (no custom op, no custom domain):
+
+* ``softplus`` (default): ``Mul(x, Erf(Softplus(x)))``, exactly three nodes. Softplus is accurate
+  everywhere in onnxruntime, but its CPU kernel is scalar (about 6.6 ns per element).
+* ``exp-log``: ``Mul(x, Erf(Log(Add(Exp(x), 1))))``, five nodes, all vectorised on onnxruntime's
+  CPU (about 4x faster than Softplus there). It needs no clamp: for large x, Exp overflows to
+  inf, Log(inf) = inf, Erf(inf) = 1, and the result is x; max abs error 1.1e-6 vs Softplus.
+
+Both give NaN at x = -inf, as the torch op does (``-inf * erf(0)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+X = "x"  # a step input: the value Serf activates
+ONE = "one"  # a step input: the constant 1, of x's type
+COMMUTATIVE = frozenset({"Add", "Mul"})  # the graph check tries both orders of their inputs
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node: its ONNX op type and its inputs, each ``X``, ``ONE`` or the index of an
+    earlier step (whose output it reads). The last step's output is Serf(x)."""
+
+    op: str
+    inputs: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A way to write Serf in standard ONNX ops: its ``--decomposition`` name, the formula
+    (for help texts and comments), the steps from the input, and why to pick it."""
+
+    name: str
+    formula: str
+    steps: tuple[Step, ...]
+    use: str
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The op types of the steps, in order from the input."""
+        return tuple(step.op for step in self.steps)
+
+    @property
+    def needs_one(self) -> bool:
+        """Whether a step reads the constant 1 (a Constant node in a function body)."""
+        return any(ONE in step.inputs for step in self.steps)
+
+
+DECOMPOSITIONS: dict[str, Decomposition] = {
+    d.name: d
+    for d in (
+        Decomposition(
+            "softplus",
+            "x * erf(softplus(x))",
+            (Step("Softplus", (X,)), Step("Erf", (0,)), Step("Mul", (X, 1))),
+            "exact, and fast where Softplus has a fast kernel (CUDA)",
+        ),
+        Decomposition(
+            "exp-log",
+            "x * erf(log(exp(x) + 1)); exp overflow is harmless: erf(inf) = 1",
+            (
+                Step("Exp", (X,)),
+                Step("Add", (0, ONE)),
+                Step("Log", (1,)),
+                Step("Erf", (2,)),
+                Step("Mul", (X, 3)),
+            ),
+            "faster on onnxruntime's CPU, whose Softplus kernel is scalar",
+        ),
+    )
+}
+DEFAULT = "softplus"
+
+# The op types of each decomposition, in order from the input (read from the records).
+PATTERNS: dict[str, tuple[str, ...]] = {name: d.ops for name, d in DECOMPOSITIONS.items()}
+
+__all__ = [
+    "COMMUTATIVE",
+    "DECOMPOSITIONS",
+    "DEFAULT",
+    "ONE",
+    "PATTERNS",
+    "Decomposition",
+    "Step",
+    "X",
+]
