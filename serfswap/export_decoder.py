@@ -34,9 +34,18 @@ def _decoder_config(model: nn.Module) -> Any:
         return None
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return None  # a bare decoder stack or an encoder: no logits to generate from
-    if "cache" not in _parameters(model) or not getattr(config, "is_decoder", True):
+    if "cache" not in _parameters(model) or (_is_encoder_family(config) and not config.is_decoder):
         return None
     return config
+
+
+def _is_encoder_family(config: Any) -> bool:
+    """A model type that is an encoder unless its config says ``is_decoder`` (BERT, RoBERTa:
+    the masked-LM families). Decoder-only configs may carry a stale ``is_decoder=False``
+    (GPT-NeoX's does), which means nothing for them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _parameters(model: nn.Module) -> set[str]:

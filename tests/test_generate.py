@@ -182,3 +182,20 @@ def test_the_task_on_a_model_that_is_no_decoder_is_one_line(
     assert len(errors) == 1 and errors[0].startswith("serfswap export: error: "), err
     assert "'text-generation-with-past'" in errors[0] and kind in errors[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["bert"] if "bert" in source else [])
+
+
+def test_the_task_check_reads_the_model_family_not_a_stale_flag() -> None:
+    """GPT-NeoX's config carries is_decoder=False, which means nothing for a decoder-only
+    model; BERT's means what it says (an encoder unless is_decoder)."""
+    from serfswap.export_decoder import WITH_PAST, check_task
+
+    tiny = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37)  # fmt: skip
+    neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**tiny))
+    assert neox.config.is_decoder is False
+    check_task(neox, WITH_PAST)  # accepted
+    with pytest.raises(serfswap.TaskError, match="needs a transformers causal LM"):
+        check_task(transformers.BertLMHeadModel(transformers.BertConfig(**tiny)), WITH_PAST)
+    check_task(
+        transformers.BertLMHeadModel(transformers.BertConfig(**tiny, is_decoder=True)), WITH_PAST
+    )
