@@ -6,22 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from .zoo.check import check_export, check_model
-from .zoo.timm_zoo import EXPORT_FAILURES, FAMILIES, INPUT_SIZE, TEST_MODELS
+from .zoo.timm_zoo import EXPORT_FAILURES, FAMILIES, TEST_MODELS, build
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extras")
-
-
-def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    # num_classes=0: pooled features; several families zero-initialise their classifier.
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    _, height, width = model.pretrained_cfg["input_size"]
-    if name in INPUT_SIZE:
-        height = width = INPUT_SIZE[name]
-    return model, {"x": torch.randn(1, 3, height, width)}
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)

@@ -1,6 +1,13 @@
 """The timm models the zoo test builds: every ``test_*`` architecture, and one model per family
 (timm module), the smallest that builds. Families left out, and why, are listed below."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 TEST_MODELS = [
     "test_byobnet", "test_coatnet", "test_convnext", "test_convnext2", "test_convnext3",
     "test_efficientnet", "test_efficientnet_evos", "test_efficientnet_gn", "test_efficientnet_ln",
@@ -162,3 +169,18 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
         "onnxruntime differs by 1.6e5 at most (1e-6 of that; max rel diff 1.3e-3)",
     ),
 }
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A fresh, seeded model and its example input (batch 1, the zoo's input size). timm and
+    torch are imported here, so that the tables above cost nothing to import (the README)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    # num_classes=0: pooled features; several families zero-initialise their classifier.
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    _, height, width = model.pretrained_cfg["input_size"]
+    if name in INPUT_SIZE:
+        height = width = INPUT_SIZE[name]
+    return model, {"x": torch.randn(1, 3, height, width)}
