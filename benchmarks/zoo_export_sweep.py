@@ -10,8 +10,8 @@ subprocess of its own, under ``nice -n 10``, with one torch thread and a timeout
 that hangs or runs out of memory costs its own line only. One JSON line per model is appended to
 the output file as soon as it is known; a second run skips the models already there (resume).
 
-    python benchmarks/zoo_export_sweep.py [--out zoo_export.jsonl] [--timeout 1200]
-        [--models NAME ...] [--test-models] [--original] [--retry-failed]
+    python benchmarks/zoo_export_sweep.py [--out benchmarks/zoo_export_sweep.jsonl]
+        [--timeout 1200] [--models NAME ...] [--test-models] [--original] [--retry-failed]
 
 ``--original`` exports the unconverted model instead: a failure that the original shares is the
 exporter's, not serfswap's. ``--models`` restricts the sweep to the names given.
@@ -20,6 +20,7 @@ exporter's, not serfswap's. ``--models`` restricts the sweep to the names given.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -123,12 +124,8 @@ def done(out: Path, retry_failed: bool) -> set[str]:
 
 
 def summary(out: Path) -> str:
-    """Counts by outcome over the file's last line per model, and the total time."""
-    rows: dict[str, dict[str, Any]] = {}
-    for line in out.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["name"]] = row
+    """Counts by outcome over the file's last row per model, and the total time."""
+    rows = timm_zoo.sweep_results(out)
     counts: dict[str, int] = {}
     for row in rows.values():
         key = "exported and verified" if row["ok"] else f"failed: {row['error']}"
@@ -140,7 +137,7 @@ def summary(out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("zoo_export.jsonl"))
+    parser.add_argument("--out", type=Path, default=timm_zoo.SWEEP)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per model")
     parser.add_argument("--models", nargs="+", help="only these model names")
     parser.add_argument("--test-models", action="store_true", help="add the test_* models")
@@ -161,7 +158,8 @@ def main() -> None:
     skip = done(args.out, args.retry_failed)
     for name in (n for n in names if n not in skip):
         result = run_child(name, args.original, args.timeout)
-        row = {"name": name, "original": args.original, **result}
+        row = {"name": name, "original": args.original, "date": str(datetime.date.today())}
+        row |= result
         row["known"] = known_failure(name, result) if not result["ok"] else None
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
