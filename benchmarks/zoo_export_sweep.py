@@ -132,7 +132,12 @@ def summary(out: Path) -> str:
         counts[key] = counts.get(key, 0) + 1
     total = sum(r["seconds"] for r in rows.values())
     lines = [f"{n:3d}  {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return "\n".join([*lines, f"{len(rows)} models, {total / 60:.0f} min in all"])
+    lines.append(f"{len(rows)} models, {total / 60:.0f} min in all")
+    for name, row in rows.items():
+        if not row["ok"]:
+            known = "known" if known_failure(name, row) else "NOT in EXPORT_FAILURES"
+            lines.append(f"failed  {name} ({known}): {row['error']}: {row['first_line'][:80]}")
+    return "\n".join(lines)
 
 
 def main() -> None:

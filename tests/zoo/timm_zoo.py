@@ -147,7 +147,7 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
     "maxvit_pico_rw_256": (
         r"Failed to decompose the FX graph",
         "the window-partition view of test_maxvit, (16*batch, 64, 2, 32) as (16*batch, 8, 8, "
-        "64) (same timm code; test_maxvit's original fails the same way)",
+        "64) (same timm code); the original model fails the same way",
     ),
     "test_vit_relpos": (
         r"Failed to decompose the FX graph",
@@ -165,17 +165,22 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
         "torch.onnx translates scaled_dot_product_attention for 4D query/key/value only; "
         "Hiera's are not; the original model fails the same way",
     ),
+    "nest_tiny": (
+        r"scaled_dot_product_attention",
+        "hiera's: NesT's query/key/value are 5D (batch, heads, blocks, tokens, channels); the "
+        "original model fails the same way",
+    ),
     "inception_v3": (
         r"max abs diff [0-9.e+]+, max rel diff",
-        "output scale: the untrained, converted model's outputs reach 1.9e11 at 160x160; "
-        "onnxruntime differs by 1.6e5 at most (1e-6 of that; max rel diff 1.3e-3)",
+        "output scale: the untrained model's outputs reach 2e11 at 160x160 (median 9e9); torch "
+        "and onnxruntime each differ from a float64 run by up to 3e5 (1.5e-6 of that), so they "
+        "differ beyond rtol=1e-4 on the smaller outputs; the original model fails the same way",
     ),
 }
 
-# Families whose model the slow job exports too (test_timm_family_export): each one with a known
-# failure, so that the table below stays measured, and the EfficientViT (MIT).
-EXPORTED_IN_CI = ["maxvit_pico_rw_256", "beit_base_patch16_224", "hiera_tiny_224", "inception_v3",
-                  "efficientvit_b0"]  # fmt: skip
+# Families whose model the slow job exports too (test_timm_export): each one with a known failure,
+# so that those rows stay measured in CI. (EfficientViT MIT: tests/test_efficientvit.py.)
+EXPORTED_IN_CI = ["maxvit_pico_rw_256", "beit_base_patch16_224", "hiera_tiny_224", "inception_v3"]
 
 # The per-family export sweep, run by hand (benchmarks/zoo_export_sweep.py: CI exports the test_*
 # models and EXPORTED_IN_CI only); its JSON lines are committed, and the README's counts come
