@@ -136,7 +136,9 @@ def summary(out: Path) -> str:
     for name, row in rows.items():
         if not row["ok"]:
             known = "known" if known_failure(name, row) else "NOT in EXPORT_FAILURES"
-            lines.append(f"failed  {name} ({known}): {row['error']}: {row['first_line'][:80]}")
+            diff = re.search(r"max abs diff [^ ]+, max rel diff [^ )]+", row["first_line"])
+            what = diff.group(0) if diff else row["first_line"].removeprefix("the exporter: ")
+            lines.append(f"failed  {name} ({known}): {row['error']}: {what[:90]}")
     return "\n".join(lines)
 
 

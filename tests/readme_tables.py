@@ -112,7 +112,7 @@ def zoo_table() -> str:
         "constraints kept), are exported (batch 2) with `export_onnx`'s defaults and verified "
         "against torch at 1e-4 (fresh inputs of batch 3). " + sweep_sentence(),
         "",
-        "Known failures, none of them from Serf:",
+        "Known failures; each one's original (unconverted) model fails the same way:",
         "",
         "| model | why its export fails |",
         "|---|---|",
