@@ -1,6 +1,15 @@
 """The timm models the zoo test builds: every ``test_*`` architecture, and one model per family
 (timm module), the smallest that builds. Families left out, and why, are listed below."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
 TEST_MODELS = [
     "test_byobnet", "test_coatnet", "test_convnext", "test_convnext2", "test_convnext3",
     "test_efficientnet", "test_efficientnet_evos", "test_efficientnet_gn", "test_efficientnet_ln",
@@ -138,7 +147,7 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
     "maxvit_pico_rw_256": (
         r"Failed to decompose the FX graph",
         "the window-partition view of test_maxvit, (16*batch, 64, 2, 32) as (16*batch, 8, 8, "
-        "64) (same timm code; test_maxvit's original fails the same way)",
+        "64) (same timm code); the original model fails the same way",
     ),
     "test_vit_relpos": (
         r"Failed to decompose the FX graph",
@@ -151,14 +160,72 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {
         "the attention-output view of test_vit_relpos, (batch, 197, 12, 64) as (batch, 197, "
         "768); the original model fails the same way",
     ),
+    "vit_relpos_small_patch16_224": (
+        r"Failed to decompose the FX graph",
+        "the attention-output view of test_vit_relpos, (batch, 196, 6, 64) as (batch, 196, "
+        "384); the original model fails the same way",
+    ),
     "hiera_tiny_224": (
         r"scaled_dot_product_attention",
         "torch.onnx translates scaled_dot_product_attention for 4D query/key/value only; "
         "Hiera's are not; the original model fails the same way",
     ),
+    "nest_tiny": (
+        r"scaled_dot_product_attention",
+        "hiera's: NesT's query/key/value are 5D (batch, heads, blocks, tokens, channels); the "
+        "original model fails the same way",
+    ),
+    "twins_svt_small": (
+        r"scaled_dot_product_attention",
+        "hiera's: the locally grouped attention's query/key/value are 5D (batch, groups, "
+        "heads, tokens, channels); the original model fails the same way",
+    ),
     "inception_v3": (
         r"max abs diff [0-9.e+]+, max rel diff",
-        "output scale: the untrained, converted model's outputs reach 1.9e11 at 160x160; "
-        "onnxruntime differs by 1.6e5 at most (1e-6 of that; max rel diff 1.3e-3)",
+        "output scale: the untrained model's outputs reach 2e11 at 160x160 (median 9e9); torch "
+        "and onnxruntime each differ from a float64 run by up to 3e5 (1.5e-6 of that), so they "
+        "differ beyond rtol=1e-4 on the smaller outputs; the original model fails the same way",
+    ),
+    "visformer_tiny": (
+        r"max abs diff [0-9.e+]+, max rel diff",
+        "onnxruntime and torch differ on the untrained model's large outputs; the original "
+        "model fails the same way (max abs diff 6e-3, outputs up to 1.2e3). Converted: 5e-2, "
+        "outputs up to 2.6e3; onnxruntime is 2e-4 of that from a float64 run, torch 3e-5. "
+        "The Serf ONNX op alone is as exact as torch's (3.5e-7 relative); not traced further",
     ),
 }
+
+# Families whose model the slow job exports too (test_timm_export): each one with a known failure,
+# so that those rows stay measured in CI. (EfficientViT MIT: tests/test_efficientvit.py.)
+EXPORTED_IN_CI = ["maxvit_pico_rw_256", "beit_base_patch16_224", "hiera_tiny_224", "inception_v3"]
+
+# The per-family export sweep, run by hand (benchmarks/zoo_export_sweep.py: CI exports the test_*
+# models and EXPORTED_IN_CI only); its JSON lines are committed, and the README's counts come
+# from them.
+SWEEP = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_export_sweep.jsonl"
+
+
+def sweep_results(path: Path = SWEEP) -> dict[str, dict[str, Any]]:
+    """The sweep's last row per model name (a resumed or retried sweep appends rows)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["name"]] = row
+    return rows
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A fresh, seeded model and its example input (batch 1, the zoo's input size). timm and
+    torch are imported here, so that the tables above cost nothing to import (the README)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    # num_classes=0: pooled features; several families zero-initialise their classifier.
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    _, height, width = model.pretrained_cfg["input_size"]
+    if name in INPUT_SIZE:
+        height = width = INPUT_SIZE[name]
+    return model, {"x": torch.randn(1, 3, height, width)}
