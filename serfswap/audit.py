@@ -83,8 +83,8 @@ class ActivationRecorder(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.root = model
         self.names = {id(module): name for name, module in _named(model)}
-        self.modules = {id(module): module for _, module in _named(model)}
         self.stack: list[_Frame] = []
         self.ran: dict[Ran, int] = {}
         self.serf_calls = 0
@@ -94,7 +94,7 @@ class ActivationRecorder(TorchFunctionMode):
             name = self.names.get(id(frame.module))
             if name is not None:
                 return name, frame.module
-        return "", self.modules[next(iter(self.modules))]
+        return "", self.root
 
     def _add(self, ran: Ran) -> None:
         self.ran[ran] = self.ran.get(ran, 0) + 1

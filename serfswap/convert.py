@@ -816,10 +816,8 @@ def convert(
     _check_model(model, "convert")
     opts = _options(include, exclude, filter_fn, activations)
     inputs = _audit_inputs(model, example_inputs, True if strict else audit)
-    if inputs is None or not inplace:  # bad options cost no deep copy
-        report, decided, has_serf = _plan(model, opts)
-        if inputs is None:
-            _check_not_empty(report, decided, has_serf, opts)
+    if inputs is None and not inplace:  # nothing to convert costs no deep copy
+        _check_not_empty(*_plan(model, opts), opts)
     target = model if inplace else copy.deepcopy(model)
     root = _convert(target, opts, inputs)
     report = root.__dict__[REPORT_ATTR]
