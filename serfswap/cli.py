@@ -122,7 +122,6 @@ def _load(args: argparse.Namespace) -> Loaded:
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
         timm_kwargs=_timm_kwargs(args),
-        causal_lm=getattr(args, "task", None) == "text-generation-with-past",
     )
     for note in loaded.notes:
         print(f"serfswap {args.command}: note: {note}", file=sys.stderr)

@@ -299,10 +299,15 @@ class StringSite:
 
 
 def _keyword_names(code: types.CodeType) -> set[str]:
-    """The keyword-argument names the compiled code passes (constant tuples, nested code too)."""
+    """The keyword-argument names the compiled code may pass (nested code too): a plain call
+    keeps them in a constant tuple, a call that also splats ``**kwargs`` builds a dict from
+    string constants (``f(x, activation=self.activation, **kwargs)``, transformers 5.25's
+    Mamba), so both count; the source is then read to be sure."""
     names: set[str] = set()
     for const in code.co_consts:
-        if isinstance(const, tuple):
+        if isinstance(const, str):
+            names.add(const)
+        elif isinstance(const, tuple):
             names.update(c for c in const if isinstance(c, str))
         elif isinstance(const, types.CodeType):
             names |= _keyword_names(const)

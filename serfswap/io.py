@@ -199,7 +199,10 @@ def build_arch(
             remote = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
             model = transformers.AutoModel.from_config(remote, trust_remote_code=True)
             return Loaded(model, arch, None)  # its code is not in a checkpoint: not describable
-        return Loaded(_hf_from_config(config), arch, {"kind": "hf", "config": config})
+        lm = _keeps_lm_head(config, state)
+        head = {"head": CAUSAL_LM} if lm else {}
+        return Loaded(_hf_from_config(config, causal_lm=lm), arch,
+                      {"kind": "hf", "config": config, **head})  # fmt: skip
     raise ModelSpecError(f"--arch {arch!r}: use timm:NAME or hf:DIR")
 
 
@@ -575,12 +578,14 @@ def load_model(
     trust_pickle: bool = False,
     trust_remote_code: bool = False,
     timm_kwargs: dict[str, Any] | None = None,
-    causal_lm: bool = False,
+    causal_lm: bool | None = None,
 ) -> Loaded:
     """Load MODEL as the CLI understands it (see the module docstring).
 
     ``causal_lm``: a HuggingFace folder saved from a causal LM (its config's ``architectures``)
-    is loaded with its language-model head, as ``--task text-generation-with-past`` needs.
+    is loaded with its language-model head, so that a decoder converted or recovered here still
+    generates and exports with ``--task text-generation-with-past``; ``causal_lm=False`` loads
+    the bare model (``AutoModel``) instead.
 
     ``trust_pickle``: unpickle with the full unpickler, and load ``.pt2`` programs; both run
     code from the file. ``trust_remote_code``: let a HuggingFace folder's own code build the
@@ -610,7 +615,7 @@ def load_model(
         _needs_remote_code(config, spec, trust_remote_code)
         with _no_progress_bars():
             auto = transformers.AutoModel
-            if causal_lm and _saved_as_causal_lm(config):
+            if causal_lm is not False and _saved_as_causal_lm(config):
                 auto = transformers.AutoModelForCausalLM
             model = auto.from_pretrained(
                 path, attn_implementation="eager", trust_remote_code=trust_remote_code
@@ -652,6 +657,19 @@ def _causal_lm_classes() -> set[str]:
 def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
     """Whether a folder's config.json names a causal-LM class."""
     return bool(_causal_lm_classes() & set(config.get("architectures") or []))
+
+
+def _keeps_lm_head(config: dict[str, Any], state: dict[str, torch.Tensor] | None) -> bool:
+    """Whether ``--arch hf:DIR`` builds the language-model head: the folder was saved from a
+    causal LM, and the weights (when given) are not exactly the bare model's (a state dict of
+    ``AutoModel`` loads into ``AutoModel``)."""
+    if not _saved_as_causal_lm(config):
+        return False
+    if state is None:
+        return True
+    with torch.device("meta"):
+        bare = _hf_from_config(config)
+    return set(state) != set(bare.state_dict())
 
 
 def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:

@@ -199,3 +199,48 @@ def test_the_task_check_reads_the_model_family_not_a_stale_flag() -> None:
     check_task(
         transformers.BertLMHeadModel(transformers.BertConfig(**tiny, is_decoder=True)), WITH_PAST
     )
+
+
+def test_a_decoder_keeps_its_head_from_convert_and_recover_to_generate(
+    tmp_path: Path, capsys
+) -> None:
+    """The CLI chain a user runs on a trained decoder: the folder (saved with its LM head) is
+    converted and recovered into serfswap checkpoints that keep the head, which export with the
+    KV cache and generate what the recovered torch model generates."""
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    original.save_pretrained(tmp_path / "llama")
+    tokenizer = save_tokenizer(tmp_path / "llama")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(" ".join(f"w{(7 * i + j) % 97 + 3}" for j in range(12))
+                               for i in range(16)))  # fmt: skip
+
+    converted = tmp_path / "converted.safetensors"
+    assert main(["convert", str(tmp_path / "llama"), "-o", str(converted)]) == 0
+    assert type(serfswap.io.load_model(str(converted)).model).__name__ == "LlamaForCausalLM"
+
+    recovered = tmp_path / "recovered.safetensors"
+    assert main(["recover", str(tmp_path / "llama"), "--data", str(lines), "--tokenizer",
+                 str(tmp_path / "llama"), "--steps", "2", "--batch-size", "4",
+                 "-o", str(recovered)]) == 0  # fmt: skip
+    student = serfswap.io.load_model(str(recovered)).model.eval()
+    assert type(student).__name__ == "LlamaForCausalLM"
+    assert student.serfswap_report.converted
+
+    out = tmp_path / "recovered.onnx"
+    assert main(["export", str(recovered), str(out), "--task",
+                 "text-generation-with-past"]) == 0  # fmt: skip
+    check_file(out, LAYERS)
+    capsys.readouterr()
+    prompts = ["w5 w17 w42 w8", "w11 w3 w64 w9 w31 w77 w20"]
+    assert main(["generate", str(out), "--tokenizer", str(tmp_path / "llama"),
+                 "--max-new-tokens", "8", *prompts]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    student.generation_config.eos_token_id = tokenizer.eos_token_id
+    with torch.no_grad():
+        tokens = student.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
+                                  skip_special_tokens=True)  # fmt: skip
+    assert printed == want

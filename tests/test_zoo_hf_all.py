@@ -4,6 +4,8 @@ hf-zoo table) must still hold, and no conversion is partial without the report s
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -18,11 +20,26 @@ RECORDED = hf_all.results()
 TESTED = hf_all.tested(RECORDED)
 
 
-def test_every_type_is_recorded() -> None:
-    """The table covers every type transformers registers today (a new transformers release
-    adds types: run the sweep for them)."""
-    missing = sorted(set(hf_all.types()) - set(RECORDED))
-    assert not missing, f"run: python benchmarks/hf_zoo_sweep.py {' '.join(missing)}"
+def test_the_record_covers_the_types_of_the_release_it_was_swept_on() -> None:
+    """On the transformers release the sweep ran on (the pinned one, constraints.txt), the
+    table covers every type it registers. A newer release adds types: they are reported (run
+    the sweep for them), not a failure of the README's test command; the recorded types must
+    still exist, or the table describes models nobody can build."""
+    swept = {r["transformers"] for r in RECORDED.values()}
+    assert len(swept) == 1, f"the table mixes sweeps of transformers {sorted(swept)}"
+    today = set(hf_all.types())
+    gone = sorted(set(RECORDED) - today)
+    assert not gone, f"recorded types transformers {transformers.__version__} lacks: {gone}"
+    missing = sorted(today - set(RECORDED))
+    if swept == {transformers.__version__}:
+        assert not missing, f"run: python benchmarks/hf_zoo_sweep.py {' '.join(missing)}"
+    elif missing:
+        warnings.warn(
+            f"transformers {transformers.__version__} has {len(missing)} types the sweep (on "
+            f"{swept.pop()}) did not record: python benchmarks/hf_zoo_sweep.py "
+            f"{' '.join(missing)}",
+            stacklevel=1,
+        )
 
 
 @pytest.mark.slow
