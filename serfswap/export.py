@@ -266,17 +266,30 @@ def _feed(names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     raise ExportError(f"the ONNX file takes inputs {names}; given {list(inputs)}")
 
 
+class _ShapeMismatchError(ExportMismatchError):
+    """An output of another shape than torch's: a shape baked in at export, which static
+    shapes (not a tolerance) may get past."""
+
+
 def _differences(
     names: list[str], got: list[Any], want: list[torch.Tensor], atol: float, rtol: float
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The largest absolute and relative differences of each output, onnxruntime's (``got``)
-    against torch's (``want``); ExportMismatchError when one is beyond the tolerance."""
+    against torch's (``want``); ExportMismatchError when one is beyond the tolerance.
+
+    The tolerance scales with each output's magnitude: element ``y`` of an output whose
+    largest magnitude is ``S`` may differ by ``atol * max(S, 1) + rtol * |y|``. Rounding in
+    float32 is relative to the size of the sums that made a value, not to the value itself:
+    a logit near zero in a row of logits near 20 carries the error of the large ones. A real
+    30-layer LLaMA differs by 5e-4 on logits of ~20 (2.5e-5 of the scale), which a fixed
+    ``atol`` of 1e-4 refused; an exported graph that computes something else (Mish for Serf,
+    a baked-in shape) differs by 1e-2 of the scale or more, which this still catches."""
     abs_diff, rel_diff, bad = {}, {}, []
     for name, ort_out, torch_out in zip(names, got, want, strict=True):
         expected = torch_out.float()
         actual = torch.from_numpy(ort_out).float()
         if actual.shape != expected.shape:
-            raise ExportMismatchError(
+            raise _ShapeMismatchError(
                 f"output {name}: onnxruntime shape {tuple(actual.shape)}, "
                 f"torch {tuple(expected.shape)} (a shape baked in at export?)"
             )
@@ -284,19 +297,19 @@ def _differences(
             raise ExportMismatchError(
                 f"onnxruntime's output {name} holds NaN or inf where torch's is finite"
             )
+        if not expected.numel():
+            abs_diff[name] = rel_diff[name] = 0.0
+            continue
         diff = (actual - expected).abs()
-        abs_diff[name] = diff.max().item() if diff.numel() else 0.0
-        rel_diff[name] = (
-            (diff / expected.abs().clamp_min(1e-6)).max().item() if diff.numel() else 0.0
-        )
-        if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
-            bad.append(name)
+        abs_diff[name] = diff.max().item()
+        rel_diff[name] = (diff / expected.abs().clamp_min(1e-6)).max().item()
+        scale = max(expected.abs().max().item(), 1.0)
+        if not bool((diff <= atol * scale + rtol * expected.abs()).all()):
+            bad.append(f"{name}: max abs diff {abs_diff[name]:.3g} on values up to {scale:.3g}")
     if bad:
-        detail = "; ".join(
-            f"{n}: max abs diff {abs_diff[n]:.3g}, max rel diff {rel_diff[n]:.3g}" for n in bad
-        )
         raise ExportMismatchError(
-            f"onnxruntime differs from torch beyond atol={atol}, rtol={rtol}: {detail}"
+            f"onnxruntime differs from torch beyond atol={atol:g} (times each output's "
+            f"largest magnitude, when above 1), rtol={rtol:g}: {'; '.join(bad)}"
         )
     return abs_diff, rel_diff
 
@@ -431,10 +444,14 @@ class _AttemptFailed(Exception):
         """The error to raise when no plan is left: serfswap's own kind where it was one.
         ``dynamic``: the plan that failed had dynamic axes, so static shapes are worth a try."""
         message = self.reason + (f" (before: {'; '.join(before)})" if before else "")
+        if isinstance(self.error, ExportMismatchError) and not isinstance(
+            self.error, _ShapeMismatchError
+        ):  # numbers that differ are no matter of shapes: static shapes compute the same
+            return ExportMismatchError(
+                message + "; if the difference is acceptable for your use, set --atol/--rtol"
+            )
         if dynamic and not before:
             message += "; try --static"
-        if isinstance(self.error, ExportMismatchError):
-            return ExportMismatchError(message)
         return ExportFailedError(message)
 
 

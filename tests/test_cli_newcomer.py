@@ -130,11 +130,19 @@ def test_the_tokenizers_whole_output_feeds_the_real_minilm_file(tmp_path: Path) 
     tokens = transformers.AutoTokenizer.from_pretrained(directory)(
         ["Serf in a sentence", "another one"], padding=True, return_tensors="np")  # fmt: skip
     assert "token_type_ids" in tokens
-    (hidden, pooled) = sess.run(["last_hidden_state", "pooler_output"], dict(tokens))
+    (hidden,) = sess.run(["last_hidden_state"], dict(tokens))
+    mask = tokens["attention_mask"][..., None]
+    embeddings = (hidden * mask).sum(axis=1) / mask.sum(axis=1)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     with torch.no_grad():
         want = serf_model(**{k: torch.from_numpy(v) for k, v in tokens.items()})
     np.testing.assert_allclose(hidden, want.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(pooled, want.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+    # the README's embedding is sentence-transformers' (mean over real tokens, unit length)
+    st = pytest.importorskip("sentence_transformers", reason="the [st] test extra")
+    sentence_model = serfswap.convert(st.SentenceTransformer(str(directory), device="cpu"))
+    expected = sentence_model.encode(["Serf in a sentence", "another one"],
+                                     normalize_embeddings=True)  # fmt: skip
+    np.testing.assert_allclose(embeddings, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("opset", [18, 20, 25])

@@ -244,6 +244,43 @@ def test_verify_onnx_checks_a_file_exported_elsewhere(tmp_path: Path) -> None:
         serfswap.verify_onnx(model, path, {"a": torch.randn(5, 4), "b": torch.randn(5, 4)})
 
 
+def test_the_tolerance_scales_with_the_output_and_still_sees_a_wrong_graph(
+    tmp_path: Path,
+) -> None:
+    """Logits of magnitude ~20, as a trained deep model gives: an error of 5e-4 on a logit near
+    zero is float32 rounding of sums that size (a fixed atol of 1e-4 refused a real 30-layer
+    LLaMA for it), while one of 1e-2 of the scale is a graph that computes something else."""
+    torch.manual_seed(0)
+    model = serfswap.convert(nn.Sequential(nn.Linear(16, 64), nn.SiLU(), nn.Linear(64, 32)))
+    inputs = torch.ones(3, 16)
+    with torch.no_grad():
+        model[2].weight.mul_(60.0)
+        model[2].bias[0] -= float(model(inputs)[0, 0])  # output 0 near zero
+    path = tmp_path / "m.onnx"
+    serfswap.export_onnx(model, path, torch.zeros(2, 16))
+    with torch.no_grad():
+        out = model(inputs)
+    assert 15 < out.abs().max() < 100 and out[0, 0].abs() < 1e-3
+    with torch.no_grad():
+        model[2].bias[0] += 5e-4  # torch now differs from the file by 5e-4 near zero
+    result = serfswap.verify_onnx(model, path, inputs)
+    assert 4e-4 < result.max_abs_diff["output"] < 6e-4 and result.max_rel_diff["output"] > 0.1
+    with torch.no_grad():
+        model[2].bias[5] += 1e-2 * float(out.abs().max())
+    with pytest.raises(serfswap.ExportMismatchError, match=r"output: max abs diff .* on values"):
+        serfswap.verify_onnx(model, path, inputs)
+
+
+def test_a_numeric_mismatch_hints_at_the_tolerance_not_at_shapes(tmp_path: Path) -> None:
+    model = serfswap.convert(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)))
+    with pytest.raises(serfswap.ExportMismatchError) as info:
+        serfswap.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 4), dynamic=True,
+                             atol=0.0, rtol=0.0)  # fmt: skip
+    assert "try --static" not in str(info.value)
+    assert str(info.value).endswith("set --atol/--rtol")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_verify_onnx_puts_the_model_in_eval_mode_and_back(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
     serfswap.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 4))
