@@ -27,7 +27,7 @@ from .cli_generate import add_generate_command
 from .decompositions import DECOMPOSITIONS
 from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from .errors import InvalidArgumentError, SerfswapError
-from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, TOLERANCE
+from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, EXPORTERS, TOLERANCE
 from .export_decoder import TASKS
 from .recover import AUTOCAST_CHOICES, TRAIN_CHOICES, RecoveryOptions
 
@@ -522,6 +522,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         convert_activations=args.convert,
         functions=args.functions,
         task=args.task,
+        exporter=args.exporter,
     )
     print(report)
     if report.leftovers and not args.convert:
@@ -574,6 +575,9 @@ def _add_export(commands: Any) -> None:
         action="store_true",
         help="each Serf as one call of the model-local ONNX function serfswap.Serf",
     )
+    parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                        help="torch's exporter: auto (default): dynamo, and where it fails, "
+                        "TorchScript's; dynamo or torchscript: that one only")  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default="default",
                         help="text-generation-with-past: a decoder with its KV cache, in "
                         "Optimum's layout (see `serfswap generate`)")  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import statistics
 import time
@@ -141,6 +142,13 @@ def latency_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+def _took(seconds: float) -> str:
+    """A duration with what it was measured under: the same demo takes 13 s on an idle 2-core
+    machine and 200 s or more on one shared with other jobs, so a time alone misleads."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{seconds:.0f} s ({torch.get_num_threads()} threads, load average {load:.1f})"
+
+
 def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -238,7 +246,7 @@ def vision(out: Path, *, steps: int = 300, seed: int = 0, train_steps: int = 300
     title = (f"serfswap demo: timm {ARCH} on scikit-learn digits ({len(data['train'])} train / "
              f"{len(data['test'])} test images, {IMAGE_SIZE}x{IMAGE_SIZE}), latency at batch 64 "
              f"on {torch.get_num_threads()} CPU threads")  # fmt: skip
-    notes = [f"recovery took {result.seconds:.0f} s"]
+    notes = [f"recovery took {_took(result.seconds)}"]
     if reused:
         notes.append(f"the original was reused from {out / 'original.safetensors'}")
     return DemoResult(title, "accuracy", rows, files, notes)
@@ -344,7 +352,7 @@ def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -
              f"from {len(STDLIB_HELD_OUT)} others; latency at batch 32 on "
              f"{torch.get_num_threads()} CPU threads")  # fmt: skip
     notes = [
-        f"recovery took {result.seconds:.0f} s; nearest-neighbour agreement "
+        f"recovery took {_took(result.seconds)}; nearest-neighbour agreement "
         f"{result.before.get('agreement', 0):.3f} -> {result.after.get('agreement', 0):.3f}"
     ]
     return DemoResult(title, "cosine to the original", rows,

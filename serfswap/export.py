@@ -42,7 +42,7 @@ from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
 from .paths import check_input_path, check_output_path, staged_output
-from .serf import keep_custom_op
+from .serf import aten_for_onnx, keep_custom_op
 
 _TWO_GB = 2 * 1024**3
 DEFAULT_OPSET = 20
@@ -55,6 +55,10 @@ TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
 # fails (17 failed on timm's test_resnet, 16 and lower on a Linear+GELU), and 26 fails to
 # convert. The opset actually written is read back from the file, so drift is caught too.
 OPSETS = range(18, 26)
+# torch's two ONNX exporters: "auto" tries the dynamo exporter (torch.export), then, when every
+# shape plan fails there, TorchScript's (torch.jit.trace), which gets past what torch.export
+# cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 def check_opset(opset: object) -> int:
@@ -88,6 +92,8 @@ class ExportReport:
     outputs: list[str] = field(default_factory=list)
     dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
     fallback: str | None = None  # why the shapes are less dynamic than asked, when they are
+    exporter: str = "dynamo"  # the torch exporter that wrote the file
+    exporter_note: str | None = None  # why not the dynamo exporter; torch's deprecation notice
     left_at_run_time: int = 0  # activations the conversion was to replace that still run
 
     def __str__(self) -> str:
@@ -105,6 +111,8 @@ class ExportReport:
                 if self.leftovers
                 else "no original activation left"
             ),
+            f"  exporter: {self.exporter}"
+            + (f" ({self.exporter_note})" if self.exporter_note else ""),
             "  inputs: " + ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items()),
             "  outputs: " + ", ".join(self.outputs),
             "  dynamic axes: "
@@ -387,6 +395,25 @@ def _without_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+@contextlib.contextmanager
+def _exportable_experts(model: nn.Module) -> Iterator[bool]:
+    """Mixture-of-experts layers of transformers 5 run ``grouped_mm`` by default, a custom op
+    (``transformers::grouped_mm_fallback`` on CPU) that neither torch exporter translates;
+    ``batched_mm`` computes the same sums with gathers and batched matmuls, which export with
+    dynamic shapes (Mixtral, measured). Switched for the export and its verification, then
+    back; yields whether anything was switched, for the report."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    grouped = [c for c in configs.values()
+               if getattr(c, "_experts_implementation", None) == "grouped_mm"]  # fmt: skip
+    for config in grouped:
+        config._experts_implementation = "batched_mm"
+    try:
+        yield bool(grouped)
+    finally:
+        for config in grouped:
+            config._experts_implementation = "grouped_mm"
+
+
 @dataclass
 class _Shapes:
     """Which inputs get a dynamic batch (dim 0) and a dynamic sequence (dim 1)."""
@@ -464,7 +491,8 @@ class _Request:
     path: Path
     inputs: dict[str, torch.Tensor]
     seq_names: set[str]
-    plans: list[_Shapes]  # the shape plans to try, in order
+    plans: list[_Shapes]  # the shape plans to try, in order, with each exporter
+    exporters: list[str]  # the exporters to try, in order
     opset: int
     decomposition: str
     dtype: str
@@ -490,7 +518,9 @@ def _named(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
         raise ExportError(str(error)) from None
 
 
-def _check_options(model: Any, opset: int, decomposition: str, dtype: str, dynamic: Any) -> None:
+def _check_options(
+    model: Any, opset: int, decomposition: str, dtype: str, dynamic: Any, exporter: str
+) -> None:
     """Every option's type and value, before anything runs."""
     if not isinstance(model, nn.Module | torch.export.ExportedProgram):
         raise InvalidArgumentError(
@@ -501,7 +531,11 @@ def _check_options(model: Any, opset: int, decomposition: str, dtype: str, dynam
         raise ExportError(f"decomposition={decomposition!r}: use one of {sorted(DECOMPOSITIONS)}")
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter={exporter!r}: use one of {list(EXPORTERS)}")
     program = isinstance(model, torch.export.ExportedProgram)  # its shapes are its own
+    if program and exporter == "torchscript":
+        raise ExportError("a torch.export program is exported by the dynamo exporter only")
     if dynamic is not None and not isinstance(dynamic, bool) and not program:
         raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
 
@@ -529,13 +563,16 @@ def _prepare(
     dynamic: bool | None,
     convert_activations: bool,
     task: str,
+    exporter: str,
     **options: Any,
 ) -> _Request:
     """All the checks and all the decisions of an export, and no I/O: a ``.pt2`` program is
     unwrapped, the model converted (a copy) and cast, the inputs inferred or named, the
     tolerances and shape plans chosen. ``options``: the remaining fields of :class:`_Request`
     (``atol`` / ``rtol`` may be None: the dtype's default)."""
-    _check_options(model, options["opset"], options["decomposition"], options["dtype"], dynamic)
+    _check_options(
+        model, options["opset"], options["decomposition"], options["dtype"], dynamic, exporter
+    )
     # The ONNX side (onnx, onnxscript, onnxruntime: ~2 s) is imported now, before anything is
     # staged: with that import inside the staging, a SIGINT sent as the staging folder appeared
     # was lost and the export ran to its end (exit 0; twice in a row under load, in
@@ -560,6 +597,8 @@ def _prepare(
     if decoder is not None:  # the model with its cache as flat tensors (export_decoder.py)
         if example_inputs is not None or dynamic is False:
             raise ExportError(f"task {task!r} makes its own inputs, with dynamic shapes")
+        if exporter == "torchscript":
+            raise ExportError(f"task {task!r} is exported by the dynamo exporter only")
         model, example_inputs = decoder, decoder_example_inputs(decoder)
     inputs = _named(model, example_inputs)
     dtype = options["dtype"]
@@ -575,16 +614,56 @@ def _prepare(
     default_atol, default_rtol = TOLERANCE[dtype]
     options["atol"] = default_atol if options["atol"] is None else options["atol"]
     options["rtol"] = default_rtol if options["rtol"] is None else options["rtol"]
+    if exporter != "auto":
+        exporters = [exporter]
+    else:  # a program and a decoder's cache layout are torch.export's own
+        exporters = (
+            ["dynamo"] if program is not None or decoder is not None else list(EXPORTERS[1:])
+        )
     return _Request(
-        model, program, path, inputs, seq_names, plans, decoder=decoder,
+        model, program, path, inputs, seq_names, plans, exporters, decoder=decoder,
         converted_count=len(swap.converted) if swap is not None else 0,
         left_at_run_time=len(swap.left) if swap is not None else 0, **options,
     )  # fmt: skip
 
 
-def _write(req: _Request, shapes: _Shapes, staged: Path) -> dict[str, list[str]]:
+def _write(req: _Request, exporter: str, shapes: _Shapes, staged: Path) -> _Written:
     """Export ``req`` with ``shapes`` to ``staged`` with serfswap's metadata, the dynamic axes
-    named and (``functions``) every Serf folded into a function call; the axes by input."""
+    named and (``functions``) every Serf folded into a function call."""
+    if exporter == "torchscript":
+        note = _export_torchscript(req, shapes, staged)
+    else:
+        note = None
+        _export_dynamo(req, shapes, staged)
+    axes = _name_axes(staged, req.seq_names)
+    if req.functions:
+        _fold_into_functions(staged)
+    return _Written(axes, note)
+
+
+@dataclass
+class _Written:
+    """What :func:`_write` learnt: the dynamic axes by input, and torch's notice when the
+    exporter it used is deprecated."""
+
+    axes: dict[str, list[str]]
+    deprecation: str | None
+
+
+_METADATA = "serfswap.version", "serfswap.decomposition", "serfswap.converted_activations"
+
+
+def _metadata(req: _Request) -> dict[str, str]:
+    return dict(zip(_METADATA, (__version__, req.decomposition, str(req.converted_count)),
+                    strict=True))  # fmt: skip
+
+
+def _needs_side_file(req: _Request) -> bool:
+    size = sum(p.numel() * p.element_size() for p in req.model.parameters())
+    return size > _TWO_GB if req.external_data is None else req.external_data
+
+
+def _export_dynamo(req: _Request, shapes: _Shapes, staged: Path) -> None:
     from .onnx_ops import translation_table
 
     try:
@@ -602,23 +681,106 @@ def _write(req: _Request, shapes: _Shapes, staged: Path) -> dict[str, list[str]]
         )
     except Exception as exc:  # the exporter's many kinds: one line of ours
         raise _AttemptFailed(f"the exporter: {_one_line(exc)}", exc) from None
-    size = sum(p.numel() * p.element_size() for p in req.model.parameters())
-    onnx_program.model.metadata_props.update(
-        {
-            "serfswap.version": __version__,
-            "serfswap.decomposition": req.decomposition,
-            "serfswap.converted_activations": str(req.converted_count),
-        }
+    onnx_program.model.metadata_props.update(_metadata(req))
+    onnx_program.save(staged, external_data=_needs_side_file(req))
+
+
+class _Positional(nn.Module):
+    """The model called with keywords from positional tensors, its outputs flattened: what
+    torch.jit.trace can trace. transformers 5 models fail when the TorchScript exporter passes
+    their inputs itself (``forward() got multiple values for argument 'use_cache'``)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        # The exporter puts the module it is given in eval mode and back into the mode it found
+        # it in, recursively: a wrapper left in train mode would leave the model in train mode
+        # (BatchNorm on batch statistics) for the verification that follows.
+        self.training = model.training
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_leaves(self.model(**dict(zip(self.names, tensors, strict=True)))))
+
+
+@contextlib.contextmanager
+def _native_output_dropped() -> Iterator[None]:
+    """Drop what native code writes to stdout and stderr meanwhile: the TorchScript exporter
+    prints the whole traced graph (thousands of lines) from C++ when an op has no ONNX form,
+    where the error we raise says it in one line. ``--debug`` (the serfswap logger at DEBUG)
+    keeps it."""
+    import sys
+    import tempfile
+
+    if logging.getLogger("serfswap").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _export_torchscript(req: _Request, shapes: _Shapes, staged: Path) -> str | None:
+    """torch.onnx.export(dynamo=False) of ``req`` to ``staged``, Serf traced as the chosen
+    decomposition's ATen ops (:func:`serfswap.serf.aten_for_onnx`); torch's deprecation notice
+    of this exporter, if it gives one."""
+    import warnings
+
+    import onnx
+
+    names = list(req.inputs)
+    dynamic_axes = {}
+    for name, t in req.inputs.items():
+        axes = {0: "batch"} if t.dim() and name in shapes.batch else {}
+        if name in shapes.sequence and t.dim() > 1:
+            axes[1] = "sequence"
+        if axes:
+            dynamic_axes[name] = axes
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        aten_for_onnx(req.decomposition),
+        _native_output_dropped(),
+    ):
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(
+                _Positional(req.model, names), tuple(req.inputs.values()), str(staged),
+                dynamo=False, opset_version=req.opset, input_names=names,
+                output_names=req.output_names, dynamic_axes=dynamic_axes or None,
+            )  # fmt: skip
+        except Exception as exc:  # the exporter's many kinds: one line of ours
+            raise _AttemptFailed(f"the TorchScript exporter: {_one_line(exc)}", exc) from None
+    proto = onnx.load(str(staged))  # with any side files it wrote, rewritten as ours
+    proto.metadata_props.extend(
+        onnx.StringStringEntryProto(key=k, value=v) for k, v in _metadata(req).items()
     )
-    side = size > _TWO_GB if req.external_data is None else req.external_data
-    onnx_program.save(staged, external_data=side)
-    axes = _name_axes(staged, req.seq_names)
-    if req.functions:
-        _fold_into_functions(staged)
-    return axes
+    for other in staged.parent.iterdir():
+        if other != staged:
+            other.unlink()
+    side = _needs_side_file(req)
+    onnx.save(proto, str(staged), save_as_external_data=side, all_tensors_to_one_file=True,
+              location=f"{staged.name}.data")  # fmt: skip
+    notices = (
+        str(w.message) for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)
+    )
+    return next((n.splitlines()[0] for n in notices if "remov" in n or "deprecat" in n), None)
 
 
-def _inspect(req: _Request, staged: Path, axes: dict[str, list[str]]) -> ExportReport:
+def _inspect(req: _Request, staged: Path, wrote: _Written) -> ExportReport:
     """onnx.checker (full), the opset written, the graph's domains, functions and Serf count:
     the report of the staged file, with the paths it will have once in place."""
     import onnx
@@ -652,16 +814,21 @@ def _inspect(req: _Request, staged: Path, axes: dict[str, list[str]]) -> ExportR
         left_at_run_time=req.left_at_run_time,
         functions=req.functions and graph.serf_total > 0,
         outputs=[o.name for o in written.graph.output],
-        dynamic_axes=axes,
+        dynamic_axes=wrote.axes,
         size_bytes=sum(f.stat().st_size for f in staged.parent.iterdir()),
         external_data=req.path.parent / side_files[-1].name if side_files else None,
     )
 
 
-def _attempt(req: _Request, shapes: _Shapes) -> ExportReport:
-    """Write, inspect and verify one shape plan in a staging folder; in place on success."""
+def _attempt(req: _Request, exporter: str, shapes: _Shapes) -> ExportReport:
+    """Write, inspect and verify one exporter's shape plan in a staging folder; in place on
+    success."""
     with staged_output(req.path) as staged:
-        report = _inspect(req, staged, _write(req, shapes, staged))
+        written = _write(req, exporter, shapes, staged)
+        report = _inspect(req, staged, written)
+        report.exporter = exporter
+        if written.deprecation:
+            report.exporter_note = f"torch deprecates it: {written.deprecation}"
         if req.verify:
             fresh_sets = (
                 [_fresh_like(req.inputs, shapes.grow(), req.seq_names)]
@@ -683,20 +850,28 @@ def _attempt(req: _Request, shapes: _Shapes) -> ExportReport:
 
 
 def _export(req: _Request) -> ExportReport:
-    """Try each shape plan in turn; the first that exports and verifies is written, and the
-    report says why the ones before failed."""
+    """Try each exporter's shape plans in turn; the first that exports and verifies is
+    written, and the report says why the ones before failed."""
     failures: list[str] = []
-    for number, shapes in enumerate(req.plans):
+    tries = [(exporter, shapes) for exporter in req.exporters for shapes in req.plans]
+    for number, (exporter, shapes) in enumerate(tries):
+        label = shapes.label if len(req.exporters) == 1 else f"{exporter} {shapes.label}"
         try:
-            report = _attempt(req, shapes)
+            report = _attempt(req, exporter, shapes)
         except _AttemptFailed as failed:
-            failures.append(f"{shapes.label} failed: {failed.reason}")
-            if number == len(req.plans) - 1:
+            failures.append(f"{label} failed: {failed.reason}")
+            if number == len(tries) - 1:
                 dynamic_plan = bool(shapes.batch or shapes.sequence)
                 raise failed.error_with(failures[:-1], dynamic=dynamic_plan) from None
             continue
-        if failures:
-            report.fallback = "; ".join(failures) + f"; exported with {shapes.label} shapes"
+        first_of_mine = next(i for i, (e, _) in enumerate(tries) if e == exporter)
+        mine, others = failures[first_of_mine:], failures[:first_of_mine]
+        if mine:
+            report.fallback = "; ".join(mine) + f"; exported with {shapes.label} shapes"
+        if others:  # every plan of the dynamo exporter failed: the first says why
+            reason = others[0].split(" failed: ", 1)[1].removeprefix("the exporter: ")
+            why = f"the dynamo exporter failed: {reason}"
+            report.exporter_note = "; ".join(filter(None, [why, report.exporter_note]))
         return report
     raise AssertionError("no shape plan")  # unreachable: there is always one plan
 
@@ -770,6 +945,7 @@ def export_onnx(
     external_data: bool | None = None,
     functions: bool = False,
     task: str = "default",
+    exporter: str = "auto",
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
@@ -797,6 +973,11 @@ def export_onnx(
             ``"text-generation-with-past"``: a transformers causal LM with its KV cache in
             Optimum's layout (inputs ``past_key_values.{i}.key`` ..., outputs ``present.{i}.key``
             ...), verified at past lengths 0 and 7; see :mod:`serfswap.export_decoder`.
+        exporter: ``"auto"`` (default): torch's dynamo exporter, and where each of its shape
+            plans fails, the TorchScript exporter with the same plans, checks and
+            verification (the report's ``exporter`` and ``exporter_note`` say which wrote the
+            file and why). ``"dynamo"`` or ``"torchscript"``: that one only. A task's KV-cache
+            layout and a torch.export program are the dynamo exporter's.
 
     Returns:
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
@@ -805,13 +986,22 @@ def export_onnx(
     req = _prepare(
         model, path, example_inputs, dynamic=dynamic, convert_activations=convert_activations,
         opset=opset, decomposition=decomposition, dtype=dtype, external_data=external_data,
-        functions=functions, verify=verify, atol=atol, rtol=rtol, task=task,
+        functions=functions, verify=verify, atol=atol, rtol=rtol, task=task, exporter=exporter,
     )  # fmt: skip
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if req.program is not None else eval_mode(req.model)
     # keep_custom_op: the tracer sees serfswap::serf, which the translation table maps to the
     # exact pattern; outside it, tracers get Serf's ATen ops (serf.py says why).
-    with _without_kv_cache(req.model), mode, keep_custom_op():
+    with (
+        _without_kv_cache(req.model),
+        _exportable_experts(req.model) as experts,
+        mode,
+        keep_custom_op(),
+    ):
         output = _run_once(req.model, req.inputs, positional=req.program is not None)
         req.output_names = _output_names(req.model, output)
-        return _export(req)
+        report = _export(req)
+    if experts:
+        note = "mixture-of-experts computed as batched_mm: grouped_mm has no ONNX form"
+        report.exporter_note = "; ".join(filter(None, [report.exporter_note, note]))
+    return report

@@ -413,6 +413,26 @@ def keep_custom_op() -> Iterator[None]:
         _keep_custom_op_depth -= 1
 
 
+# How Serf is written under the TorchScript ONNX exporter, which has no translation table: the
+# ATen ops traced are the decomposition's own (set by serfswap's exporter, aten_for_onnx()).
+_onnx_decomposition = "softplus"
+
+
+@contextlib.contextmanager
+def aten_for_onnx(decomposition: str) -> Iterator[None]:
+    """While open, tracers see Serf's ATen ops even inside :func:`keep_custom_op`, written
+    under ONNX export as ``decomposition`` (``"softplus"``: Softplus, Erf, Mul; ``"exp-log"``:
+    Exp, Add, Log, Erf, Mul). serfswap's exporter opens it for torch's TorchScript exporter,
+    which maps ATen ops one by one and knows no custom op."""
+    global _keep_custom_op_depth, _onnx_decomposition
+    saved = _keep_custom_op_depth, _onnx_decomposition
+    _keep_custom_op_depth, _onnx_decomposition = 0, decomposition
+    try:
+        yield
+    finally:
+        _keep_custom_op_depth, _onnx_decomposition = saved
+
+
 def _is_traced() -> bool:
     """True under every tracer measured: dynamo (torch.compile, torch.export strict and
     non-strict, the dynamo ONNX exporter) and TorchScript tracing (torch.jit.trace, the
@@ -457,7 +477,10 @@ def _serf_traced(x: Tensor) -> Tensor:
     compute = _compute_dtype(x.dtype)
     xc = x if x.dtype == compute else x.to(compute)  # no no-op cast node in the graph
     if torch.onnx.is_in_onnx_export():
-        out = xc * torch.erf(F.softplus(xc))
+        if _onnx_decomposition == "exp-log":
+            out = xc * torch.erf(torch.log(torch.exp(xc) + 1.0))
+        else:
+            out = xc * torch.erf(F.softplus(xc))
     else:
         out = xc * _erf_nonnegative(F.softplus(xc))
         start = _TAIL_START[compute]

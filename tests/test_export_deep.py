@@ -35,14 +35,14 @@ def smollm_shaped(scale: float = 8.0) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("converted", [False, True], ids=["original", "serf"])
-def test_a_30_layer_decoder_at_trained_magnitudes_verifies(converted: bool, tmp_path: Path) -> None:
+def test_a_30_layer_decoder_at_trained_magnitudes_verifies(tmp_path: Path) -> None:
+    """The original verifies the same way (2.2e-4 on logits of 16, measured); the converted
+    model is the one users deploy, so it is the one the slow job exports (2 minutes)."""
     model = smollm_shaped()
     with torch.no_grad():
         logits = model(torch.randint(0, 2048, (2, 16))).logits
     assert logits.abs().max() > 12, "the magnitudes of a trained model"
-    if converted:
-        model = serfswap.convert(model)
+    model = serfswap.convert(model)
     report = serfswap.export_onnx(model, tmp_path / "m.onnx", task="text-generation-with-past")
     assert report.verified
     assert 1e-5 < report.max_abs_diff["logits"] < 1e-2, report.max_abs_diff["logits"]
