@@ -469,7 +469,7 @@ class _AttemptFailed(Exception):
 
     def error_with(self, before: list[str], *, dynamic: bool) -> Exception:
         """The error to raise when no plan is left: serfswap's own kind where it was one.
-        ``dynamic``: the plan that failed had dynamic axes, so static shapes are worth a try."""
+        ``dynamic``: every plan tried had dynamic axes, so static shapes are worth a try."""
         message = self.reason + (f" (before: {'; '.join(before)})" if before else "")
         if isinstance(self.error, ExportMismatchError) and not isinstance(
             self.error, _ShapeMismatchError
@@ -477,7 +477,7 @@ class _AttemptFailed(Exception):
             return ExportMismatchError(
                 message + "; if the difference is acceptable for your use, set --atol/--rtol"
             )
-        if dynamic and not before:
+        if dynamic:
             message += "; try --static"
         return ExportFailedError(message)
 
@@ -852,25 +852,27 @@ def _attempt(req: _Request, exporter: str, shapes: _Shapes) -> ExportReport:
 def _export(req: _Request) -> ExportReport:
     """Try each exporter's shape plans in turn; the first that exports and verifies is
     written, and the report says why the ones before failed."""
-    failures: list[str] = []
+    failures: list[tuple[str, str, str]] = []  # exporter, shape plan, why it failed
     tries = [(exporter, shapes) for exporter in req.exporters for shapes in req.plans]
     for number, (exporter, shapes) in enumerate(tries):
-        label = shapes.label if len(req.exporters) == 1 else f"{exporter} {shapes.label}"
         try:
             report = _attempt(req, exporter, shapes)
         except _AttemptFailed as failed:
-            failures.append(f"{label} failed: {failed.reason}")
+            failures.append((exporter, shapes.label, failed.reason))
             if number == len(tries) - 1:
-                dynamic_plan = bool(shapes.batch or shapes.sequence)
-                raise failed.error_with(failures[:-1], dynamic=dynamic_plan) from None
+                named = len(req.exporters) > 1  # say which exporter each failure was
+                before = [f"{e + ' ' if named else ''}{label} failed: {why}"
+                          for e, label, why in failures[:-1]]  # fmt: skip
+                # static shapes are worth a try when none was tried (and may be asked for)
+                only_dynamic = req.decoder is None and all(p.batch or p.sequence for p in req.plans)
+                raise failed.error_with(before, dynamic=only_dynamic) from None
             continue
-        first_of_mine = next(i for i, (e, _) in enumerate(tries) if e == exporter)
-        mine, others = failures[first_of_mine:], failures[:first_of_mine]
+        mine = [f"{label} failed: {why}" for e, label, why in failures if e == exporter]
         if mine:
             report.fallback = "; ".join(mine) + f"; exported with {shapes.label} shapes"
+        others = [why for e, _, why in failures if e != exporter]
         if others:  # every plan of the dynamo exporter failed: the first says why
-            reason = others[0].split(" failed: ", 1)[1].removeprefix("the exporter: ")
-            why = f"the dynamo exporter failed: {reason}"
+            why = f"the dynamo exporter failed: {others[0].removeprefix('the exporter: ')}"
             report.exporter_note = "; ".join(filter(None, [why, report.exporter_note]))
         return report
     raise AssertionError("no shape plan")  # unreachable: there is always one plan
