@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import serfswap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +122,30 @@ def test_docstring_examples_run() -> None:
         module = importlib.import_module(name)
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_the_installed_versions_are_the_lock() -> None:
+    """The venv runs what constraints.txt pins (the README's commands install with it), so
+    CI tests the versions a clean install gets. scripts/check-latest installs the newest
+    releases on purpose and says so with SERFSWAP_UNLOCKED=1. (The compatibility venv, locked
+    by constraints-compat.txt, does not run this file.)"""
+    import importlib.metadata
+    import os
+
+    if os.environ.get("SERFSWAP_UNLOCKED") == "1":
+        pytest.skip("scripts/check-latest: the newest releases, not the lock")
+    lock = "constraints.txt"
+    pinned = dict(
+        line.split("==", 1)
+        for line in (ROOT / lock).read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    differ = {}
+    for name, version in pinned.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra this venv did not install
+        if installed != version:
+            differ[name] = (installed, version)
+    assert not differ, f"installed (pinned in {lock}): {differ}"
