@@ -59,12 +59,13 @@ def export_one(name: str, original: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         if not original:
-            check_export(model, inputs, path)  # raises on any failure
-            return {"ok": True}
+            report = check_export(model, inputs, path)  # raises on any failure
+            assert report is not None
+            return {"ok": True, "exporter": report.exporter, "why": report.exporter_note}
         # check_export's steps without the conversion: prepare, batch 2, export_onnx's defaults.
         batch2 = {k: torch.randn(2, *v.shape[1:], dtype=v.dtype) for k, v in inputs.items()}
         report = serfswap.export_onnx(prepare(model), path, example_inputs=batch2)
-        return {"ok": bool(report.verified)}
+        return {"ok": bool(report.verified), "exporter": report.exporter}
 
 
 def child(name: str, original: bool) -> None:

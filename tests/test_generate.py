@@ -244,3 +244,23 @@ def test_a_decoder_keeps_its_head_from_convert_and_recover_to_generate(
     want = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
                                   skip_special_tokens=True)  # fmt: skip
     assert printed == want
+
+
+def test_weights_with_arch_hf_keep_the_head_they_carry(tmp_path: Path) -> None:
+    """--arch hf:DIR names a folder saved from a causal LM: weights with the LM head build the
+    model with its head, weights of the bare model (AutoModel's state dict) the bare model."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    lm.save_pretrained(tmp_path / "llama")
+    for kind, state in (("LlamaForCausalLM", lm.state_dict()),
+                        ("LlamaModel", lm.model.state_dict())):  # fmt: skip
+        weights = tmp_path / f"{kind}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, weights)
+        loaded = serfswap.io.load_model(str(weights), arch=f"hf:{tmp_path / 'llama'}")
+        assert type(loaded.model).__name__ == kind
+        out = tmp_path / f"{kind}-serf.safetensors"
+        assert main(["convert", str(weights), "--arch", f"hf:{tmp_path / 'llama'}",
+                     "-o", str(out)]) == 0  # fmt: skip
+        assert type(serfswap.io.load_model(str(out)).model).__name__ == kind
