@@ -31,6 +31,19 @@ def can_infer(model: nn.Module) -> bool:
     return getattr(model, "config", None) is not None and hasattr(model, "main_input_name")
 
 
+def timm_channels(model: nn.Module) -> int:
+    """The input channels a timm model takes. Its ``pretrained_cfg`` says 3 even when it was
+    built with ``in_chans=1``: the first convolution's weight knows, so it is read first."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels = int(cfg.get("input_size", (3,))[0])
+    first = cfg.get("first_conv")
+    first = first[0] if isinstance(first, list | tuple) and first else first
+    with contextlib.suppress(AttributeError, TypeError):
+        weight = model.get_parameter(f"{first}.weight")
+        channels = int(weight.shape[1]) if weight.dim() == 4 else channels
+    return channels
+
+
 def example_inputs_for(
     model: nn.Module, *, batch: int = 2, seq: int = 8
 ) -> dict[str, torch.Tensor]:
@@ -40,13 +53,8 @@ def example_inputs_for(
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:  # timm
-        channels, *size = cfg["input_size"]
-        first = cfg.get("first_conv")  # in_chans=1 models: the weights know, the cfg does not
-        first = first[0] if isinstance(first, list | tuple) and first else first
-        with contextlib.suppress(AttributeError, TypeError):
-            weight = model.get_parameter(f"{first}.weight")
-            channels = weight.shape[1] if weight.dim() == 4 else channels
-        return {"x": torch.randn(batch, channels, *size)}
+        _, *size = cfg["input_size"]
+        return {"x": torch.randn(batch, timm_channels(model), *size)}
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:

@@ -115,6 +115,15 @@ def timm_arch(name: str, state: dict[str, torch.Tensor] | None = None,
     arch = {"kind": "timm", "name": name, "num_classes": model.num_classes,
             **({"kwargs": extra} if extra else {})}  # fmt: skip
     loaded = Loaded(model, f"timm:{name}", arch)
+    inferred = {
+        k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans") and k not in given
+    }
+    if inferred:
+        loaded.notes.append(
+            f"timm:{name} shaped like its weights: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(inferred.items()))
+            + " (--num-classes / --model-kwargs set them)"
+        )
     if state is None:
         loaded.notes.append(
             f"timm:{name} has random weights here (seeded, so runs agree); "
