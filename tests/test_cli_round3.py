@@ -71,3 +71,48 @@ def test_recover_a_grayscale_model_on_an_rgb_folder(
     assert f"timm:test_resnet shaped like its weights: {shaped}" in err, err
     model = serfswap.io.load_model(str(out)).model.eval()
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+
+
+def _tiny_speech2text() -> transformers.PreTrainedModel:
+    config = transformers.Speech2TextConfig(
+        vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, conv_channels=16,
+        input_feat_per_channel=8, input_channels=2, max_source_positions=64,
+        max_target_positions=32,
+    )  # fmt: skip
+    return transformers.Speech2TextModel(config)
+
+
+def test_speech2text_is_audited_on_inferred_filter_banks(tmp_path: Path, capsys) -> None:
+    from serfswap.inputs import example_inputs_for
+
+    model = _tiny_speech2text()
+    inputs = example_inputs_for(model, batch=2, seq=8)
+    # [batch, frames, input_feat_per_channel * input_channels]; two stride-2 convolutions
+    assert inputs["input_features"].shape == (2, 32, 16)
+    model.save_pretrained(tmp_path / "s2t")
+    code, stdout, err = run(capsys, "convert", str(tmp_path / "s2t"),
+                            "-o", str(tmp_path / "s2t.safetensors"))  # fmt: skip
+    assert code == 0, err
+    assert "2 converted (nn.ReLU x2)" in stdout and "not audited" not in stdout, stdout
+
+
+def test_a_model_whose_inputs_cannot_be_inferred_converts_unaudited(tmp_path: Path, capsys) -> None:
+    """PatchTST's main input is past_values (a time series), which inference does not know:
+    the default convert goes on without the audit and says why; --strict refuses."""
+    config = transformers.PatchTSTConfig(num_input_channels=2, context_length=32,
+                                         patch_length=8, patch_stride=8, d_model=16,
+                                         num_attention_heads=2, num_hidden_layers=1,
+                                         ffn_dim=32)  # fmt: skip
+    transformers.PatchTSTModel(config).save_pretrained(tmp_path / "patchtst")
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = run(capsys, "convert", str(tmp_path / "patchtst"), "-o", str(out))
+    assert code == 0, err
+    assert "(not audited at run time)" in stdout
+    assert "not audited at run time: its inputs could not be inferred (ExampleInputsError: " \
+           "cannot infer example inputs for main input 'past_values')" in stdout  # fmt: skip
+    assert out.is_file()
+    code, _, err = run(capsys, "convert", str(tmp_path / "patchtst"), "-o",
+                       str(tmp_path / "strict.safetensors"), "--strict")  # fmt: skip
+    assert code == 2 and "cannot infer inputs for a PatchTSTModel" in err, err
+    assert not (tmp_path / "strict.safetensors").exists()
