@@ -181,7 +181,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     _needs_module(loaded, "inspect")
-    print(plan(loaded.model, **_swap_options(args)))
+    # The plan shows even when nothing would be converted (convert refuses that): its notes
+    # say why, in the command line's words.
+    print(cli_words(str(plan(loaded.model, **_swap_options(args)))))
     return 0
 
 
@@ -698,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
 _OPTION = re.compile(
     r"\b(activations|include|exclude|opset|num_classes)=((?:\[[^\]]*\])|(?:'[^']*')|\S+)"
 )
+# The same names with no value ("name them in include="), before a space, comma or the end.
+_BARE_OPTION = re.compile(r"\b(activations|include|exclude)=(?=[\s,;:)]|$)")
 
 
 def cli_words(message: str) -> str:
@@ -716,6 +720,8 @@ def cli_words(message: str) -> str:
 
     message = re.sub(r"pass example_inputs \([^)]*\)",
                      "pass --input-shape, e.g. --input-shape 1,3,224,224", message)  # fmt: skip
+    message = message.replace("see the plan)", "see `serfswap inspect`)")
+    message = _BARE_OPTION.sub(lambda m: f"--{m.group(1)}", message)
     return _OPTION.sub(option, message)
 
 

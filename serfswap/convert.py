@@ -422,11 +422,18 @@ def _nothing_matched_why(
             if s == ROLE
             for n in f.names[:1]
         ]
+        others = sorted({f.family for f, s in zip(found, stages, strict=True) if s == "family"})
         return NothingToConvertError(
             f"every activation of {model} that activations= selects is a positivity constraint "
             f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}: its output must stay "
             "non-negative, see the plan); to convert them anyway, name them in include= or add "
             f"{ROLE!r} to activations="
+            + (
+                f"; its other activations are of families {others}, which activations= "
+                "leaves out: activations=['all'] converts them"
+                if others
+                else ""
+            )
         )
     if "family" in stages and all(s in ("family", "gate") for s in stages):
         return NothingToConvertError(
@@ -507,16 +514,27 @@ def _plan(model: nn.Module, opts: _Options) -> tuple[Plan, list[tuple[_Found, Si
 
 
 def _check_not_empty(
-    plan: Plan, decided: list[tuple[_Found, Site]], has_serf: bool, opts: _Options
+    plan: Plan,
+    decided: list[tuple[_Found, Site]],
+    has_serf: bool,
+    opts: _Options,
+    *,
+    note_only: bool = False,
 ) -> None:
+    """Raise NothingToConvertError when the plan converts nothing; with ``note_only`` (for
+    :func:`plan`, which exists to show what would happen) the reason becomes a note."""
     if plan.converted:
         return
     if not has_serf:
         found = [item for item, _ in decided]
         stages = [item.stage for item in found]
-        raise _nothing_matched(
+        error = _nothing_matched(
             plan.model, stages, found, opts.families, include=opts.include, exclude=opts.exclude
         )
+        if not note_only:
+            raise error
+        plan.notes.append(f"nothing to convert: {error}")
+        return
     plan.notes.append("already converted: nothing left to convert with these options")
 
 
@@ -596,18 +614,19 @@ def plan(
     With the audit, the plan is the report of a conversion of a copy of ``model`` (what only a
     forward can show needs a converted model to run); without it, the static walk.
 
-    Raises:
-        NothingToConvertError: nothing was selected; the message says which option removed what.
+    When nothing would be converted the plan says so (0 to convert, each site's reason) and a
+    note says which option removed what: :func:`convert` raises ``NothingToConvertError`` with
+    that message, the plan shows it.
     """
     _check_model(model, "plan")
     opts = _options(include, exclude, filter_fn, activations)
     inputs, why = _audit_inputs(model, example_inputs, audit)
     if inputs is None:
         report, decided, has_serf = _plan(model, opts)
-        _check_not_empty(report, decided, has_serf, opts)
+        _check_not_empty(report, decided, has_serf, opts, note_only=True)
         _not_audited(report, why)
         return report
-    report = _convert(copy.deepcopy(model), opts, inputs).__dict__[REPORT_ATTR]
+    report = _convert(copy.deepcopy(model), opts, inputs, planning=True).__dict__[REPORT_ATTR]
     return replace(report, applied=False, config_updates={})
 
 
@@ -779,17 +798,24 @@ def _not_audited(report: Plan, why: str) -> None:
 
 
 def _convert(
-    target: nn.Module, opts: _Options, inputs: dict[str, torch.Tensor] | None, why: str = ""
+    target: nn.Module,
+    opts: _Options,
+    inputs: dict[str, torch.Tensor] | None,
+    why: str = "",
+    *,
+    planning: bool = False,
 ) -> nn.Module:
-    """Convert ``target`` in place; its report is the root's ``serfswap_report``."""
+    """Convert ``target`` in place; its report is the root's ``serfswap_report``. With
+    ``planning`` (a copy converted for :func:`plan`), converting nothing is a note, not an
+    error."""
     report, decided, has_serf = _plan(target, opts)
     if inputs is None:
-        _check_not_empty(report, decided, has_serf, opts)
+        _check_not_empty(report, decided, has_serf, opts, note_only=planning)
     root = _apply(target, decided)
     if inputs is not None:
         decided = _audit(root, decided, opts, inputs, report)
         try:
-            _check_not_empty(report, decided, has_serf, opts)
+            _check_not_empty(report, decided, has_serf, opts, note_only=planning)
         except NothingToConvertError:
             revert(root)
             raise

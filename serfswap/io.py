@@ -115,8 +115,15 @@ def timm_arch(name: str, state: dict[str, torch.Tensor] | None = None,
     arch = {"kind": "timm", "name": name, "num_classes": model.num_classes,
             **({"kwargs": extra} if extra else {})}  # fmt: skip
     loaded = Loaded(model, f"timm:{name}", arch)
+    # Read from the weights and unlike the architecture's default (a fine-tuned head, a
+    # grayscale stem): said, since nothing else shows the user what shape was built.
+    cfg = model.pretrained_cfg
+    defaults = {
+        "num_classes": cfg.get("num_classes", 1000),
+        "in_chans": cfg.get("input_size", (3,))[0],
+    }
     inferred = {
-        k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans") and k not in given
+        k: v for k, v in kwargs.items() if k in defaults and k not in given and v != defaults[k]
     }
     if inferred:
         loaded.notes.append(

@@ -116,3 +116,25 @@ def test_a_model_whose_inputs_cannot_be_inferred_converts_unaudited(tmp_path: Pa
                        str(tmp_path / "strict.safetensors"), "--strict")  # fmt: skip
     assert code == 2 and "cannot infer inputs for a PatchTSTModel" in err, err
     assert not (tmp_path / "strict.safetensors").exists()
+
+
+def test_inspect_shows_a_plan_that_converts_nothing(tmp_path: Path, capsys) -> None:
+    """efficientvit_b0's default-family activations are all linear-attention feature maps
+    (kept); the rest are Hardswish. inspect and plan() show that; convert refuses, in CLI words."""
+    plan = serfswap.plan(timm.create_model("efficientvit_b0", pretrained=False))
+    assert not plan.converted and len(plan.skipped) == 28
+    assert "activations=['all'] converts them" in plan.notes[-1]
+    code, stdout, err = run(capsys, "inspect", "timm:efficientvit_b0")
+    assert code == 0, err
+    assert "serfswap plan for EfficientVit: 0 to convert, 28 left as they are" in stdout
+    assert "skip: family 'hardswish' not selected (--activations)" in stdout
+    assert "skip: positivity constraint, " in stdout
+    hint = stdout.splitlines()[-1]
+    assert hint.startswith("  note: nothing to convert: every activation of EfficientVit"), hint
+    assert "name them in --include or add 'positivity' to --activations" in hint
+    assert "families ['hardswish'], which --activations leaves out: --activations all" in hint
+    assert "=" not in hint.split("see")[0], "no Python keyword left in the CLI's words"
+    out = tmp_path / "e.safetensors"
+    code, _, err = run(capsys, "convert", "timm:efficientvit_b0", "-o", str(out))
+    assert code == 2 and "see `serfswap inspect`" in err and "--activations all" in err, err
+    assert not out.exists()
