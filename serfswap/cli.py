@@ -12,6 +12,7 @@ import ast
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -27,12 +28,20 @@ from .cli_generate import add_generate_command
 from .decompositions import DECOMPOSITIONS
 from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from .errors import InvalidArgumentError, SerfswapError
-from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, TOLERANCE
-from .export_decoder import TASKS
-from .recover import AUTOCAST_CHOICES, TRAIN_CHOICES, RecoveryOptions
+from .options import (
+    AUTOCAST_CHOICES,
+    DEFAULT_DTYPE,
+    DEFAULT_OPSET,
+    DTYPE_NAMES,
+    TASKS,
+    TOLERANCE,
+    TRAIN_CHOICES,
+    RecoveryOptions,
+    check_opset,
+)
 
-# The library's defaults are the command's: one place for each (the package imports these
-# modules already, so this costs `--help` nothing).
+# The library's defaults are the command's: one place for each (plain values, importable
+# without torch: parsing and checking the arguments imports nothing heavy).
 DEFAULTS = RecoveryOptions()
 
 if TYPE_CHECKING:
@@ -106,15 +115,11 @@ def _add_env(commands: Any) -> None:
     parser.set_defaults(func=cmd_env)
 
 
-def _load(args: argparse.Namespace) -> Loaded:
+def _load(args: argparse.Namespace, *, quiet: bool = False) -> Loaded:
     from .io import load_model
 
-    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
-    if random_timm and args.weights is None and args.command == "recover":
-        raise InvalidArgumentError(
-            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
-            "the original, which must be the trained model)"
-        )
+    if not quiet:
+        progress(args, f"loading {args.model} ...")
     loaded = load_model(
         args.model,
         arch=args.arch,
@@ -127,6 +132,37 @@ def _load(args: argparse.Namespace) -> Loaded:
     for note in loaded.notes:
         print(f"serfswap {args.command}: note: {note}", file=sys.stderr)
     return loaded
+
+
+def progress(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr saying what a slow step is doing (loading, exporting), when stderr is
+    a terminal: seconds to minutes of silence look like a hang; a log or a pipe keeps only the
+    command's result and its errors."""
+    if sys.stderr.isatty():
+        print(f"serfswap {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def _check_nothing(args: argparse.Namespace) -> None:
+    """The commands whose arguments need no check before they run."""
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """MODEL, --weights and the timm keywords, checked without loading anything: an ONNX file
+    where a PyTorch model is read, a folder given as --weights, --model-kwargs that is not
+    JSON are refused before torch is imported."""
+    from .paths import check_weights_path, is_onnx, onnx_given
+
+    if is_onnx(Path(args.model)):
+        raise InvalidArgumentError(onnx_given(args.model))
+    if args.weights is not None:
+        check_weights_path(args.weights)
+    _timm_kwargs(args)
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    """convert's arguments and OUT, before anything is loaded."""
+    _check_model_arguments(args)
+    _output(args)
 
 
 def _timm_kwargs(args: argparse.Namespace) -> dict[str, object] | None:
@@ -196,7 +232,7 @@ def _add_inspect(commands: Any) -> None:
     )
     _add_model_arguments(parser)
     _add_swap_arguments(parser)
-    parser.set_defaults(func=cmd_inspect)
+    parser.set_defaults(func=cmd_inspect, check=_check_model_arguments)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -244,7 +280,7 @@ def _add_convert(commands: Any) -> None:
         "still run, or cannot run",
     )
     parser.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    parser.set_defaults(func=cmd_convert)
+    parser.set_defaults(func=cmd_convert, check=_check_convert)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -272,13 +308,11 @@ def _recover(args: argparse.Namespace) -> int:
     from . import data as recovery_data
     from .convert import REPORT_ATTR, convert
     from .io import save_checkpoint
-    from .paths import check_input_path
     from .recover import recover
 
-    _check_recover_numbers(args)
     out = _output(args, args.data, args.tokenizer)
-    source = check_input_path(args.data)
-    checkpoints = Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
+    source = Path(args.data)
+    checkpoints = _checkpoint_dir(args, out)
     device = _device(args.device)
     if args.plot == "":
         args.plot = str(_beside(out, ".curves.png", "--plot PNG"))
@@ -286,8 +320,14 @@ def _recover(args: argparse.Namespace) -> int:
         from .curves import require_matplotlib
 
         require_matplotlib()
-    print(f"loading {args.model}", flush=True)
-    loaded = _load(args)
+    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
+    if random_timm and args.weights is None:
+        raise InvalidArgumentError(
+            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
+            "the original, which must be the trained model)"
+        )
+    print(f"loading {args.model}", flush=True)  # on stdout: recover tells its steps there
+    loaded = _load(args, quiet=True)
     _needs_module(loaded, "recover")
     teacher = loaded.model
     if getattr(teacher, REPORT_ATTR, None) is not None:
@@ -325,8 +365,60 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_recover(args: argparse.Namespace) -> None:
+    """recover's arguments, OUT, --data and the run in the checkpoint folder, before torch is
+    imported: a slip is refused at once, not after the model has loaded."""
+    _check_recover_numbers(args)
+    _check_model_arguments(args)
+    out = _output(args, args.data, args.tokenizer)
+    _check_data(args.data)
+    _check_unfinished(_checkpoint_dir(args, out), resume=args.resume)
+
+
+def _checkpoint_dir(args: argparse.Namespace, out: Path) -> Path:
+    return Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
+
+
+def _check_data(spec: str) -> Path:
+    """--data: an image folder or a text file; a single image is neither (it would be read as
+    text), and is refused saying what --data takes."""
+    from .paths import check_input_path, is_image
+
+    source = check_input_path(spec)
+    if source.is_file() and is_image(source):
+        raise InvalidArgumentError(
+            f"--data {spec} is an image file; --data takes a folder of images (class "
+            "subfolders or flat; a share is held out, so at least 2) or a text file with one "
+            "example per line"
+        )
+    return source
+
+
+def _check_unfinished(folder: Path, *, resume: bool) -> None:
+    """Refuse to start over where a killed run waits to be resumed. Only a folder that holds
+    checkpoints costs the torch import (to read where its run stood)."""
+    if resume or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    from . import trainstate
+
+    found = trainstate.checkpoints(folder)
+    if found:
+        step, steps = trainstate.progress(found[-1][1])
+        if step < steps:
+            raise InvalidArgumentError(
+                f"{folder} holds an unfinished recovery run (step {step} of {steps}): pass "
+                "--resume to continue it, or --checkpoint-dir elsewhere to start another"
+            )
+
+
 def _check_recover_numbers(args: argparse.Namespace) -> None:
     """The numeric options' ranges, before anything is loaded."""
+    if args.steps < 1:
+        raise InvalidArgumentError(f"--steps {args.steps}: give at least 1 step")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InvalidArgumentError(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-4")
+    if args.max_length < 1 or (args.checkpoint_every or 0) < 0:
+        raise InvalidArgumentError("--max-length must be >= 1 and --checkpoint-every >= 0")
     if args.batch_size < 1 or not 0 < args.held_out < 1:
         raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
     if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
@@ -419,7 +511,7 @@ def _add_recover(commands: Any) -> None:
     parser.add_argument("--log", help="a JSON-lines file, one line per step")
     parser.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
                      "(default name: OUT.curves.png)")  # fmt: skip
-    parser.set_defaults(func=cmd_recover)
+    parser.set_defaults(func=cmd_recover, check=_check_recover)
 
 
 def _beside(out: Path, suffix: str, option: str) -> Path:
@@ -502,15 +594,31 @@ def _add_demo(commands: Any) -> None:
     parser.set_defaults(func=cmd_demo)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_opset, export_onnx
-
+def _check_export(args: argparse.Namespace) -> None:
+    """export's arguments: OUT (after MODEL or -o, once), the opset, --input-shape's syntax,
+    MODEL and --weights; before anything is loaded."""
+    if args.output is not None and args.output_option is not None:
+        raise InvalidArgumentError(
+            f"OUT given twice ({args.output} and -o {args.output_option}): give it once, "
+            "after MODEL or as -o OUT.onnx"
+        )
+    args.output = args.output if args.output is not None else args.output_option
+    if args.output is None:
+        args.parser.error("the following arguments are required: OUT.onnx (or -o OUT.onnx)")
     check_opset(args.opset)
+    _shape_specs(args.input_shape)
+    _check_model_arguments(args)
     _output(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
     example_inputs = _example_inputs(args.input_shape)
     loaded = _load(args)
     if args.convert:
         _needs_module(loaded, "export --convert")
+    progress(args, f"exporting to {args.output} and verifying it with onnxruntime ...")
     report = export_onnx(
         loaded.model,
         args.output,
@@ -541,7 +649,10 @@ def _add_export(commands: Any) -> None:
         "on fresh inputs before it is written; a failed export writes nothing.",
     )
     _add_model_arguments(parser)
-    parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    parser.add_argument("output", metavar="OUT.onnx", nargs="?",
+                        help="the ONNX file to write (or -o OUT.onnx)")  # fmt: skip
+    parser.add_argument("-o", "--output", dest="output_option", metavar="OUT.onnx",
+                        help="the ONNX file to write, as convert and recover take it")  # fmt: skip
     parser.add_argument("--convert", action="store_true", help="convert activations first")
     parser.add_argument(
         "--decomposition",
@@ -551,7 +662,7 @@ def _add_export(commands: Any) -> None:
         + f" (default: {DEFAULT_DECOMPOSITION})",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="default: %(default)s")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE)
     shapes = parser.add_mutually_exclusive_group()
     shapes.add_argument("--static", action="store_true", help="fixed input shapes")
     shapes.add_argument(
@@ -580,7 +691,7 @@ def _add_export(commands: Any) -> None:
     parser.add_argument("--task", choices=TASKS, default="default",
                         help="text-generation-with-past: a decoder with its KV cache, in "
                         "Optimum's layout (see `serfswap generate`)")  # fmt: skip
-    parser.set_defaults(func=cmd_export)
+    parser.set_defaults(func=cmd_export, check=_check_export)
 
 
 _INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -594,7 +705,19 @@ def _example_inputs(specs: list[str] | None) -> tuple[torch.Tensor, ...] | None:
     if not specs:
         return None
     tensors = []
-    for spec in specs:
+    for shape, dtype_name in _shape_specs(specs):
+        dtype = getattr(torch, dtype_name)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=dtype))
+        else:
+            tensors.append(torch.randint(0, 2, shape).to(dtype))
+    return tuple(tensors)
+
+
+def _shape_specs(specs: list[str] | None) -> list[tuple[list[int], str]]:
+    """--input-shape's values as (shape, dtype name), checked without torch."""
+    parsed = []
+    for spec in specs or []:
         dims, _, dtype_name = spec.partition(":")
         dtype_name = dtype_name or "float32"
         try:
@@ -610,12 +733,8 @@ def _example_inputs(specs: list[str] | None) -> tuple[torch.Tensor, ...] | None:
                 f"--input-shape {spec}: dtype {dtype_name!r} is not one of "
                 + ", ".join(_INPUT_DTYPES)
             )
-        dtype = getattr(torch, dtype_name)
-        if dtype.is_floating_point:
-            tensors.append(torch.randn(shape, dtype=dtype))
-        else:
-            tensors.append(torch.randint(0, 2, shape).to(dtype))
-    return tuple(tensors)
+        parsed.append((shape, dtype_name))
+    return parsed
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -737,8 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "func"):
+        if unknown:  # `serfswap --frob`: usage and the error, as argparse says any other
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if args.command == "export" and args.output is None and len(unknown) == 1:
+        # `export MODEL -o X OUT`: argparse matched the optional OUT empty before the options
+        args.output, unknown = (
+            (unknown[0], []) if not unknown[0].startswith("-") else (None, unknown)
+        )
     if unknown:  # the subcommand's usage, not the top-level one: it lists the options meant
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.debug:  # serfswap's own log, and onnxruntime's, which it silences otherwise
@@ -748,6 +874,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
+        # Every check that needs no model runs first, before torch or any library is imported:
+        # a typo is answered in a fraction of a second, not after the model has loaded.
+        getattr(args, "check", _check_nothing)(args)
         return args.func(args)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: staged files are gone by now
         if args.debug:

@@ -41,30 +41,12 @@ from .export_decoder import dynamic_shapes as decoder_shapes
 from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
+from .options import DEFAULT_DTYPE, DEFAULT_OPSET, OPSETS, TOLERANCE, check_opset  # noqa: F401 (re-exported)
 from .paths import check_input_path, check_output_path, staged_output
 from .serf import keep_custom_op
 
 _TWO_GB = 2 * 1024**3
-DEFAULT_OPSET = 20
-DEFAULT_DTYPE = "fp32"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
-TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
-# The opsets the exporter writes as asked, measured on torch 2.14 + onnxruntime 1.32: 18 is the
-# lowest it implements; below, it converts down after export and quietly keeps 18 where that
-# fails (17 failed on timm's test_resnet, 16 and lower on a Linear+GELU), and 26 fails to
-# convert. The opset actually written is read back from the file, so drift is caught too.
-OPSETS = range(18, 26)
-
-
-def check_opset(opset: object) -> int:
-    """``opset`` when the exporter can write it, else ExportError (a usage error)."""
-    if type(opset) is not int or opset not in OPSETS:
-        raise ExportError(
-            f"opset {opset!r} is not supported: use {OPSETS.start} to {OPSETS.stop - 1} "
-            "(lower opsets cannot express what the exporter writes)"
-        )
-    return opset
 
 
 @dataclass

@@ -41,7 +41,15 @@ from ._version import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
 from .integrations import config_before
-from .paths import StrPath, check_input_path, check_output_path, staged_output
+from .paths import (
+    StrPath,
+    check_input_path,
+    check_output_path,
+    check_weights_path,
+    is_onnx,
+    onnx_given,
+    staged_output,
+)
 
 FORMAT = "serfswap-checkpoint/1"
 # arch["head"] of a checkpoint of a transformers model with its language-model head; absent for
@@ -611,7 +619,7 @@ def load_model(
     if spec.startswith("timm:") and not Path(spec).exists():
         if weights is None:
             return build_arch(spec, timm_kwargs=timm_kwargs)
-        wpath = check_input_path(weights)
+        wpath = check_weights_path(weights)
         state = _weights_file(wpath, trust_pickle)
         loaded = build_arch(spec, state=state, timm_kwargs=timm_kwargs)
         load_weights(loaded.model, state, wpath)
@@ -619,6 +627,8 @@ def load_model(
     if timm_kwargs and not arch:
         raise ModelSpecError("--num-classes and --model-kwargs shape timm architectures only")
     path = _existing(spec)
+    if is_onnx(path):
+        raise ModelSpecError(onnx_given(spec))
     if path.is_dir():
         import transformers
 

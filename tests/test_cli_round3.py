@@ -3,6 +3,7 @@ did, on real models and real files, and checks what the user sees and what is wr
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -137,4 +138,136 @@ def test_inspect_shows_a_plan_that_converts_nothing(tmp_path: Path, capsys) -> N
     out = tmp_path / "e.safetensors"
     code, _, err = run(capsys, "convert", "timm:efficientvit_b0", "-o", str(out))
     assert code == 2 and "see `serfswap inspect`" in err and "--activations all" in err, err
+    assert not out.exists()
+
+
+def test_export_takes_out_after_model_or_as_o(tmp_path: Path, capsys) -> None:
+    for argv in (["-o", str(tmp_path / "a.onnx")], [str(tmp_path / "b.onnx")]):
+        code, stdout, err = run(capsys, "export", "timm:test_resnet", *argv, "--no-verify")
+        assert code == 0, err
+        assert Path(argv[-1]).is_file() and f"wrote {argv[-1]}" in stdout, stdout
+    for argv in ([str(tmp_path / "c.onnx"), "-o", str(tmp_path / "d.onnx")],
+                 ["-o", str(tmp_path / "d.onnx"), str(tmp_path / "c.onnx")]):  # fmt: skip
+        code, _, err = run(capsys, "export", "timm:test_resnet", *argv)
+        assert code == 2 and "OUT given twice" in err, err
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "export", "timm:test_resnet")
+    assert exit_info.value.code == 2
+    assert "required: OUT.onnx (or -o OUT.onnx)" in capsys.readouterr().err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_an_onnx_file_as_model_is_named_as_such(tmp_path: Path, capsys) -> None:
+    code, _, err = run(
+        capsys, "export", "timm:test_resnet", str(tmp_path / "m.onnx"), "--no-verify"
+    )
+    assert code == 0, err
+    renamed = tmp_path / "model.bin"  # the content says ONNX, whatever the name
+    renamed.write_bytes((tmp_path / "m.onnx").read_bytes())
+    for argv in (["convert", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "c.safetensors")],
+                 ["export", str(tmp_path / "m.onnx"), str(tmp_path / "again.onnx")],
+                 ["inspect", str(renamed)],
+                 ["convert", "timm:test_resnet", "--weights", str(renamed),
+                  "-o", str(tmp_path / "c.safetensors")]):  # fmt: skip
+        code, _, err = run(capsys, *argv)
+        line = _one_line(err)
+        assert code == 2 and "is an ONNX file: serfswap reads the PyTorch model" in line, argv
+        assert "unknown format" not in line
+    assert {p.name for p in tmp_path.iterdir()} == {"m.onnx", "model.bin"}
+    with pytest.raises(serfswap.ModelSpecError, match="is an ONNX file"):
+        serfswap.io.load_model(str(renamed))
+
+
+def test_weights_that_are_a_folder_and_data_that_is_an_image(
+    images: Path, gray_weights: Path, tmp_path: Path, capsys
+) -> None:
+    out = str(tmp_path / "o.safetensors")
+    code, _, err = run(capsys, "convert", "timm:test_resnet", "--weights", str(tmp_path), "-o", out)
+    assert code == 2
+    assert _one_line(err) == (
+        f"serfswap convert: error: --weights {tmp_path} is a directory; give the weights file "
+        "(.safetensors, or a state dict saved with torch.save)"
+    )
+    image = next(images.glob("*/*.png"))
+    code, _, err = run(capsys, "recover", "timm:test_resnet", "--weights", str(gray_weights),
+                       "--data", str(image), "--steps", "2", "-o", out)  # fmt: skip
+    assert code == 2 and f"--data {image} is an image file; --data takes a folder" in _one_line(err)
+    assert not Path(out).exists()
+
+
+def test_unknown_option_without_a_command_is_an_error_line() -> None:
+    result = cli("--frob", timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "usage: serfswap [-h] [--version] [--debug] COMMAND ...",
+        "serfswap: error: unrecognized arguments: --frob",
+    ], result.stderr
+
+
+# What the command imported by the time it answered: a slip must be refused before torch (or
+# timm, transformers) is imported; the run's arguments are checked, not the model loaded.
+_PROBE = """
+import json, sys
+from serfswap.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = [m for m in ("torch", "timm", "transformers", "onnx") if m in sys.modules]
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def _probe(*argv: str) -> tuple[dict[str, object], str]:
+    result = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
+                            text=True, env=ENV, timeout=120, check=False)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--frob"], "unrecognized arguments: --frob"),
+        (["export", "timm:test_resnet", "x.onnx", "--bogus"], "unrecognized arguments: --bogus"),
+        (["recover", "timm:resnet18", "--weights", "{w}", "--data", "{d}", "--steps", "0",
+          "-o", "{o}"], "--steps 0: give at least 1 step"),
+        (["recover", "timm:resnet18", "--weights", "{w}", "--data", "{d}", "--steps", "5",
+          "--lr", "-0.1", "-o", "{o}"], "--lr -0.1: give a positive learning rate"),
+        (["recover", "timm:resnet18", "--weights", "{w}", "--data", "{d}", "--steps", "5",
+          "--lr", "abc", "-o", "{o}"], "argument --lr: invalid float value: 'abc'"),
+        (["export", "timm:resnet18", "{o}", "--opset", "9"], "opset 9 is not supported"),
+        (["export", "timm:resnet18", "{o}", "--input-shape", "1,x"], "positive sizes"),
+    ],
+)  # fmt: skip
+def test_arguments_are_refused_before_torch_is_imported(
+    argv: list[str], message: str, images: Path, gray_weights: Path, tmp_path: Path
+) -> None:
+    where = {"w": str(gray_weights), "d": str(images), "o": str(tmp_path / "out.x")}
+    answer, err = _probe(*(a.format(**where) for a in argv))
+    assert answer == {"code": 2, "heavy": []}, err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_an_unfinished_run_is_refused_before_the_model_loads(
+    images: Path, gray_weights: Path, tmp_path: Path
+) -> None:
+    """A killed run's checkpoint (step 1 of 4, written by the trainer's own save) and a new
+    command without --resume: refused having read the checkpoint, timm never imported."""
+    from torch import nn
+
+    from serfswap import trainstate
+
+    out = tmp_path / "r.safetensors"
+    trainstate.save(tmp_path / "r.safetensors.checkpoints", 1, nn.Linear(2, 2),
+                    {"steps": 4}, keep=2)  # fmt: skip
+    answer, err = _probe("recover", "timm:test_resnet", "--weights", str(gray_weights),
+                         "--data", str(images), "--steps", "4", "-o", str(out))  # fmt: skip
+    assert answer["code"] == 2 and "timm" not in answer["heavy"], (answer, err)
+    assert "holds an unfinished recovery run (step 1 of 4): pass --resume" in err, err
     assert not out.exists()
