@@ -844,6 +844,26 @@ def cli_words(message: str) -> str:
     return _OPTION.sub(option, message)
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted recover leaves to continue from: its newest checkpoint and the flag
+    that continues it (the same command with --resume), or that none was written yet."""
+    if args.command != "recover" or "serfswap.trainstate" not in sys.modules:
+        return ""  # interrupted before training could write any checkpoint
+    from . import trainstate
+
+    try:
+        folder = _checkpoint_dir(args, Path(args.output))
+        found = trainstate.checkpoints(folder)
+    except (SerfswapError, OSError):
+        return ""
+    if not found:
+        return "; no checkpoint was written yet (--checkpoint-every sets how often)"
+    return (
+        f"; the newest checkpoint is {found[-1][1]} (step {found[-1][0]}): run the same command "
+        "with --resume to continue from it"
+    )
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that every ``finally`` removes what it staged."""
 
@@ -883,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         terminated = isinstance(exc, _Terminated)
         print(f"serfswap {args.command}: {'terminated' if terminated else 'interrupted'}; "
-              "no partial file left", file=sys.stderr)  # fmt: skip
+              f"no partial file left{_resume_hint(args)}", file=sys.stderr)  # fmt: skip
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except SerfswapError as exc:
         if args.debug:

@@ -15,6 +15,12 @@ from .hooks import NAME
 from .report import Plan
 
 _package = "serfswap"
+# What a saved config says to whoever loads it. serfswap is not on a package index: it installs
+# from its source (a checkout, or a git URL), which is what the hint says.
+INSTALL_HINT = (
+    f"activations replaced by Serf: install {_package} from its source (`pip install -e .` in a "
+    f"checkout of it) and `import {_package}` before from_pretrained"
+)
 
 
 # HuggingFace configs -------------------------------------------------------------------------
@@ -70,8 +76,7 @@ def update_hf_config(model: nn.Module, report: Plan) -> dict[str, tuple[str, str
         setattr(
             config,
             _MARKER,
-            f"activations replaced by Serf; `pip install {_package}` and "
-            f"`import {_package}` before from_pretrained",
+            INSTALL_HINT,
         )
     return updates
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,58 @@ def test_an_unfinished_run_is_refused_before_the_model_loads(
     assert answer["code"] == 2 and "timm" not in answer["heavy"], (answer, err)
     assert "holds an unfinished recovery run (step 1 of 4): pass --resume" in err, err
     assert not out.exists()
+
+
+def test_ctrl_c_in_recover_names_the_checkpoint_and_resume(
+    images: Path, gray_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.safetensors"
+    checkpoints = tmp_path / "r.safetensors.checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serfswap", "recover", "timm:test_resnet", "--weights",
+         str(gray_weights), "--data", str(images), "--steps", "1000", "--batch-size", "2",
+         "--checkpoint-every", "1", "--bn-batches", "0", "--eval-every", "0", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env=ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("step-*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("serfswap recover: interrupted; no partial file left; the newest "
+                           f"checkpoint is {checkpoints}/step-"), line  # fmt: skip
+    assert line.endswith("run the same command with --resume to continue from it"), line
+    assert not out.exists() and list(checkpoints.glob("step-*"))
+
+
+def test_progress_lines_on_a_terminal(tmp_path: Path) -> None:
+    """stderr a terminal (a pty): export says it is loading and exporting; piped, it does not."""
+    import pty
+
+    out = tmp_path / "m.onnx"
+    argv = [sys.executable, "-m", "serfswap", "export", "timm:test_resnet", "-o", str(out)]
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=follower, env=ENV,
+                               stdin=subprocess.DEVNULL)  # fmt: skip
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pty's other end closed: the process has exited
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    lines = seen.decode().replace("\r\n", "\n").splitlines()
+    assert "serfswap export: loading timm:test_resnet ..." in lines, lines
+    assert f"serfswap export: exporting to {out} and verifying it with onnxruntime ..." in lines
+    piped = cli("export", "timm:test_resnet", "-o", str(tmp_path / "p.onnx"))
+    assert piped.returncode == 0 and "loading" not in piped.stderr, piped.stderr
