@@ -41,6 +41,7 @@ from .export_decoder import dynamic_shapes as decoder_shapes
 from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
+from .names import summarise
 from .options import DEFAULT_DTYPE, DEFAULT_OPSET, OPSETS, TOLERANCE, check_opset  # noqa: F401 (re-exported)
 from .paths import check_input_path, check_output_path, staged_output
 from .serf import keep_custom_op
@@ -87,11 +88,14 @@ class ExportReport:
                 if self.leftovers
                 else "no original activation left"
             ),
-            "  inputs: " + ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items()),
-            "  outputs: " + ", ".join(self.outputs),
+            # a KV cache's 60 names in one entry each: past_key_values.{0..29}.key/value [...]
+            "  inputs: " + ", ".join(summarise((k, str(list(v))) for k, v in self.inputs.items())),
+            "  outputs: " + ", ".join(summarise((name, "") for name in self.outputs)),
             "  dynamic axes: "
             + (
-                ", ".join(f"{k}[{', '.join(v)}]" for k, v in self.dynamic_axes.items())
+                ", ".join(
+                    summarise(((k, f"[{', '.join(v)}]") for k, v in self.dynamic_axes.items()), "")
+                )
                 or "none (static shapes)"
             ),
         ]

@@ -328,3 +328,31 @@ def test_progress_lines_on_a_terminal(tmp_path: Path) -> None:
     assert f"serfswap export: exporting to {out} and verifying it with onnxruntime ..." in lines
     piped = cli("export", "timm:test_resnet", "-o", str(tmp_path / "p.onnx"))
     assert piped.returncode == 0 and "loading" not in piped.stderr, piped.stderr
+
+
+def test_the_kv_cache_export_report_fits_on_a_screen(tmp_path: Path, capsys) -> None:
+    """A 6-layer LLaMA with its KV cache: 15 inputs and 13 outputs, each repeated name written
+    once, as past_key_values.{0..5}.key/value."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
+    out = tmp_path / "llama.onnx"
+    code, stdout, err = run(capsys, "export", str(tmp_path / "llama"), "-o", str(out),
+                            "--convert", "--task", "text-generation-with-past")  # fmt: skip
+    assert code == 0, err
+    lines = {line.split(":")[0].strip(): line for line in stdout.splitlines()}
+    assert lines["inputs"] == (
+        "  inputs: input_ids [2, 5], attention_mask [2, 8], position_ids [2, 5], "
+        "past_key_values.{0..5}.key/value [2, 2, 3, 8]"
+    ), stdout
+    assert lines["outputs"] == "  outputs: logits, present.{0..5}.key/value", stdout
+    assert lines["dynamic axes"].endswith(
+        "position_ids[batch, sequence], past_key_values.{0..5}.key/value[batch, past_sequence]"
+    ), stdout
+    assert max(map(len, stdout.splitlines())) < 200
+    import onnx
+
+    names = [i.name for i in onnx.load(str(out), load_external_data=False).graph.input]
+    assert len(names) == 15 and names[-1] == "past_key_values.5.value", names
