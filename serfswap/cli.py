@@ -160,9 +160,24 @@ def _check_model_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_convert(args: argparse.Namespace) -> None:
-    """convert's arguments and OUT, before anything is loaded."""
+    """convert's arguments and OUT (a checkpoint file, or a HuggingFace folder), before
+    anything is loaded."""
+    from .paths import check_input_path, check_output_folder, wants_folder
+
     _check_model_arguments(args)
-    _output(args)
+    if not wants_folder(args.output):
+        if args.files_from is not None:
+            raise InvalidArgumentError("--files-from goes with -o DIR/ (a HuggingFace folder)")
+        _output(args)
+        return
+    if args.model.startswith("timm:") and not Path(args.model).exists():
+        raise InvalidArgumentError(
+            f"a HuggingFace folder needs a transformers model, not {args.model}; write a "
+            "serfswap checkpoint (-o FILE.safetensors) instead"
+        )
+    check_output_folder(args.output, [args.model, args.weights, args.files_from])
+    if args.files_from is not None and not check_input_path(args.files_from).is_dir():
+        raise InvalidArgumentError(f"--files-from {args.files_from}: not a folder")
 
 
 def _timm_kwargs(args: argparse.Namespace) -> dict[str, object] | None:
@@ -238,7 +253,10 @@ def _add_inspect(commands: Any) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .io import save_checkpoint
+    from .paths import wants_folder
 
+    if wants_folder(args.output):
+        return _convert_to_folder(args)
     out = _output(args)
     loaded = _load(args)
     _needs_module(loaded, "convert")
@@ -247,6 +265,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     save_checkpoint(converted, out, arch=arch)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
+    return 0
+
+
+def _convert_to_folder(args: argparse.Namespace) -> int:
+    """convert -o DIR/: MODEL (a HuggingFace folder, or a serfswap checkpoint of a transformers
+    model, e.g. what recover wrote) converted and written with save_pretrained, the original
+    folder's tokenizer and sentence-transformers files copied beside it: the way back from the
+    command line to transformers and sentence-transformers."""
+    from .convert import convert
+    from .io import save_hf_folder
+
+    files_from = args.files_from
+    if files_from is None and Path(args.model).is_dir():
+        files_from = args.model
+    loaded = _load(args)
+    _needs_module(loaded, "convert")
+    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
+    copied = save_hf_folder(converted, args.output, files_from=files_from)
+    folder = args.output.rstrip("/" + os.sep)
+    print(converted.serfswap_report)
+    print(f"wrote {folder}/ (save_pretrained" + (f"; copied from {files_from}: "
+          + ", ".join(copied) if copied else "") + "); load it with transformers or "
+          "sentence-transformers after `import serfswap`")  # fmt: skip
+    if files_from is None:
+        print("  hint: --files-from ORIGINAL_DIR copies the tokenizer (and sentence-transformers "
+              "files) of the folder the model came from")  # fmt: skip
     return 0
 
 
@@ -279,7 +323,12 @@ def _add_convert(commands: Any) -> None:
         help="fail (writing nothing) when the audit sees activations that were to be converted "
         "still run, or cannot run",
     )
-    parser.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the checkpoint to write (FILE.safetensors), or DIR/ for a "
+                        "HuggingFace folder (save_pretrained; transformers models)")  # fmt: skip
+    parser.add_argument("--files-from", metavar="DIR",
+                        help="with -o DIR/: copy the tokenizer and sentence-transformers files "
+                        "of this folder (default: MODEL's, when it is a folder)")  # fmt: skip
     parser.set_defaults(func=cmd_convert, check=_check_convert)
 
 

