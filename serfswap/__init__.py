@@ -2,8 +2,7 @@
 
 ``import serfswap`` is cheap: it imports nothing heavy (torch when a name that needs it is
 first used; onnx, onnxruntime, timm or transformers only when used), and it does not initialise
-CUDA. It registers Serf as "serf" in timm and
-transformers, when and if those are imported.
+CUDA. It registers Serf as "serf" in timm and transformers, when and if those are imported.
 """
 
 import importlib

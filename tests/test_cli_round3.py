@@ -420,3 +420,20 @@ def test_a_checkpoint_goes_back_to_a_huggingface_folder(tmp_path: Path, capsys) 
     code, _, err = run(capsys, "convert", "timm:test_resnet", "-o", f"{tmp_path / 'timm'}/")
     assert code == 2 and "a HuggingFace folder needs a transformers model" in err, err
     assert not (tmp_path / "timm").exists()
+
+
+def test_import_serfswap_costs_no_torch_and_keeps_its_functions() -> None:
+    """The lazy package: no torch until a name needs it; importing the submodule
+    serfswap.convert leaves serfswap.convert the function, as the eager package had it."""
+    probe = (
+        "import sys, serfswap\n"
+        "before = 'torch' in sys.modules\n"
+        "import serfswap.convert, serfswap.recover, serfswap.serf\n"
+        "from serfswap import Serf, plan\n"
+        "import transformers.activations as a\n"
+        "print(before, callable(serfswap.convert), callable(serfswap.recover),\n"
+        "      callable(serfswap.serf), a.ACT2CLS['serf'] is Serf, plan is serfswap.plan)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=ENV, timeout=120, check=False)  # fmt: skip
+    assert result.stdout.split() == ["False", "True", "True", "True", "True", "True"], result
