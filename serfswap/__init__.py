@@ -1,13 +1,17 @@
 """serfswap: put the Serf activation into models you already have.
 
-``import serfswap`` is cheap: it imports torch and nothing else heavy (no onnx, onnxruntime,
-timm or transformers), and it does not initialise CUDA. It registers Serf as "serf" in timm and
-transformers, when and if those are imported.
+``import serfswap`` is cheap: it imports nothing heavy (torch when a name that needs it is
+first used; onnx, onnxruntime, timm or transformers only when used), and it does not initialise
+CUDA. It registers Serf as "serf" in timm and transformers, when and if those are imported.
 """
 
-from . import integrations as _integrations
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from . import hooks as _hooks
 from ._version import __version__
-from .convert import convert, plan, revert
 from .errors import (
     CheckpointError,
     ExampleInputsError,
@@ -26,28 +30,64 @@ from .errors import (
     TaskError,
     UnsupportedDtypeError,
 )
-from .export import (
-    ExportReport,
-    Verification,
-    export_onnx,
-    verify_onnx,
-)
-from .recover import RecoveryOptions, RecoveryResult, recover
-from .report import Plan, Site
-from .serf import Serf, keep_custom_op, serf
 
-_integrations.register()
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
+    from .convert import convert, plan, revert
+    from .export import ExportReport, Verification, export_onnx, verify_onnx
+    from .io import load_checkpoint, save_checkpoint
+    from .recover import RecoveryOptions, RecoveryResult, recover
+    from .report import Plan, Site
+    from .serf import Serf, keep_custom_op, serf
+
+# The public names that need torch, and the module each lives in: imported on first use, so
+# that `import serfswap` (and so the `serfswap` command, before it has checked its arguments)
+# costs no torch import. The ONNX side and the loaders come the same way.
+_LAZY = {
+    "convert": "convert",
+    "plan": "convert",
+    "revert": "convert",
+    "ExportReport": "export",
+    "Verification": "export",
+    "export_onnx": "export",
+    "verify_onnx": "export",
+    "RecoveryOptions": "recover",
+    "RecoveryResult": "recover",
+    "recover": "recover",
+    "Plan": "report",
+    "Site": "report",
+    "Serf": "serf",
+    "keep_custom_op": "serf",
+    "serf": "serf",
+    "save_checkpoint": "io",
+    "load_checkpoint": "io",
+}
+# Submodules named like a function of the package: the package's attribute is the function.
+_SHADOWED = frozenset({"convert", "recover", "serf"})
 
 
 def __getattr__(name: str) -> object:
-    # The ONNX side and the loaders import onnx / onnxruntime / safetensors: load them on use.
-    import importlib
-
     if name in ("onnx_ops", "io"):
         return importlib.import_module(f".{name}", __name__)
-    if name in ("save_checkpoint", "load_checkpoint"):
-        return getattr(importlib.import_module(".io", __name__), name)
-    raise AttributeError(f"module 'serfswap' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'serfswap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """The package module: importing ``serfswap.convert`` (the submodule) must not replace the
+    function ``serfswap.convert``, as the import system does by setting the parent's
+    attribute. The function was the attribute when the package imported it eagerly; it stays."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+_hooks.register()
 
 
 __all__ = [

@@ -12,6 +12,7 @@ import ast
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -27,12 +28,21 @@ from .cli_generate import add_generate_command
 from .decompositions import DECOMPOSITIONS
 from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from .errors import InvalidArgumentError, SerfswapError
-from .export import DEFAULT_DTYPE, DEFAULT_OPSET, DTYPES, EXPORTERS, TOLERANCE
-from .export_decoder import TASKS
-from .recover import AUTOCAST_CHOICES, TRAIN_CHOICES, RecoveryOptions
+from .options import (
+    AUTOCAST_CHOICES,
+    DEFAULT_DTYPE,
+    DEFAULT_OPSET,
+    DTYPE_NAMES,
+    EXPORTERS,
+    TASKS,
+    TOLERANCE,
+    TRAIN_CHOICES,
+    RecoveryOptions,
+    check_opset,
+)
 
-# The library's defaults are the command's: one place for each (the package imports these
-# modules already, so this costs `--help` nothing).
+# The library's defaults are the command's: one place for each (plain values, importable
+# without torch: parsing and checking the arguments imports nothing heavy).
 DEFAULTS = RecoveryOptions()
 
 if TYPE_CHECKING:
@@ -106,15 +116,11 @@ def _add_env(commands: Any) -> None:
     parser.set_defaults(func=cmd_env)
 
 
-def _load(args: argparse.Namespace) -> Loaded:
+def _load(args: argparse.Namespace, *, quiet: bool = False) -> Loaded:
     from .io import load_model
 
-    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
-    if random_timm and args.weights is None and args.command == "recover":
-        raise InvalidArgumentError(
-            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
-            "the original, which must be the trained model)"
-        )
+    if not quiet:
+        progress(args, f"loading {args.model} ...")
     loaded = load_model(
         args.model,
         arch=args.arch,
@@ -126,6 +132,52 @@ def _load(args: argparse.Namespace) -> Loaded:
     for note in loaded.notes:
         print(f"serfswap {args.command}: note: {note}", file=sys.stderr)
     return loaded
+
+
+def progress(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr saying what a slow step is doing (loading, exporting), when stderr is
+    a terminal: seconds to minutes of silence look like a hang; a log or a pipe keeps only the
+    command's result and its errors."""
+    if sys.stderr.isatty():
+        print(f"serfswap {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def _check_nothing(args: argparse.Namespace) -> None:
+    """The commands whose arguments need no check before they run."""
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """MODEL, --weights and the timm keywords, checked without loading anything: an ONNX file
+    where a PyTorch model is read, a folder given as --weights, --model-kwargs that is not
+    JSON are refused before torch is imported."""
+    from .paths import check_weights_path, is_onnx, onnx_given
+
+    if is_onnx(Path(args.model)):
+        raise InvalidArgumentError(onnx_given(args.model))
+    if args.weights is not None:
+        check_weights_path(args.weights)
+    _timm_kwargs(args)
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    """convert's arguments and OUT (a checkpoint file, or a HuggingFace folder), before
+    anything is loaded."""
+    from .paths import check_input_path, check_output_folder, wants_folder
+
+    _check_model_arguments(args)
+    if not wants_folder(args.output):
+        if args.files_from is not None:
+            raise InvalidArgumentError("--files-from goes with -o DIR/ (a HuggingFace folder)")
+        _output(args)
+        return
+    if args.model.startswith("timm:") and not Path(args.model).exists():
+        raise InvalidArgumentError(
+            f"a HuggingFace folder needs a transformers model, not {args.model}; write a "
+            "serfswap checkpoint (-o FILE.safetensors) instead"
+        )
+    check_output_folder(args.output, [args.model, args.weights, args.files_from])
+    if args.files_from is not None and not check_input_path(args.files_from).is_dir():
+        raise InvalidArgumentError(f"--files-from {args.files_from}: not a folder")
 
 
 def _timm_kwargs(args: argparse.Namespace) -> dict[str, object] | None:
@@ -180,7 +232,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     _needs_module(loaded, "inspect")
-    print(plan(loaded.model, **_swap_options(args)))
+    # The plan shows even when nothing would be converted (convert refuses that): its notes
+    # say why, in the command line's words.
+    print(cli_words(str(plan(loaded.model, **_swap_options(args)))))
     return 0
 
 
@@ -193,13 +247,16 @@ def _add_inspect(commands: Any) -> None:
     )
     _add_model_arguments(parser)
     _add_swap_arguments(parser)
-    parser.set_defaults(func=cmd_inspect)
+    parser.set_defaults(func=cmd_inspect, check=_check_model_arguments)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .io import save_checkpoint
+    from .paths import wants_folder
 
+    if wants_folder(args.output):
+        return _convert_to_folder(args)
     out = _output(args)
     loaded = _load(args)
     _needs_module(loaded, "convert")
@@ -208,6 +265,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     save_checkpoint(converted, out, arch=arch)
     print(converted.serfswap_report)
     print(f"wrote {out}; load it with serfswap.io.load_model({str(out)!r}) or `serfswap export`")
+    return 0
+
+
+def _convert_to_folder(args: argparse.Namespace) -> int:
+    """convert -o DIR/: MODEL (a HuggingFace folder, or a serfswap checkpoint of a transformers
+    model, e.g. what recover wrote) converted and written with save_pretrained, the original
+    folder's tokenizer and sentence-transformers files copied beside it: the way back from the
+    command line to transformers and sentence-transformers."""
+    from .convert import convert
+    from .io import save_hf_folder
+
+    files_from = args.files_from
+    if files_from is None and Path(args.model).is_dir():
+        files_from = args.model
+    loaded = _load(args)
+    _needs_module(loaded, "convert")
+    converted = convert(loaded.model, inplace=True, strict=args.strict, **_swap_options(args))
+    copied = save_hf_folder(converted, args.output, files_from=files_from)
+    folder = args.output.rstrip("/" + os.sep)
+    print(converted.serfswap_report)
+    print(f"wrote {folder}/ (save_pretrained" + (f"; copied from {files_from}: "
+          + ", ".join(copied) if copied else "") + "); load it with transformers or "
+          "sentence-transformers after `import serfswap`")  # fmt: skip
+    if files_from is None:
+        print("  hint: --files-from ORIGINAL_DIR copies the tokenizer (and sentence-transformers "
+              "files) of the folder the model came from")  # fmt: skip
     return 0
 
 
@@ -240,8 +323,13 @@ def _add_convert(commands: Any) -> None:
         help="fail (writing nothing) when the audit sees activations that were to be converted "
         "still run, or cannot run",
     )
-    parser.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    parser.set_defaults(func=cmd_convert)
+    parser.add_argument("-o", "--output", required=True,
+                        help="the checkpoint to write (FILE.safetensors), or DIR/ for a "
+                        "HuggingFace folder (save_pretrained; transformers models)")  # fmt: skip
+    parser.add_argument("--files-from", metavar="DIR",
+                        help="with -o DIR/: copy the tokenizer and sentence-transformers files "
+                        "of this folder (default: MODEL's, when it is a folder)")  # fmt: skip
+    parser.set_defaults(func=cmd_convert, check=_check_convert)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -269,13 +357,11 @@ def _recover(args: argparse.Namespace) -> int:
     from . import data as recovery_data
     from .convert import REPORT_ATTR, convert
     from .io import save_checkpoint
-    from .paths import check_input_path
     from .recover import recover
 
-    _check_recover_numbers(args)
     out = _output(args, args.data, args.tokenizer)
-    source = check_input_path(args.data)
-    checkpoints = Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
+    source = Path(args.data)
+    checkpoints = _checkpoint_dir(args, out)
     device = _device(args.device)
     if args.plot == "":
         args.plot = str(_beside(out, ".curves.png", "--plot PNG"))
@@ -283,8 +369,14 @@ def _recover(args: argparse.Namespace) -> int:
         from .curves import require_matplotlib
 
         require_matplotlib()
-    print(f"loading {args.model}", flush=True)
-    loaded = _load(args)
+    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
+    if random_timm and args.weights is None:
+        raise InvalidArgumentError(
+            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
+            "the original, which must be the trained model)"
+        )
+    print(f"loading {args.model}", flush=True)  # on stdout: recover tells its steps there
+    loaded = _load(args, quiet=True)
     _needs_module(loaded, "recover")
     teacher = loaded.model
     if getattr(teacher, REPORT_ATTR, None) is not None:
@@ -322,8 +414,60 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_recover(args: argparse.Namespace) -> None:
+    """recover's arguments, OUT, --data and the run in the checkpoint folder, before torch is
+    imported: a slip is refused at once, not after the model has loaded."""
+    _check_recover_numbers(args)
+    _check_model_arguments(args)
+    out = _output(args, args.data, args.tokenizer)
+    _check_data(args.data)
+    _check_unfinished(_checkpoint_dir(args, out), resume=args.resume)
+
+
+def _checkpoint_dir(args: argparse.Namespace, out: Path) -> Path:
+    return Path(args.checkpoint_dir or _beside(out, ".checkpoints", "--checkpoint-dir"))
+
+
+def _check_data(spec: str) -> Path:
+    """--data: an image folder or a text file; a single image is neither (it would be read as
+    text), and is refused saying what --data takes."""
+    from .paths import check_input_path, is_image
+
+    source = check_input_path(spec)
+    if source.is_file() and is_image(source):
+        raise InvalidArgumentError(
+            f"--data {spec} is an image file; --data takes a folder of images (class "
+            "subfolders or flat; a share is held out, so at least 2) or a text file with one "
+            "example per line"
+        )
+    return source
+
+
+def _check_unfinished(folder: Path, *, resume: bool) -> None:
+    """Refuse to start over where a killed run waits to be resumed. Only a folder that holds
+    checkpoints costs the torch import (to read where its run stood)."""
+    if resume or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    from . import trainstate
+
+    found = trainstate.checkpoints(folder)
+    if found:
+        step, steps = trainstate.progress(found[-1][1])
+        if step < steps:
+            raise InvalidArgumentError(
+                f"{folder} holds an unfinished recovery run (step {step} of {steps}): pass "
+                "--resume to continue it, or --checkpoint-dir elsewhere to start another"
+            )
+
+
 def _check_recover_numbers(args: argparse.Namespace) -> None:
     """The numeric options' ranges, before anything is loaded."""
+    if args.steps < 1:
+        raise InvalidArgumentError(f"--steps {args.steps}: give at least 1 step")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InvalidArgumentError(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-4")
+    if args.max_length < 1 or (args.checkpoint_every or 0) < 0:
+        raise InvalidArgumentError("--max-length must be >= 1 and --checkpoint-every >= 0")
     if args.batch_size < 1 or not 0 < args.held_out < 1:
         raise InvalidArgumentError("--batch-size must be >= 1 and --held-out between 0 and 1")
     if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
@@ -416,7 +560,7 @@ def _add_recover(commands: Any) -> None:
     parser.add_argument("--log", help="a JSON-lines file, one line per step")
     parser.add_argument("--plot", nargs="?", const="", help="write the curves as a PNG "
                      "(default name: OUT.curves.png)")  # fmt: skip
-    parser.set_defaults(func=cmd_recover)
+    parser.set_defaults(func=cmd_recover, check=_check_recover)
 
 
 def _beside(out: Path, suffix: str, option: str) -> Path:
@@ -499,15 +643,31 @@ def _add_demo(commands: Any) -> None:
     parser.set_defaults(func=cmd_demo)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_opset, export_onnx
-
+def _check_export(args: argparse.Namespace) -> None:
+    """export's arguments: OUT (after MODEL or -o, once), the opset, --input-shape's syntax,
+    MODEL and --weights; before anything is loaded."""
+    if args.output is not None and args.output_option is not None:
+        raise InvalidArgumentError(
+            f"OUT given twice ({args.output} and -o {args.output_option}): give it once, "
+            "after MODEL or as -o OUT.onnx"
+        )
+    args.output = args.output if args.output is not None else args.output_option
+    if args.output is None:
+        args.parser.error("the following arguments are required: OUT.onnx (or -o OUT.onnx)")
     check_opset(args.opset)
+    _shape_specs(args.input_shape)
+    _check_model_arguments(args)
     _output(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
     example_inputs = _example_inputs(args.input_shape)
     loaded = _load(args)
     if args.convert:
         _needs_module(loaded, "export --convert")
+    progress(args, f"exporting to {args.output} and verifying it with onnxruntime ...")
     report = export_onnx(
         loaded.model,
         args.output,
@@ -539,7 +699,10 @@ def _add_export(commands: Any) -> None:
         "on fresh inputs before it is written; a failed export writes nothing.",
     )
     _add_model_arguments(parser)
-    parser.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    parser.add_argument("output", metavar="OUT.onnx", nargs="?",
+                        help="the ONNX file to write (or -o OUT.onnx)")  # fmt: skip
+    parser.add_argument("-o", "--output", dest="output_option", metavar="OUT.onnx",
+                        help="the ONNX file to write, as convert and recover take it")  # fmt: skip
     parser.add_argument("--convert", action="store_true", help="convert activations first")
     parser.add_argument(
         "--decomposition",
@@ -549,7 +712,7 @@ def _add_export(commands: Any) -> None:
         + f" (default: {DEFAULT_DECOMPOSITION})",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="default: %(default)s")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE)
     shapes = parser.add_mutually_exclusive_group()
     shapes.add_argument("--static", action="store_true", help="fixed input shapes")
     shapes.add_argument(
@@ -581,7 +744,7 @@ def _add_export(commands: Any) -> None:
     parser.add_argument("--task", choices=TASKS, default="default",
                         help="text-generation-with-past: a decoder with its KV cache, in "
                         "Optimum's layout (see `serfswap generate`)")  # fmt: skip
-    parser.set_defaults(func=cmd_export)
+    parser.set_defaults(func=cmd_export, check=_check_export)
 
 
 _INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -595,7 +758,19 @@ def _example_inputs(specs: list[str] | None) -> tuple[torch.Tensor, ...] | None:
     if not specs:
         return None
     tensors = []
-    for spec in specs:
+    for shape, dtype_name in _shape_specs(specs):
+        dtype = getattr(torch, dtype_name)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=dtype))
+        else:
+            tensors.append(torch.randint(0, 2, shape).to(dtype))
+    return tuple(tensors)
+
+
+def _shape_specs(specs: list[str] | None) -> list[tuple[list[int], str]]:
+    """--input-shape's values as (shape, dtype name), checked without torch."""
+    parsed = []
+    for spec in specs or []:
         dims, _, dtype_name = spec.partition(":")
         dtype_name = dtype_name or "float32"
         try:
@@ -611,12 +786,8 @@ def _example_inputs(specs: list[str] | None) -> tuple[torch.Tensor, ...] | None:
                 f"--input-shape {spec}: dtype {dtype_name!r} is not one of "
                 + ", ".join(_INPUT_DTYPES)
             )
-        dtype = getattr(torch, dtype_name)
-        if dtype.is_floating_point:
-            tensors.append(torch.randn(shape, dtype=dtype))
-        else:
-            tensors.append(torch.randint(0, 2, shape).to(dtype))
-    return tuple(tensors)
+        parsed.append((shape, dtype_name))
+    return parsed
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -701,6 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
 _OPTION = re.compile(
     r"\b(activations|include|exclude|opset|num_classes)=((?:\[[^\]]*\])|(?:'[^']*')|\S+)"
 )
+# The same names with no value ("name them in include="), before a space, comma or the end.
+_BARE_OPTION = re.compile(r"\b(activations|include|exclude)=(?=[\s,;:)]|$)")
 
 
 def cli_words(message: str) -> str:
@@ -719,7 +892,29 @@ def cli_words(message: str) -> str:
 
     message = re.sub(r"pass example_inputs \([^)]*\)",
                      "pass --input-shape, e.g. --input-shape 1,3,224,224", message)  # fmt: skip
+    message = message.replace("see the plan)", "see `serfswap inspect`)")
+    message = _BARE_OPTION.sub(lambda m: f"--{m.group(1)}", message)
     return _OPTION.sub(option, message)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted recover leaves to continue from: its newest checkpoint and the flag
+    that continues it (the same command with --resume), or that none was written yet."""
+    if args.command != "recover" or "serfswap.trainstate" not in sys.modules:
+        return ""  # interrupted before training could write any checkpoint
+    from . import trainstate
+
+    try:
+        folder = _checkpoint_dir(args, Path(args.output))
+        found = trainstate.checkpoints(folder)
+    except (SerfswapError, OSError):
+        return ""
+    if not found:
+        return "; no checkpoint was written yet (--checkpoint-every sets how often)"
+    return (
+        f"; the newest checkpoint is {found[-1][1]} (step {found[-1][0]}): run the same command "
+        "with --resume to continue from it"
+    )
 
 
 class _Terminated(KeyboardInterrupt):
@@ -734,8 +929,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "func"):
+        if unknown:  # `serfswap --frob`: usage and the error, as argparse says any other
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if args.command == "export" and args.output is None and len(unknown) == 1:
+        # `export MODEL -o X OUT`: argparse matched the optional OUT empty before the options
+        args.output, unknown = (
+            (unknown[0], []) if not unknown[0].startswith("-") else (None, unknown)
+        )
     if unknown:  # the subcommand's usage, not the top-level one: it lists the options meant
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.debug:  # serfswap's own log, and onnxruntime's, which it silences otherwise
@@ -745,13 +947,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
+        # Every check that needs no model runs first, before torch or any library is imported:
+        # a typo is answered in a fraction of a second, not after the model has loaded.
+        getattr(args, "check", _check_nothing)(args)
         return args.func(args)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: staged files are gone by now
         if args.debug:
             raise
         terminated = isinstance(exc, _Terminated)
         print(f"serfswap {args.command}: {'terminated' if terminated else 'interrupted'}; "
-              "no partial file left", file=sys.stderr)  # fmt: skip
+              f"no partial file left{_resume_hint(args)}", file=sys.stderr)  # fmt: skip
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except SerfswapError as exc:
         if args.debug:

@@ -422,11 +422,18 @@ def _nothing_matched_why(
             if s == ROLE
             for n in f.names[:1]
         ]
+        others = sorted({f.family for f, s in zip(found, stages, strict=True) if s == "family"})
         return NothingToConvertError(
             f"every activation of {model} that activations= selects is a positivity constraint "
             f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}: its output must stay "
             "non-negative, see the plan); to convert them anyway, name them in include= or add "
             f"{ROLE!r} to activations="
+            + (
+                f"; its other activations are of families {others}, which activations= "
+                "leaves out: activations=['all'] converts them"
+                if others
+                else ""
+            )
         )
     if "family" in stages and all(s in ("family", "gate") for s in stages):
         return NothingToConvertError(
@@ -507,38 +514,68 @@ def _plan(model: nn.Module, opts: _Options) -> tuple[Plan, list[tuple[_Found, Si
 
 
 def _check_not_empty(
-    plan: Plan, decided: list[tuple[_Found, Site]], has_serf: bool, opts: _Options
+    plan: Plan,
+    decided: list[tuple[_Found, Site]],
+    has_serf: bool,
+    opts: _Options,
+    *,
+    note_only: bool = False,
 ) -> None:
+    """Raise NothingToConvertError when the plan converts nothing; with ``note_only`` (for
+    :func:`plan`, which exists to show what would happen) the reason becomes a note."""
     if plan.converted:
         return
     if not has_serf:
         found = [item for item, _ in decided]
         stages = [item.stage for item in found]
-        raise _nothing_matched(
+        error = _nothing_matched(
             plan.model, stages, found, opts.families, include=opts.include, exclude=opts.exclude
         )
+        if not note_only:
+            raise error
+        plan.notes.append(f"nothing to convert: {error}")
+        return
     plan.notes.append("already converted: nothing left to convert with these options")
 
 
 def _audit_inputs(
     model: nn.Module, example_inputs: Any, audit: bool | None
-) -> dict[str, torch.Tensor] | None:
-    """The keyword inputs of the run-time audit, or None when it is off or cannot run."""
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The keyword inputs of the run-time audit; or None, with why when inference failed.
+
+    With ``audit=None`` (the default) a model whose inputs cannot be inferred is converted
+    without the audit, and the report says why: inference reads config fields that differ by
+    family, and no family's quirk may make a default convert fail. ``audit=True`` raises."""
     if audit is not None and not isinstance(audit, bool):
         raise InvalidArgumentError(f"audit= takes True, False or None, got {audit!r}")
     if audit is False:
-        return None
+        return None, ""
     if example_inputs is not None:
-        return as_kwargs(model, example_inputs)
+        return as_kwargs(model, example_inputs), ""
     if can_infer(model):
-        with torch.random.fork_rng(devices=[]):  # convert leaves the caller's random state
-            return example_inputs_for(model, batch=1)
+        try:
+            with torch.random.fork_rng(devices=[]):  # convert leaves the caller's random state
+                return example_inputs_for(model, batch=1), ""
+        except Exception as error:  # any config's surprise: reported, or raised with audit=True
+            why = _first_line(error).split(": pass example_inputs")[0]
+            if audit:
+                raise ExampleInputsError(
+                    f"audit=True: cannot infer inputs for a {type(model).__name__} ({why}); "
+                    "pass example_inputs="
+                ) from error
+            return None, f"its inputs could not be inferred ({why})"
     if audit:
         raise ExampleInputsError(
             f"audit=True needs example_inputs= for a {type(model).__name__} (serfswap infers "
             "them for timm and transformers models only)"
         )
-    return None
+    return None, ""
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters, for a report."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def plan(
@@ -577,17 +614,19 @@ def plan(
     With the audit, the plan is the report of a conversion of a copy of ``model`` (what only a
     forward can show needs a converted model to run); without it, the static walk.
 
-    Raises:
-        NothingToConvertError: nothing was selected; the message says which option removed what.
+    When nothing would be converted the plan says so (0 to convert, each site's reason) and a
+    note says which option removed what: :func:`convert` raises ``NothingToConvertError`` with
+    that message, the plan shows it.
     """
     _check_model(model, "plan")
     opts = _options(include, exclude, filter_fn, activations)
-    inputs = _audit_inputs(model, example_inputs, audit)
+    inputs, why = _audit_inputs(model, example_inputs, audit)
     if inputs is None:
         report, decided, has_serf = _plan(model, opts)
-        _check_not_empty(report, decided, has_serf, opts)
+        _check_not_empty(report, decided, has_serf, opts, note_only=True)
+        _not_audited(report, why)
         return report
-    report = _convert(copy.deepcopy(model), opts, inputs).__dict__[REPORT_ATTR]
+    report = _convert(copy.deepcopy(model), opts, inputs, planning=True).__dict__[REPORT_ATTR]
     return replace(report, applied=False, config_updates={})
 
 
@@ -749,21 +788,39 @@ def _audit(
 _LEFT = "left: reached at run time only, still runs after conversion"
 
 
+def _not_audited(report: Plan, why: str) -> None:
+    """Say in ``report`` that the audit did not run because inputs could not be inferred."""
+    if why:
+        report.audit_error = why
+        report.notes.append(
+            f"not audited at run time: {why}; pass example_inputs= to check what still runs"
+        )
+
+
 def _convert(
-    target: nn.Module, opts: _Options, inputs: dict[str, torch.Tensor] | None
+    target: nn.Module,
+    opts: _Options,
+    inputs: dict[str, torch.Tensor] | None,
+    why: str = "",
+    *,
+    planning: bool = False,
 ) -> nn.Module:
-    """Convert ``target`` in place; its report is the root's ``serfswap_report``."""
+    """Convert ``target`` in place; its report is the root's ``serfswap_report``. With
+    ``planning`` (a copy converted for :func:`plan`), converting nothing is a note, not an
+    error."""
     report, decided, has_serf = _plan(target, opts)
     if inputs is None:
-        _check_not_empty(report, decided, has_serf, opts)
+        _check_not_empty(report, decided, has_serf, opts, note_only=planning)
     root = _apply(target, decided)
     if inputs is not None:
         decided = _audit(root, decided, opts, inputs, report)
         try:
-            _check_not_empty(report, decided, has_serf, opts)
+            _check_not_empty(report, decided, has_serf, opts, note_only=planning)
         except NothingToConvertError:
             revert(root)
             raise
+    elif why:
+        _not_audited(report, why)
     else:
         report.notes.append(
             "not audited at run time: pass example_inputs= to check what still runs"
@@ -815,11 +872,11 @@ def convert(
     """
     _check_model(model, "convert")
     opts = _options(include, exclude, filter_fn, activations)
-    inputs = _audit_inputs(model, example_inputs, True if strict else audit)
+    inputs, why = _audit_inputs(model, example_inputs, True if strict else audit)
     if inputs is None and not inplace:  # nothing to convert costs no deep copy
         _check_not_empty(*_plan(model, opts), opts)
     target = model if inplace else copy.deepcopy(model)
-    root = _convert(target, opts, inputs)
+    root = _convert(target, opts, inputs, why)
     report = root.__dict__[REPORT_ATTR]
     if strict and (report.left or not report.audited):
         revert(root)

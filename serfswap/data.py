@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .inputs import timm_channels
 
 
 @dataclass
@@ -55,9 +56,12 @@ def images(folder: Path, model: nn.Module, batch_size: int, held_out: float,
             f"{type(model).__name__} has no timm pretrained_cfg to prepare images with; "
             "image folders work with timm models"
         )
-    config = resolve_data_config({}, model=model)
+    config = _data_config(resolve_data_config({}, model=model), timm_channels(model))
+    mode = "L" if config["input_size"][0] == 1 else "RGB"
     try:
-        dataset = ImageDataset(str(folder), transform=create_transform(**config))
+        dataset = ImageDataset(
+            str(folder), input_img_mode=mode, transform=create_transform(**config)
+        )
     except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
         raise InvalidArgumentError(f"{folder}: {exc}") from None
     if len(dataset) == 0:
@@ -75,8 +79,29 @@ def images(folder: Path, model: nn.Module, batch_size: int, held_out: float,
     return RecoveryData(
         loader(train, True),
         list(loader(test, False)),
-        f"{len(dataset)} images from {folder} at {size} ({len(train)} train, {len(test)} held out)",
+        f"{len(dataset)} images from {folder} at {size}{' (grayscale)' if mode == 'L' else ''} "
+        f"({len(train)} train, {len(test)} held out)",
     )
+
+
+def _data_config(config: dict[str, Any], channels: int) -> dict[str, Any]:
+    """timm's data config for a model that takes ``channels`` channels. The config comes from
+    the model's ``pretrained_cfg``, which says 3 channels even for ``in_chans=1``: a 1-channel
+    model reads the images as grayscale, normalised with the mean of the RGB means and stds
+    (what a grayscale pixel of the same scene averages to). Other counts have no image mode."""
+    if channels == config["input_size"][0]:
+        return config
+    if channels != 1:
+        raise InvalidArgumentError(
+            f"the model takes {channels} input channels; an image folder gives 1 (grayscale) "
+            "or 3 (RGB)"
+        )
+    return {
+        **config,
+        "input_size": (1, *config["input_size"][1:]),
+        "mean": (sum(config["mean"]) / len(config["mean"]),),
+        "std": (sum(config["std"]) / len(config["std"]),),
+    }
 
 
 def _inputs_only(items: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:

@@ -41,34 +41,20 @@ from .export_decoder import dynamic_shapes as decoder_shapes
 from .export_decoder import example_inputs as decoder_example_inputs
 from .inputs import as_kwargs, example_inputs_for
 from .modes import eval_mode
+from .names import summarise
+from .options import (  # noqa: F401 (re-exported)
+    DEFAULT_DTYPE,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    OPSETS,
+    TOLERANCE,
+    check_opset,
+)
 from .paths import check_input_path, check_output_path, staged_output
 from .serf import aten_for_onnx, keep_custom_op
 
 _TWO_GB = 2 * 1024**3
-DEFAULT_OPSET = 20
-DEFAULT_DTYPE = "fp32"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
-TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
-# The opsets the exporter writes as asked, measured on torch 2.14 + onnxruntime 1.32: 18 is the
-# lowest it implements; below, it converts down after export and quietly keeps 18 where that
-# fails (17 failed on timm's test_resnet, 16 and lower on a Linear+GELU), and 26 fails to
-# convert. The opset actually written is read back from the file, so drift is caught too.
-OPSETS = range(18, 26)
-# torch's two ONNX exporters: "auto" tries the dynamo exporter (torch.export), then, when every
-# shape plan fails there, TorchScript's (torch.jit.trace), which gets past what torch.export
-# cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
-EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-def check_opset(opset: object) -> int:
-    """``opset`` when the exporter can write it, else ExportError (a usage error)."""
-    if type(opset) is not int or opset not in OPSETS:
-        raise ExportError(
-            f"opset {opset!r} is not supported: use {OPSETS.start} to {OPSETS.stop - 1} "
-            "(lower opsets cannot express what the exporter writes)"
-        )
-    return opset
 
 
 @dataclass
@@ -113,11 +99,14 @@ class ExportReport:
             ),
             f"  exporter: {self.exporter}"
             + (f" ({self.exporter_note})" if self.exporter_note else ""),
-            "  inputs: " + ", ".join(f"{k} {list(v)}" for k, v in self.inputs.items()),
-            "  outputs: " + ", ".join(self.outputs),
+            # a KV cache's 60 names in one entry each: past_key_values.{0..29}.key/value [...]
+            "  inputs: " + ", ".join(summarise((k, str(list(v))) for k, v in self.inputs.items())),
+            "  outputs: " + ", ".join(summarise((name, "") for name in self.outputs)),
             "  dynamic axes: "
             + (
-                ", ".join(f"{k}[{', '.join(v)}]" for k, v in self.dynamic_axes.items())
+                ", ".join(
+                    summarise(((k, f"[{', '.join(v)}]") for k, v in self.dynamic_axes.items()), "")
+                )
                 or "none (static shapes)"
             ),
         ]

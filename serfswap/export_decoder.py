@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .errors import TaskError
+from .options import TASKS
 
-TASKS = ("default", "text-generation-with-past")
 WITH_PAST = "text-generation-with-past"
 
 

@@ -31,6 +31,19 @@ def can_infer(model: nn.Module) -> bool:
     return getattr(model, "config", None) is not None and hasattr(model, "main_input_name")
 
 
+def timm_channels(model: nn.Module) -> int:
+    """The input channels a timm model takes. Its ``pretrained_cfg`` says 3 even when it was
+    built with ``in_chans=1``: the first convolution's weight knows, so it is read first."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels = int(cfg.get("input_size", (3,))[0])
+    first = cfg.get("first_conv")
+    first = first[0] if isinstance(first, list | tuple) and first else first
+    with contextlib.suppress(AttributeError, TypeError):
+        weight = model.get_parameter(f"{first}.weight")
+        channels = int(weight.shape[1]) if weight.dim() == 4 else channels
+    return channels
+
+
 def example_inputs_for(
     model: nn.Module, *, batch: int = 2, seq: int = 8
 ) -> dict[str, torch.Tensor]:
@@ -40,13 +53,8 @@ def example_inputs_for(
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:  # timm
-        channels, *size = cfg["input_size"]
-        first = cfg.get("first_conv")  # in_chans=1 models: the weights know, the cfg does not
-        first = first[0] if isinstance(first, list | tuple) and first else first
-        with contextlib.suppress(AttributeError, TypeError):
-            weight = model.get_parameter(f"{first}.weight")
-            channels = weight.shape[1] if weight.dim() == 4 else channels
-        return {"x": torch.randn(batch, channels, *size)}
+        _, *size = cfg["input_size"]
+        return {"x": torch.randn(batch, timm_channels(model), *size)}
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
@@ -72,8 +80,7 @@ def example_inputs_for(
     if main == "input_values":
         inputs["input_values"] = torch.randn(batch, 16000)
     if main == "input_features":
-        frames = 2 * getattr(config, "max_source_positions", 1500)
-        inputs["input_features"] = torch.randn(batch, config.num_mel_bins, frames)
+        inputs["input_features"] = _input_features(config, batch, seq)
     if getattr(config, "is_encoder_decoder", False) and accepts(model, "decoder_input_ids"):
         start = getattr(config, "decoder_start_token_id", None) or 0
         inputs["decoder_input_ids"] = torch.full((batch, max(seq // 2, 2)), start)
@@ -82,6 +89,27 @@ def example_inputs_for(
             f"cannot infer example inputs for main input {main!r}: pass example_inputs"
         )
     return inputs
+
+
+def _input_features(config: Any, batch: int, seq: int) -> torch.Tensor:
+    """Audio features, in the layout each family's config describes: Whisper's log-mel
+    spectrogram ``[batch, num_mel_bins, 2 * max_source_positions]`` (its length is fixed);
+    Speech2Text's filter banks ``[batch, frames, input_feat_per_channel * input_channels]``,
+    frames being halved by each convolution; Wav2Vec2-BERT's and SeamlessM4T's
+    ``[batch, frames, feature_projection_input_dim]``."""
+    if hasattr(config, "num_mel_bins"):
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return torch.randn(batch, config.num_mel_bins, frames)
+    frames = 2 ** getattr(config, "num_conv_layers", 2) * seq
+    if hasattr(config, "input_feat_per_channel"):
+        width = config.input_feat_per_channel * getattr(config, "input_channels", 1)
+        return torch.randn(batch, frames, width)
+    if hasattr(config, "feature_projection_input_dim"):
+        return torch.randn(batch, frames, config.feature_projection_input_dim)
+    raise ExampleInputsError(
+        f"cannot infer input_features for a {type(config).__name__} (its config names no "
+        "feature size serfswap knows): pass example_inputs"
+    )
 
 
 def as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:

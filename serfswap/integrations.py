@@ -1,88 +1,26 @@
-"""Serf where users of timm and transformers look for activations, and HF configs that say so.
-
-``import serfswap`` must not import timm or transformers (they are optional and slow to import),
-so registration is a post-import hook: if the library is already imported, Serf is registered
-at once; otherwise a ``sys.meta_path`` finder registers it right after the library's activation
-module is first imported. Either way ``timm.layers.get_act_layer("serf")`` and
-``transformers.activations.ACT2FN["serf"]`` give Serf.
+"""HuggingFace configs that say "serf" where the activations were converted, and how they load
+back. The registration of Serf as "serf" in timm and transformers is :mod:`serfswap.hooks`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.abc
-import importlib.machinery
 import re
-import sys
-from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 from torch import nn
 
 from .activations import string_family
+from .hooks import NAME
 from .report import Plan
-from .serf import Serf, serf
 
-NAME = "serf"
 _package = "serfswap"
-
-
-def _register_timm(create_act: ModuleType) -> None:
-    create_act._ACT_LAYER_DEFAULT[NAME] = Serf
-    create_act._ACT_FN_DEFAULT[NAME] = serf
-
-
-def _register_transformers(activations: ModuleType) -> None:
-    activations.ACT2CLS[NAME] = Serf
-    activations.ACT2FN[NAME] = Serf
-
-
-_HOOKS: dict[str, Callable[[ModuleType], None]] = {
-    "timm.layers.create_act": _register_timm,
-    "transformers.activations": _register_transformers,
-}
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    """Runs the real loader, then the registration."""
-
-    def __init__(self, loader: importlib.abc.Loader, hook: Callable[[ModuleType], None]) -> None:
-        self.loader = loader
-        self.hook = hook
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self.loader.exec_module(module)
-        self.hook(module)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        hook = _HOOKS.get(fullname)
-        if hook is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _RegisteringLoader(spec.loader, hook)
-                return spec
-        return None
-
-
-def register() -> None:
-    """Register Serf as "serf" in timm and transformers, now or when they are imported."""
-    for name, hook in _HOOKS.items():
-        if name in sys.modules:
-            hook(sys.modules[name])
-    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportFinder())
+# What a saved config says to whoever loads it. serfswap is not on a package index: it installs
+# from its source (a checkout, or a git URL), which is what the hint says.
+INSTALL_HINT = (
+    f"activations replaced by Serf: install {_package} from its source (`pip install -e .` in a "
+    f"checkout of it) and `import {_package}` before from_pretrained"
+)
 
 
 # HuggingFace configs -------------------------------------------------------------------------
@@ -138,8 +76,7 @@ def update_hf_config(model: nn.Module, report: Plan) -> dict[str, tuple[str, str
         setattr(
             config,
             _MARKER,
-            f"activations replaced by Serf; `pip install {_package}` and "
-            f"`import {_package}` before from_pretrained",
+            INSTALL_HINT,
         )
     return updates
 

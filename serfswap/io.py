@@ -41,7 +41,16 @@ from ._version import __version__
 from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
 from .integrations import config_before
-from .paths import StrPath, check_input_path, check_output_path, staged_output
+from .paths import (
+    StrPath,
+    check_input_path,
+    check_output_folder,
+    check_output_path,
+    check_weights_path,
+    is_onnx,
+    onnx_given,
+    staged_output,
+)
 
 FORMAT = "serfswap-checkpoint/1"
 # arch["head"] of a checkpoint of a transformers model with its language-model head; absent for
@@ -115,6 +124,22 @@ def timm_arch(name: str, state: dict[str, torch.Tensor] | None = None,
     arch = {"kind": "timm", "name": name, "num_classes": model.num_classes,
             **({"kwargs": extra} if extra else {})}  # fmt: skip
     loaded = Loaded(model, f"timm:{name}", arch)
+    # Read from the weights and unlike the architecture's default (a fine-tuned head, a
+    # grayscale stem): said, since nothing else shows the user what shape was built.
+    cfg = model.pretrained_cfg
+    defaults = {
+        "num_classes": cfg.get("num_classes", 1000),
+        "in_chans": cfg.get("input_size", (3,))[0],
+    }
+    inferred = {
+        k: v for k, v in kwargs.items() if k in defaults and k not in given and v != defaults[k]
+    }
+    if inferred:
+        loaded.notes.append(
+            f"timm:{name} shaped like its weights: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(inferred.items()))
+            + " (--num-classes / --model-kwargs set them)"
+        )
     if state is None:
         loaded.notes.append(
             f"timm:{name} has random weights here (seeded, so runs agree); "
@@ -387,6 +412,51 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     model.load_state_dict(state)
 
 
+# HuggingFace folders -------------------------------------------------------------------------
+
+# Files of a model folder that save_pretrained writes anew (weights, their index, the config):
+# never copied from the original folder. Everything else (tokenizer, sentence-transformers'
+# modules.json and 1_Pooling/...) is the model's company and is copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
+
+
+def save_hf_folder(
+    model: nn.Module, folder: StrPath, *, files_from: StrPath | None = None
+) -> list[str]:
+    """Write a converted transformers model as a HuggingFace folder (``save_pretrained``: its
+    config says "serf" where the activations were converted, so ``from_pretrained`` after
+    ``import serfswap`` rebuilds it), with the other files of ``files_from`` (the original
+    folder: tokenizer, sentence-transformers modules) copied beside it. The folder is written
+    in a staging folder and moved into place whole. Returns the names copied.
+    """
+    import shutil
+
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise InvalidArgumentError(
+            f"a HuggingFace folder needs a transformers model, not a {type(model).__name__}; "
+            "write a serfswap checkpoint (a .safetensors file) instead"
+        )
+    source = check_input_path(files_from) if files_from is not None else None
+    if source is not None and not source.is_dir():
+        raise InvalidArgumentError(f"--files-from {files_from}: not a folder")
+    copied = []
+    with staged_output(check_output_folder(folder)) as staged:
+        with _no_progress_bars():
+            model.save_pretrained(staged)
+        for entry in sorted(source.iterdir()) if source is not None else []:
+            name = entry.name
+            weights = name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+            card = name == "README.md"  # the original's model card: not this model's
+            if name.startswith(".") or weights or card or (staged / name).exists():
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, staged / name)
+            else:
+                shutil.copy2(entry, staged / name)
+            copied.append(name)
+    return copied
+
+
 # Checkpoints ---------------------------------------------------------------------------------
 
 
@@ -600,7 +670,7 @@ def load_model(
     if spec.startswith("timm:") and not Path(spec).exists():
         if weights is None:
             return build_arch(spec, timm_kwargs=timm_kwargs)
-        wpath = check_input_path(weights)
+        wpath = check_weights_path(weights)
         state = _weights_file(wpath, trust_pickle)
         loaded = build_arch(spec, state=state, timm_kwargs=timm_kwargs)
         load_weights(loaded.model, state, wpath)
@@ -608,6 +678,8 @@ def load_model(
     if timm_kwargs and not arch:
         raise ModelSpecError("--num-classes and --model-kwargs shape timm architectures only")
     path = _existing(spec)
+    if is_onnx(path):
+        raise ModelSpecError(onnx_given(spec))
     if path.is_dir():
         import transformers
 

@@ -97,3 +97,87 @@ def staged_output(path: Path) -> Iterator[Path]:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# What a file is, from its first bytes: enough to say "that is an ONNX file" or "that is an
+# image" where a command expects something else, before any heavy import.
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+_ONNX_FIELDS = frozenset(range(0x12, 0x5B, 8))  # protobuf tags of ModelProto's fields 2 to 11
+
+
+def _head(path: Path, size: int = 16) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def is_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model file: its suffix, or a protobuf ModelProto's start
+    (field 1 ``ir_version``, a small varint, then another of its fields)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".onnx":
+        return True
+    head = _head(path, 3)
+    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] <= 32 and head[2] in _ONNX_FIELDS
+
+
+def is_image(path: Path) -> bool:
+    """Whether ``path`` is an image file (PNG, JPEG, GIF, BMP, TIFF, WebP), from its bytes."""
+    head = _head(path)
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def onnx_given(spec: StrPath) -> str:
+    """What to say when an ONNX file is given where a PyTorch model is read."""
+    return (
+        f"{spec} is an ONNX file: serfswap reads the PyTorch model (timm, transformers, a "
+        "torch.nn module; its activations are modules to replace) and writes ONNX; convert "
+        "the model the file was exported from (`serfswap export MODEL OUT.onnx --convert` "
+        "converts and exports in one go)"
+    )
+
+
+def check_weights_path(spec: StrPath) -> Path:
+    """``spec`` as a Path when it is a weights file (not a folder: a HuggingFace model folder
+    is MODEL itself, a state dict is one file)."""
+    path = check_input_path(spec)
+    if path.is_dir():
+        folder = (
+            " (a HuggingFace model folder: give it as MODEL)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"--weights {spec} is a directory{folder}; give the weights file "
+            "(.safetensors, or a state dict saved with torch.save)"
+        )
+    if is_onnx(path):
+        raise InvalidArgumentError(onnx_given(spec))
+    return path
+
+
+def wants_folder(spec: StrPath) -> bool:
+    """Whether an output names a folder: it ends with a separator or is an existing folder."""
+    text = os.fspath(spec)
+    return text.endswith((os.sep, "/")) or Path(text).is_dir()
+
+
+def check_output_folder(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> Path:
+    """``spec`` as a Path when a folder can be written there: new, or an empty folder (a
+    model folder's files are never overwritten or mixed with others), in a writable place,
+    and not one of the inputs."""
+    path = Path(os.fspath(spec).rstrip("/" + os.sep) or os.sep)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InvalidArgumentError(f"{spec} is not an empty folder; give a new or empty one")
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    for given in inputs:
+        if given is not None and _same(path, Path(given)):
+            raise InvalidArgumentError(f"{spec} is the input {given}; write somewhere else")
+    return path

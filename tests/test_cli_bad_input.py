@@ -205,8 +205,11 @@ def test_format_is_read_from_content_not_suffix(tmp_path: Path, capsys) -> None:
 
 
 def test_output_named_as_a_folder_is_an_error_not_a_file(tmp_path: Path, capsys) -> None:
-    code, _, err = run(capsys, "convert", "timm:test_resnet", "-o", f"{tmp_path}/newdir/")
+    code, _, err = run(capsys, "export", "timm:test_resnet", "-o", f"{tmp_path}/newdir/")
     assert code == 2 and "is a directory; give a file name" in one_line(err)
+    # convert writes a HuggingFace folder there (issue 23): transformers models only
+    code, _, err = run(capsys, "convert", "timm:test_resnet", "-o", f"{tmp_path}/newdir/")
+    assert code == 2 and "a HuggingFace folder needs a transformers model" in one_line(err)
     assert list(tmp_path.iterdir()) == []
 
 

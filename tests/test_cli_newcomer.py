@@ -172,11 +172,17 @@ def test_debug_after_the_command_and_the_subcommands_usage(tmp_path: Path) -> No
     assert "unrecognized arguments: --bogus" in result.stderr
 
 
-def test_library_errors_speak_the_command_line(capsys) -> None:
-    code, _, err = run(capsys, "inspect", "timm:test_resnet", "--activations", "gelu")
+def test_library_errors_speak_the_command_line(tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "c.safetensors")
+    code, _, err = run(capsys, "convert", "timm:test_resnet", "--activations", "gelu", "-o", out)
     assert code == 2
     assert "none of which is in --activations gelu; pass e.g. --activations relu" in err
     assert "activations=" not in err
+    # inspect shows the plan that converts nothing (issue 23), its note in the same words
+    code, stdout, err = run(capsys, "inspect", "timm:test_resnet", "--activations", "gelu")
+    assert code == 0, err
+    assert "none of which is in --activations gelu; pass e.g. --activations relu" in stdout
+    assert "activations=" not in stdout
 
 
 def test_trust_pickle_finds_classes_in_the_current_folder(tmp_path: Path) -> None:

@@ -262,7 +262,9 @@ def test_no_activation_at_all() -> None:
     with pytest.raises(serfswap.NothingToConvertError, match="only 1 gates"):
         serfswap.convert(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid()))
     with pytest.raises(serfswap.NothingToConvertError, match="found no activation"):
-        serfswap.plan(nn.Linear(2, 2))
+        serfswap.convert(nn.Linear(2, 2))
+    plan = serfswap.plan(nn.Linear(2, 2))  # the plan shows what would happen: nothing, and why
+    assert plan.sites == [] and plan.notes[-1].startswith("nothing to convert: found no activ")
 
 
 def test_bad_option_types_are_clear_errors() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import serfswap
+from serfswap.integrations import INSTALL_HINT
 
 from .zoo.check import tensors
 from .zoo.hf_zoo import config, inputs
@@ -79,7 +80,9 @@ def test_save_pretrained_from_pretrained_round_trip(
         expected = tensors(converted(**batch))
     converted.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert "pip install serfswap" in saved["serfswap"]
+    assert saved["serfswap"] == INSTALL_HINT
+    assert "pip install serfswap" not in saved["serfswap"], "no index has it (issue 23)"
+    assert "from its source" in saved["serfswap"]
     loaded = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert any(isinstance(m, serfswap.Serf) for m in loaded.modules())
     with torch.no_grad():

@@ -143,7 +143,10 @@ def test_a_wildcard_include_does_not_name_it() -> None:
         report = serfswap.plan(LinearAttention(), **options)  # type: ignore[arg-type]
         assert not _site(report, "feature_map").convert, options
     with pytest.raises(NothingToConvertError, match=r"kept as positivity constraints: feature_map"):
-        serfswap.plan(LinearAttention(), include="feature_*")
+        serfswap.convert(LinearAttention(), include="feature_*")
+    report = serfswap.plan(LinearAttention(), include="feature_*")  # shows it, and why
+    assert not report.converted and not _site(report, "feature_map").convert
+    assert "kept as positivity constraints: feature_map" in report.notes[-1]
 
 
 def test_include_naming_only_the_constraint() -> None:
