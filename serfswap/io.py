@@ -42,6 +42,7 @@ from .convert import REPORT_ATTR, convert
 from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
 from .integrations import config_before
 from .paths import StrPath, check_input_path, check_output_path, staged_output
+from .remote_code import never_ask, refuse_remote_code, without_remote_code
 
 FORMAT = "serfswap-checkpoint/1"
 # arch["head"] of a checkpoint of a transformers model with its language-model head; absent for
@@ -141,9 +142,18 @@ def _hf_config(directory: Path) -> dict[str, Any]:
 
 
 def _needs_remote_code(config: dict[str, Any], where: str, trust_remote_code: bool) -> bool:
-    """Whether only code shipped with the model can build it; refused unless trusted."""
+    """Whether only code shipped with the model can build it; refused unless trusted.
+
+    Untrusted, a remote-code key anywhere below the top level (a sub-config such as DETR's
+    ``backbone_config``, a list of configs) is refused: transformers loads sub-configs without
+    the caller's ``trust_remote_code`` and would ask on stdin. A top-level ``auto_map`` of a
+    type transformers knows is ignored, since serfswap passes ``trust_remote_code=False``.
+    """
     from transformers import CONFIG_MAPPING
 
+    never_ask()
+    if not trust_remote_code:
+        refuse_remote_code(config, where, skip_top=frozenset({"auto_map"}))
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelLoadError(f"{where}: the config names no model_type (a string)")
@@ -293,10 +303,13 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
     except ModelLoadError:
         raise
     except safe_pickle.UnsafePickleError as exc:
-        what = f"needs {_listed(exc.names)}" if exc.names else str(exc)
+        if not exc.names:  # refused for its form: a reason, not a list of names
+            raise ModelLoadError(
+                f"{path}: refused before unpickling: {exc}. If you trust it, pass --trust-pickle"
+            ) from None
         raise ModelLoadError(
-            f"{path} is a pickle that {what}, which serfswap loads only by running code from "
-            "the file. If you trust it, pass --trust-pickle"
+            f"{path} is a pickle that needs {_listed(exc.names)}, which serfswap loads only by "
+            "running code from the file. If you trust it, pass --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
@@ -413,6 +426,9 @@ def save_checkpoint(
             f"cannot describe a {type(model).__name__} (neither timm nor transformers) for a "
             "checkpoint without pickled code; pass arch= or save its state_dict"
         )
+    # A config that came with remote-code keys (at any depth: a pickled model's sub-config)
+    # is written without them: the checkpoint rebuilds transformers' own classes only.
+    arch = without_remote_code(arch)
     entries = {
         **(metadata or {}),
         "format": FORMAT,
@@ -479,6 +495,9 @@ def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
         _require(arch.get("head", CAUSAL_LM) == CAUSAL_LM, path, "arch.head",
                  f"{CAUSAL_LM!r} or absent")  # fmt: skip
         _needs_remote_code(config, str(path), trust_remote_code=False)
+        # serfswap never writes one (see save_checkpoint): a file that has one was not
+        # written by it, and a rebuilt config would carry it into transformers.
+        refuse_remote_code(config, f"{path}: checkpoint field arch.config")
     return arch
 
 
@@ -627,6 +646,8 @@ def load_model(
         return Loaded(_load_program(path, trust_pickle), spec)
     if kind in ("torch", "pickle"):
         obj = _unpickle(path, trust_pickle)
+        if "transformers" in sys.modules:  # a transformers model: nothing later may ask
+            never_ask()
         if isinstance(obj, nn.Module):
             return Loaded(obj, spec, describe(obj))
         return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code, timm_kwargs)

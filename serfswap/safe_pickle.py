@@ -60,7 +60,8 @@ _MODULES = re.compile(
     r"|transformers\.models\.\w+\.(modeling|configuration)_\w+"
     r"|transformers\.(activations|pytorch_utils|modeling_utils|configuration_utils)"
     r"|transformers\.generation\.configuration_utils"
-    r"|serfswap\.(serf|report|functional)"
+    r"|transformers\.backbone_utils"  # BackboneType, an enum DETR-like models keep
+    r"|serfswap\.(serf|report|functional|activations)"
 )
 
 # Functions a model may hold as an attribute that a file may name (elementwise math, no I/O,
@@ -139,11 +140,71 @@ def _pop_mark(stack: list[Any]) -> list[Any]:
     raise UnsafePickleError([], "malformed pickle (no MARK)")
 
 
+# Bounds of the scan. A model's pickle holds a few hundred opcodes per module and its tensors'
+# bytes live elsewhere (a torch.save archive's data/ records): a pickled 7B LLaMA is well under
+# 100 000 opcodes and a few MB. Past these, the file is refused without reading further: a
+# 21 KB archive can deflate to tens of MB of opcodes, and each costs time and memory to follow.
+MAX_OPCODES = 2_000_000
+MAX_MEMO = 500_000
+MAX_PICKLE_BYTES = 256 * 2**20
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only view of ``stream`` that refuses to go past ``limit`` bytes, checked before
+    each read: an opcode that declares a 2**60-byte string is refused, never allocated."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._left = limit
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # genops reports positions; a zip member cannot seek
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise UnsafePickleError(
+                [], f"a pickle over {MAX_PICKLE_BYTES >> 20} MiB (a model's is a few MB)"
+            )
+        data = self._stream.read(size)
+        self._left -= len(data)
+        self._position += len(data)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self._stream.readline(min(self._left, 2**16))
+        self._left -= len(line)
+        self._position += len(line)
+        return line
+
+
+def _opcodes(stream: BinaryIO) -> Any:
+    """pickletools' opcodes of the first pickle in ``stream``, read lazily and bounded."""
+    count = 0
+    try:
+        for item in pickletools.genops(_Bounded(stream, MAX_PICKLE_BYTES)):
+            count += 1
+            if count > MAX_OPCODES:
+                raise UnsafePickleError(
+                    [], f"a pickle of more than {MAX_OPCODES} opcodes (a model's has far fewer)"
+                )
+            yield item
+    except UnsafePickleError:
+        raise
+    except Exception as exc:  # genops raises ValueError and others on malformed input
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafePickleError([], f"malformed pickle ({reason})") from None
+
+
 def scan(data: bytes | BinaryIO) -> PickleScan:
     """Follow the (first) pickle's stack symbolically: which globals it names, which it calls.
 
     Fails closed: a global whose name is computed (not a literal string) or a call of anything
-    but a named global is an error, never a guess.
+    but a named global is an error, never a guess. Streams: opcodes are followed as they are
+    read, within MAX_OPCODES, MAX_MEMO and MAX_PICKLE_BYTES.
     """
     # Long: one branch per kind of opcode that moves names or calls, over one stack and memo.
     # Read as a table against pickletools' opcode list; split, every piece would share them.
@@ -157,11 +218,9 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
         result.called.add(obj.name)
 
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    try:
-        ops = list(pickletools.genops(stream))
-    except Exception as exc:  # genops raises ValueError and others on malformed input
-        raise UnsafePickleError([], f"malformed pickle ({exc})") from None
-    for op, arg, _ in ops:
+    for op, arg, _ in _opcodes(stream):
+        if len(memo) > MAX_MEMO:
+            raise UnsafePickleError([], f"a pickle whose memo exceeds {MAX_MEMO} entries")
         name = op.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
@@ -226,10 +285,12 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
 
 
 def _data_classes() -> tuple[type, ...]:
-    from . import functional, report
+    from . import activations, functional, report
 
+    # Every serfswap class a converted model holds: the report, the functional wrappers, and
+    # the FunctionInfo an activation stored as an attribute carries.
     classes: list[type] = [report.Plan, report.Site, functional.SerfFunction,
-                           functional.FunctionalScope]  # fmt: skip
+                           functional.FunctionalScope, activations.FunctionInfo]  # fmt: skip
     try:
         import transformers
 
@@ -278,14 +339,40 @@ def _reviewed_setstate(cls: type) -> bool:
 # Loading ---------------------------------------------------------------------------------------
 
 
-def _zip_pickle(path: Path) -> bytes:
-    """The ``data.pkl`` of a ``torch.save`` archive (one top-level folder, as torch writes)."""
+def _is_torch_zip(path: Path) -> bool:
+    """Whether torch reads ``path`` as a zip archive: by its first four bytes, as
+    ``torch.serialization._is_zipfile`` decides (Python's ``zipfile`` looks at the end)."""
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _scan_zip(path: Path) -> PickleScan:
+    """The scan of the ``data.pkl`` of a ``torch.save`` archive (one top-level folder, as torch
+    writes), streamed from the archive.
+
+    The scan must see the record torch will unpickle. torch's reader (miniz) finds a name
+    ignoring case and takes the first of equal names; Python's ``zipfile`` takes the last. An
+    archive with two members whose names are equal ignoring case has two readings: refused.
+    """
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
+        folded: set[str] = set()
+        for name in names:
+            if name.casefold() in folded:
+                raise UnsafePickleError(
+                    [], f"an archive with two members named {name!r} (ignoring case): torch and "
+                    "a scan would read different ones"
+                )  # fmt: skip
+            folded.add(name.casefold())
         tops = {n.split("/", 1)[0] for n in names}
         if len(tops) != 1:
             raise UnsafePickleError([], "not a torch.save archive (several top-level folders)")
-        return archive.read(f"{tops.pop()}/data.pkl")
+        try:
+            member = archive.open(f"{tops.pop()}/data.pkl")
+        except KeyError:
+            raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
+        with member:
+            return scan(member)
 
 
 def _torch_load(path: Path, *, weights_only: bool) -> Any:
@@ -320,17 +407,19 @@ def load(path: Path, *, trust: bool = False) -> Any:
 
 def _load_untrusted(path: Path) -> Any:
     default = _default_allowed()
-    if not zipfile.is_zipfile(path):  # torch's legacy format, or a bare pickle
+    if not _is_torch_zip(path):  # torch's legacy format, or a bare pickle
+        if zipfile.is_zipfile(path):  # a zip appended: zipfile and torch read different data
+            raise UnsafePickleError(
+                [], "a pickle with a zip archive appended (torch reads the pickle, a zip reader "
+                "the archive): not a file torch.save writes"
+            )  # fmt: skip
         with path.open("rb") as f:
             usage = scan(f)  # the first pickle; a legacy file's model follows, torch checks it
         refused = sorted(n for n in usage.names if n not in default)
         if refused:
             raise UnsafePickleError(refused)
         return _torch_load(path, weights_only=True)  # nothing added
-    try:
-        usage = scan(_zip_pickle(path))
-    except KeyError:
-        raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
+    usage = _scan_zip(path)
     allowed, refused = [], []
     for name in sorted(usage.names - default):
         try:

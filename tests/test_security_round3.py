@@ -1,0 +1,381 @@
+"""Loading, round 3 (issue 24): remote code at any depth, pickles read two ways, outputs onto
+inputs, files that hang or eat memory, and serfswap's own output loaded back.
+
+Same method as ``test_security.py``: each payload is first shown to run through the plain
+library (so that no test passes because its payload is broken), then refused by the CLI in a
+subprocess, with ``y`` lines on stdin (as ``yes |`` gives) and with a silent pipe (a prompt
+would wait there): the marker never appears, the command fails with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_security import _env, assert_refused, cli, python, touch
+
+timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
+transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+
+PROMPT = "Do you wish to run the custom code"
+
+
+def cli_silent(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI with stdin a pipe that stays open and says nothing: a prompt would wait on it
+    (transformers' own timeout is 15 s), a command that never asks does not."""
+    read, write = os.pipe()
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "serfswap", *argv], stdin=read, capture_output=True,
+            text=True, timeout=300, cwd=cwd, env=_env(cwd), check=False,
+        )  # fmt: skip
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def both_stdins(*argv: str, cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """The command run with ``yes``-style stdin and with a silent pipe; never prompted."""
+    results = [cli(*argv, cwd=cwd), cli_silent(*argv, cwd=cwd)]
+    for result in results:
+        assert PROMPT not in result.stdout + result.stderr, result.stdout[-2000:]
+    return results
+
+
+# Nested auto_map -----------------------------------------------------------------------------
+
+
+def _tiny_bert() -> dict[str, object]:
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    return config.to_dict()
+
+
+def _evil_module(folder: Path, marker: Path, name: str, body: str) -> None:
+    (folder / f"{name}.py").write_text(touch(marker) + "\n" + textwrap.dedent(body))
+
+
+def _detr_config(folder: Path, marker: Path) -> dict[str, object]:
+    """A DETR config (a type transformers knows) whose backbone_config (a BERT) points its
+    AutoBackbone at ``folder``'s modeling_evil.py, in the ``repo--module.Class`` form."""
+    folder.mkdir(exist_ok=True)
+    _evil_module(folder, marker, "modeling_evil", "class EvilBackbone:\n    pass\n")
+    code = f"{folder}--modeling_evil.EvilBackbone"
+    backbone = {**_tiny_bert(), "auto_map": {"AutoBackbone": code}}
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, use_pretrained_backbone=False,
+    )  # fmt: skip
+    config.save_pretrained(folder)
+    return json.loads((folder / "config.json").read_text())
+
+
+def _nested_runs_through_transformers(folder: Path, marker: Path, tmp_path: Path) -> None:
+    """The control: transformers builds the model from the config, is asked, and ``y`` runs
+    the folder's code."""
+    code = (f"import transformers\ntry:\n    c = transformers.AutoConfig.from_pretrained("
+            f"{str(folder)!r})\n    transformers.AutoModel.from_config(c)\nexcept Exception:\n"
+            "    pass")  # fmt: skip
+    result = python(code, tmp_path)
+    assert marker.exists(), f"the payload is broken, the test would prove nothing: {result}"
+    marker.unlink()
+
+
+def test_nested_auto_map_in_a_folder_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "detr"
+    _detr_config(folder, marker)
+    _nested_runs_through_transformers(folder, marker, tmp_path)
+    from safetensors.torch import save_file  # weights: transformers gets as far as the model
+
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for result in both_stdins("inspect", str(folder), cwd=tmp_path):
+        assert_refused(result, marker, "backbone_config.auto_map")
+
+
+def test_nested_auto_map_through_arch_never_runs(tmp_path: Path) -> None:
+    """--arch hf:DIR for a weights-only file: the config is read, never handed on."""
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "detr"
+    _detr_config(folder, marker)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    argv = ("inspect", str(tmp_path / "w.safetensors"), "--arch", f"hf:{folder}")
+    for result in both_stdins(*argv, cwd=tmp_path):
+        assert_refused(result, marker, "backbone_config.auto_map")
+
+
+def test_nested_auto_map_in_checkpoint_metadata_never_runs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "detr"
+    config = _detr_config(folder, marker)
+    _nested_runs_through_transformers(folder, marker, tmp_path)
+    metadata = {
+        "format": "serfswap-checkpoint/1",
+        "arch": json.dumps({"kind": "hf", "config": config}),
+        "swap": json.dumps({"activations": [], "sites": []}),
+    }
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "c.safetensors"), metadata=metadata)
+    for result in both_stdins("inspect", str(tmp_path / "c.safetensors"), cwd=tmp_path):
+        assert_refused(result, marker, "backbone_config.auto_map")
+
+
+def test_laundering_through_serfswap_output_never_runs(tmp_path: Path) -> None:
+    """A pickled DETR that loads safely, whose config carries the nested auto_map: convert
+    writes a checkpoint without it, and inspecting that checkpoint runs nothing."""
+    from safetensors import safe_open
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "code"
+    folder.mkdir()
+    _evil_module(folder, marker, "modeling_evil", "class EvilBackbone:\n    pass\n")
+    resnet = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 8],
+                                       depths=[1, 1, 1, 1], out_features=["stage4"])  # fmt: skip
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=resnet, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, use_pretrained_backbone=False,
+    )  # fmt: skip
+    model = transformers.DetrModel(config)
+    backbone = transformers.BertConfig(**_tiny_bert())
+    backbone.auto_map = {"AutoBackbone": f"{folder}--modeling_evil.EvilBackbone"}
+    model.config.backbone_config = backbone
+    torch.save(model, tmp_path / "detr.pt")
+    control = (f"import torch, transformers\nm = torch.load({str(tmp_path / 'detr.pt')!r}, "
+               "weights_only=False)\ntry:\n    transformers.AutoModel.from_config(m.config)\n"
+               "except Exception:\n    pass")  # fmt: skip
+    assert marker.exists() is False
+    python(control, tmp_path)
+    assert marker.exists(), "the payload is broken, the test would prove nothing"
+    marker.unlink()
+
+    out = tmp_path / "c.safetensors"
+    result = cli("convert", str(tmp_path / "detr.pt"), "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), framework="pt") as f:
+        arch = f.metadata()["arch"]
+    assert "auto_map" not in arch and "modeling_evil" not in arch, arch
+    assert json.loads(arch)["config"]["backbone_config"]["model_type"] == "bert"
+    for result in both_stdins("inspect", str(out), cwd=tmp_path):
+        assert not marker.exists(), f"the folder's code ran: {result.stderr[-2000:]}"
+        assert result.returncode != 0  # a BERT is no backbone: transformers says so
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_rag_tokenizer_subfolder_code_never_runs(tmp_path: Path) -> None:
+    """RagTokenizer loads question_encoder_tokenizer/ without the caller's trust_remote_code:
+    its auto_map makes transformers ask, and ``y`` runs the folder's code."""
+    marker = tmp_path / "pwned"
+    tok = tmp_path / "tok"
+    question, generator = tok / "question_encoder_tokenizer", tok / "generator_tokenizer"
+    question.mkdir(parents=True)
+    generator.mkdir()
+    body = """
+        from transformers import PreTrainedTokenizer
+        class EvilTokenizer(PreTrainedTokenizer):
+            pass
+    """
+    _evil_module(tok, marker, "evil_tok", body)
+    (question / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]},
+    }))  # fmt: skip
+    bert_tokenizer = {"tokenizer_class": "BertTokenizer"}
+    (generator / "tokenizer_config.json").write_text(json.dumps(bert_tokenizer))
+    (tok / "config.json").write_text(json.dumps({
+        "model_type": "rag", "question_encoder": {"model_type": "resnet"},
+        "generator": _tiny_bert(),
+    }))  # fmt: skip
+    (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RagTokenizer"}))
+    control = (f"import transformers\ntry:\n    transformers.AutoTokenizer.from_pretrained("
+               f"{str(tok)!r}, trust_remote_code=False)\nexcept Exception:\n    pass")  # fmt: skip
+    python(control, tmp_path)
+    assert marker.exists(), "the payload is broken, the test would prove nothing"
+    marker.unlink()
+
+    cfg = transformers.BertConfig(**_tiny_bert())
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text("\n".join(f"line {i}" for i in range(8)))
+    out = tmp_path / "o.safetensors"
+    argv = ("recover", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"),
+            "--tokenizer", str(tok), "--steps", "1", "-o", str(out))  # fmt: skip
+    for result in both_stdins(*argv, cwd=tmp_path):
+        assert_refused(result, marker, "question_encoder_tokenizer", "auto_map",
+                       "--trust-remote-code", after=True)  # fmt: skip
+        assert not out.exists()
+
+
+def test_never_ask_makes_transformers_refuse_without_reading_stdin(tmp_path: Path) -> None:
+    """The process-wide answer: after serfswap loads anything from transformers, a nested
+    remote-code load elsewhere in the process fails at once instead of prompting."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "detr"
+    _detr_config(folder, marker)
+    code = textwrap.dedent(f"""
+        import transformers
+        from serfswap.remote_code import never_ask
+        never_ask()
+        c = transformers.AutoConfig.from_pretrained({str(folder)!r})
+        try:
+            transformers.AutoModel.from_config(c)
+        except ValueError as exc:
+            print("refused:", str(exc).splitlines()[0])
+    """)
+    result = python(code, tmp_path)
+    assert not marker.exists(), result.stdout
+    assert "refused: Loading this model requires you to execute custom code" in result.stdout
+    assert PROMPT not in result.stdout, result.stdout
+
+
+# One reading of each pickle ----------------------------------------------------------------------
+
+
+def _linear_called(in_features: int, out_features: int) -> bytes:
+    """A pickle that *calls* nn.Linear(in, out): what the scan refuses (REDUCE on a class)."""
+    return (b"\x80\x04\x8c\x17torch.nn.modules.linear\x8c\x06Linear\x93(K"
+            + bytes([in_features]) + b"K" + bytes([out_features]) + b"tR.")  # fmt: skip
+
+
+def _archive_with_extra(path: Path, extra_name: str, extra: bytes, *, first: bool) -> Path:
+    """torch.save(nn.Linear(4, 4)) with one more member ``archive/<extra_name>`` holding
+    ``extra``, before or after the real members."""
+    import io
+    import warnings
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Linear(4, 4), buffer)
+    buffer.seek(0)
+    with (
+        zipfile.ZipFile(buffer) as src,
+        zipfile.ZipFile(path, "w") as dst,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        top = src.infolist()[0].filename.split("/")[0]
+        if first:
+            dst.writestr(f"{top}/{extra_name}", extra)
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        if not first:
+            dst.writestr(f"{top}/{extra_name}", extra)
+    return path
+
+
+def test_archive_with_two_data_pkl_is_refused(tmp_path: Path) -> None:
+    """zipfile reads the last of two equal names, torch another: the scan would judge one
+    pickle and torch unpickle the other."""
+    import zipfile
+
+    evil = _archive_with_extra(tmp_path / "dup.pt", "data.pkl", _linear_called(3, 5), first=False)
+    with zipfile.ZipFile(evil) as archive:
+        assert archive.read("archive/data.pkl") == _linear_called(3, 5)  # what zipfile reads
+    assert torch.load(evil, weights_only=False).in_features == 4  # what torch reads: another
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "two members", "data.pkl", "--trust-pickle")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "last"])
+def test_archive_with_case_colliding_names_is_refused(first: bool, tmp_path: Path) -> None:
+    """torch finds a record ignoring case: ``archive/DATA.PKL`` is a data.pkl to it and not to
+    an exact lookup, so two such members are two readings."""
+    import io
+    import zipfile
+
+    only_upper = io.BytesIO()
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Linear(4, 4), buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(only_upper, "w") as dst:
+        for info in src.infolist():
+            name = info.filename.replace("data.pkl", "DATA.PKL")
+            dst.writestr(name, src.read(info))
+    only_upper.seek(0)
+    assert torch.load(only_upper, weights_only=False).in_features == 4  # torch ignores case
+    evil = _archive_with_extra(tmp_path / "case.pt", "DATA.PKL", _linear_called(3, 5), first=first)
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "two members", "ignoring case", "--trust-pickle")
+
+
+def test_legacy_pickle_with_a_zip_appended_is_refused(tmp_path: Path) -> None:
+    """torch reads a file as a zip only when it starts with one; zipfile finds an archive at
+    the end. A leading pickle with a benign archive appended was scanned as the archive."""
+    import io
+
+    from .test_security import call
+
+    marker = tmp_path / "pwned"
+    benign = io.BytesIO()
+    torch.save({"w": torch.zeros(1)}, benign)
+    evil = tmp_path / "appended.pt"
+    evil.write_bytes(call("os", "system", f"touch {marker}") + benign.getvalue())
+    python(f"import torch\ntry:\n    torch.load({str(evil)!r}, weights_only=False)\n"
+           "except Exception:\n    pass", tmp_path)  # fmt: skip
+    assert marker.exists(), "the payload is broken, the test would prove nothing"
+    marker.unlink()
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, marker, "zip archive appended", "--trust-pickle")
+
+
+def _peak_rss_mb(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """The CLI's exit and its peak resident memory (MB), measured by a wrapper process whose
+    only child it is."""
+    code = textwrap.dedent(f"""
+        import resource, subprocess, sys
+        r = subprocess.run([sys.executable, "-m", "serfswap", *{argv!r}], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        sys.stderr.write(r.stderr)
+        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=cwd, env=_env(cwd), check=False)  # fmt: skip
+    status, peak_kb = result.stdout.split()
+    result.returncode = int(status)
+    return int(peak_kb) / 1024, result
+
+
+def test_opcode_bomb_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """A 20 MiB data.pkl of NONE/POP deflates to a few KB; followed opcode by opcode, kept in a
+    list, it took 46 s and 2.9 GB. Now the scan stops at its opcode limit."""
+    import time
+    import zipfile
+
+    from .test_security import call, torch_zip
+
+    bomb = tmp_path / "bomb.pt"
+    torch_zip(tmp_path / "plain.pt", b"\x80\x02" + b"N0" * (10 * 2**20) + b"}.")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 100_000
+    small = torch_zip(tmp_path / "small.pt", call("torch", "os.system", "true"))
+    baseline, refused = _peak_rss_mb(["inspect", str(small)], tmp_path)  # same path, tiny file
+    assert_refused(refused, tmp_path / "never", "os.system")
+    start = time.monotonic()
+    peak, result = _peak_rss_mb(["inspect", str(bomb)], tmp_path)
+    elapsed = time.monotonic() - start
+    assert_refused(result, tmp_path / "never", "more than", "opcodes")
+    assert peak < baseline + 200, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"
+    assert elapsed < 60, f"{elapsed:.0f} s"
+
+
+def test_memo_bomb_is_refused(tmp_path: Path) -> None:
+    from serfswap import safe_pickle
+
+    from .test_security import torch_zip
+
+    entries = safe_pickle.MAX_MEMO + 10
+    assert 3 * entries < safe_pickle.MAX_OPCODES  # the memo limit, not the opcode one, is hit
+    evil = torch_zip(tmp_path / "memo.pt", b"\x80\x04" + b"N\x940" * entries + b"}.")
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "memo exceeds")
