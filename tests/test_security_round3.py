@@ -379,3 +379,75 @@ def test_memo_bomb_is_refused(tmp_path: Path) -> None:
     evil = torch_zip(tmp_path / "memo.pt", b"\x80\x04" + b"N\x940" * entries + b"}.")
     result = cli("inspect", str(evil), cwd=tmp_path)
     assert_refused(result, tmp_path / "never", "memo exceeds")
+
+
+# Outputs never onto inputs -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def recover_inputs(tmp_path: Path) -> dict[str, Path]:
+    """Real inputs of `recover timm:test_resnet --weights W --data IMAGES`, and links to them."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(weights))
+    (tmp_path / "link-to-weights").symlink_to(weights)
+    (tmp_path / "link-to-image").symlink_to(images / "0.png")
+    return {"weights": weights, "images": images, "image": images / "0.png",
+            "weights-link": tmp_path / "link-to-weights",
+            "image-link": tmp_path / "link-to-image"}  # fmt: skip
+
+
+def _recover_argv(inputs: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
+    return ["recover", "timm:test_resnet", "--weights", str(inputs["weights"]), "--data",
+            str(inputs["images"]), "--steps", "1", "--batch-size", "2",
+            "-o", str(tmp_path / "out.safetensors"), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["--log", "--plot"])
+@pytest.mark.parametrize("target", ["weights", "weights-link", "image", "image-link"])
+def test_side_outputs_never_overwrite_an_input(
+    option: str, target: str, recover_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    before = {k: p.read_bytes() for k, p in recover_inputs.items() if p.is_file()}
+    argv = _recover_argv(recover_inputs, tmp_path, option, str(recover_inputs[target]))
+    result = cli(*argv, cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "write somewhere else")
+    assert result.returncode == 2
+    assert {k: p.read_bytes() for k, p in recover_inputs.items() if p.is_file()} == before
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["images", "weights", "holds-weights"])
+def test_checkpoint_folder_never_an_input(
+    where: str, recover_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The checkpoint folder is not an input (folder or file), and holds no input in the
+    step-* folders a fresh run removes (weights taken from an earlier run's checkpoint)."""
+    folder = recover_inputs["images" if where == "images" else "weights"]
+    if where == "holds-weights":
+        folder = tmp_path / "ck"
+        inner = folder / "step-00000001" / "model.safetensors"
+        inner.parent.mkdir(parents=True)
+        recover_inputs["weights"].rename(inner)
+        recover_inputs["weights"] = inner
+    argv = _recover_argv(recover_inputs, tmp_path, "--checkpoint-dir", str(folder))
+    result = cli(*argv, cwd=tmp_path)
+    assert_refused(result, tmp_path / "never")
+    assert result.returncode == 2
+    assert sorted(p.name for p in recover_inputs["images"].iterdir()) == [
+        f"{i}.png" for i in range(6)
+    ]
+    assert recover_inputs["weights"].is_file()
+
+
+def test_two_outputs_of_one_command_are_refused(
+    recover_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    argv = _recover_argv(recover_inputs, tmp_path, "--log", str(tmp_path / "out.safetensors"))
+    assert_refused(cli(*argv, cwd=tmp_path), tmp_path / "never", "one file")
