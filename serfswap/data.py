@@ -102,8 +102,7 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
     except UnicodeDecodeError as exc:
         raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
     lines = [line for line in lines if line]
-    if not trust_remote_code:
-        check_tokenizer_folder(tokenizer_dir, hint=_TRUST_HINT)
+    check_tokenizer_folder(tokenizer_dir, _TRUST_HINT, trust_remote_code=trust_remote_code)
     never_ask()
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -139,6 +140,45 @@ def _hf_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{file}: a JSON {type(config).__name__}, not an object")
     return config
+
+
+# Index files of sharded weights: their weight_map names the files transformers opens.
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_folder_files(directory: Path) -> None:
+    """Every file transformers may open in a model folder is a regular file, checked before
+    it opens any: the folder's entries (links followed: a hub cache's point at its blobs), and
+    every shard an index names, which must also be a plain name inside the folder. A FIFO
+    would block ``open`` in native code, where neither Ctrl-C nor SIGTERM reaches Python."""
+    for entry in sorted(directory.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports a missing file itself
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelLoadError(f"{entry}: not a regular file (a FIFO, device or socket)")
+    for name in _INDEXES:
+        index = directory / name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a JSON object with a weight_map ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: weight_map is not an object")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            parts = PurePosixPath(shard).parts
+            if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard:
+                raise ModelLoadError(f"{index} names {shard!r}, not a file inside the folder")
+            check = directory.joinpath(*parts)
+            try:
+                regular = stat.S_ISREG(check.stat().st_mode)
+            except OSError:
+                raise ModelLoadError(f"{index} names {shard!r}, which is missing") from None
+            if not regular:
+                raise ModelLoadError(f"{index} names {shard!r}, which is not a regular file")
 
 
 def _needs_remote_code(config: dict[str, Any], where: str, trust_remote_code: bool) -> bool:
@@ -627,6 +667,7 @@ def load_model(
 
         config = _hf_config(path)
         _needs_remote_code(config, spec, trust_remote_code)
+        _check_folder_files(path)
         with _no_progress_bars():
             auto = transformers.AutoModel
             if causal_lm and _saved_as_causal_lm(config):

@@ -97,11 +97,15 @@ def without_remote_code(value: Any) -> Any:
     return value
 
 
-def check_tokenizer_folder(directory: Path, hint: str) -> None:
-    """Refuse a tokenizer folder when any JSON file in it or its sub-folders (a RAG
-    tokenizer's ``question_encoder_tokenizer/``) carries a remote-code key at any depth, or
-    when an entry is not a regular file or folder (a FIFO would block the reader)."""
-    for file in _json_files(directory, _FOLDER_DEPTH):
+def check_tokenizer_folder(directory: Path, hint: str, *, trust_remote_code: bool = False) -> None:
+    """Refuse a tokenizer folder when an entry of it or its sub-folders is not a regular file
+    or folder (a FIFO would block the reader), or, unless ``trust_remote_code``, when any JSON
+    file there (a RAG tokenizer's ``question_encoder_tokenizer/``) carries a remote-code key
+    at any depth."""
+    files = _json_files(directory, _FOLDER_DEPTH)
+    if trust_remote_code:
+        return
+    for file in files:
         if file.stat().st_size > _JSON_MAX_BYTES:
             raise ModelLoadError(f"{file}: a JSON file over {_JSON_MAX_BYTES >> 20} MiB; refused")
         try:

@@ -451,3 +451,57 @@ def test_two_outputs_of_one_command_are_refused(
 ) -> None:
     argv = _recover_argv(recover_inputs, tmp_path, "--log", str(tmp_path / "out.safetensors"))
     assert_refused(cli(*argv, cwd=tmp_path), tmp_path / "never", "one file")
+
+
+# Files named by an index -------------------------------------------------------------------------
+
+
+def _sharded_bert(folder: Path) -> list[str]:
+    """A tiny BERT saved in several safetensors shards (an index names them); the shards."""
+    cfg = transformers.BertConfig(**_tiny_bert())
+    transformers.BertModel(cfg).save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    return shards
+
+
+def test_index_naming_a_fifo_never_hangs(tmp_path: Path) -> None:
+    folder = tmp_path / "bert"
+    shard = _sharded_bert(folder)[-1]
+    (folder / shard).unlink()
+    os.mkfifo(folder / shard)
+    control = f"import transformers\ntransformers.AutoModel.from_pretrained({str(folder)!r})"
+    with pytest.raises(subprocess.TimeoutExpired):  # the plain library blocks on the FIFO
+        subprocess.run([sys.executable, "-c", control], capture_output=True, timeout=20,
+                       env=_env(tmp_path), check=False)  # fmt: skip
+    result = cli("inspect", str(folder), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", shard, "not a regular file")
+
+
+def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "bert"
+    shard = _sharded_bert(folder)[-1]
+    (folder / shard).rename(tmp_path / shard)
+    index = folder / "model.safetensors.index.json"
+    entries = json.loads(index.read_text())
+    entries["weight_map"] = {k: (f"../{v}" if v == shard else v)
+                             for k, v in entries["weight_map"].items()}  # fmt: skip
+    index.write_text(json.dumps(entries))
+    result = cli("inspect", str(folder), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", f"../{shard}", "not a file inside the folder")
+
+
+def test_a_fifo_among_a_tokenizer_folders_files_is_refused(tmp_path: Path) -> None:
+    cfg = transformers.BertConfig(**_tiny_bert())
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    os.mkfifo(tok / "tokenizer_config.json")
+    (tmp_path / "data.txt").write_text("\n".join(f"line {i}" for i in range(8)))
+    out = tmp_path / "o.safetensors"
+    argv = ("recover", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"),
+            "--tokenizer", str(tok), "--steps", "1", "-o", str(out))  # fmt: skip
+    result = cli(*argv, cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "tokenizer_config.json", "not a regular file",
+                   after=True)  # fmt: skip
