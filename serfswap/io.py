@@ -249,8 +249,20 @@ def build_arch(
             remote = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
             model = transformers.AutoModel.from_config(remote, trust_remote_code=True)
             return Loaded(model, arch, None)  # its code is not in a checkpoint: not describable
+        if state is not None:  # compare on the meta device first: a huge vocab_size allocates
+            _compare_on_meta(config, state, name)  # nothing before it is refused
         return Loaded(_hf_from_config(config), arch, {"kind": "hf", "config": config})
     raise ModelSpecError(f"--arch {arch!r}: use timm:NAME or hf:DIR")
+
+
+def _compare_on_meta(config: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights whose names or shapes differ from the model ``config`` describes, with
+    the model built on the meta device (sizes only, no memory)."""
+    with torch.device("meta"):
+        skeleton = _hf_from_config(config)
+    problem = _mismatch(_shapes(skeleton), {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise ModelLoadError(f"the weights do not match the architecture in {where}: {problem}")
 
 
 def _rebuild(arch: dict[str, Any]) -> nn.Module:
@@ -358,6 +370,29 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
             f"{path} cannot be loaded without running code from it ({_first_line(exc)}). "
             "If you trust it, pass --trust-pickle"
         ) from None
+
+
+def _check_names(model: nn.Module, path: Path) -> None:
+    """Refuse a module tree with a submodule, parameter or buffer name that is not an
+    identifier or a number (``layers.0``). torch.fx pastes names into the source of the
+    ``forward()`` it generates: a name holding a quote becomes code when the model is traced."""
+    seen: set[int] = set()
+    pending = [model]
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        tables = (vars(module).get(t) for t in ("_modules", "_parameters", "_buffers"))
+        for table in tables:
+            for name in table or {}:
+                if not (isinstance(name, str) and (name.isidentifier() or name.isdigit())):
+                    shown = repr(name)[:60]
+                    raise ModelLoadError(
+                        f"{path}: a {type(module).__name__} holds a member named {shown}, not "
+                        "an identifier or a number; refused (names become code when traced)"
+                    )
+        pending.extend(m for m in (vars(module).get("_modules") or {}).values() if m is not None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -690,6 +725,7 @@ def load_model(
         if "transformers" in sys.modules:  # a transformers model: nothing later may ask
             never_ask()
         if isinstance(obj, nn.Module):
+            _check_names(obj, path)
             return Loaded(obj, spec, describe(obj))
         return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code, timm_kwargs)
     if kind == "corrupt-zip":

@@ -126,7 +126,13 @@ class _Str:
     value: str
 
 
+@dataclass(frozen=True)
+class _Tuple:
+    items: tuple[Any, ...]
+
+
 _MARK = object()
+_NONE = object()  # the pickle's None, told apart from values the scan does not follow
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
             "STRING", "BINSTRING", "SHORT_BINSTRING"}  # fmt: skip
 
@@ -270,6 +276,24 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
             raise UnsafePickleError([], "uses the copyreg extension registry")
         elif name == "MARK":
             stack.append(_MARK)
+        elif name == "NONE":
+            stack.append(_NONE)
+        elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+            size = ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3").index(name)
+            items = tuple(stack[len(stack) - size :])
+            del stack[len(stack) - size :]
+            stack.append(_Tuple(items))
+        elif name == "TUPLE":
+            stack.append(_Tuple(tuple(_pop_mark(stack))))
+        elif name == "BUILD":
+            state = stack.pop()
+            # (state, slotstate): the unpickler *setattr*s slot state, running property
+            # setters (a config's num_labels=2**31-1 builds a 2e9-entry dict). torch.save
+            # writes it only for classes with __slots__, none of which the allowlist admits.
+            if isinstance(state, _Tuple) and len(state.items) == 2 and state.items[1] is not _NONE:
+                raise UnsafePickleError(
+                    [], "sets attributes through the class's setters (BUILD with slot state)"
+                )
         else:
             before = op.stack_before
             if pickletools.markobject in before:

@@ -505,3 +505,113 @@ def test_a_fifo_among_a_tokenizer_folders_files_is_refused(tmp_path: Path) -> No
     result = cli(*argv, cwd=tmp_path)
     assert_refused(result, tmp_path / "never", "tokenizer_config.json", "not a regular file",
                    after=True)  # fmt: skip
+
+
+# serfswap loads its own output -------------------------------------------------------------------
+
+
+def _tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1)  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+CONVERTED = {
+    "transformer-encoder-layer": (lambda: torch.nn.TransformerEncoderLayer(8, 2, 16),
+                                  lambda: (torch.randn(2, 3, 8),)),
+    "llama": (_tiny_llama, lambda: (torch.randint(0, 64, (1, 5)),)),
+    "bert": (lambda: transformers.BertModel(transformers.BertConfig(**_tiny_bert())),
+             lambda: (torch.randint(0, 99, (1, 5)),)),
+    "timm-test-resnet": (lambda: timm.create_model("test_resnet", pretrained=False),
+                         lambda: (torch.randn(1, 3, 32, 32),)),
+}  # fmt: skip
+
+
+def _output(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    out = model.eval()(*inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_a_pickled_converted_model_loads_through_the_safe_loader(name: str, tmp_path: Path) -> None:
+    """torch.save(serfswap.convert(model)) loads with the allowlist alone (FunctionInfo,
+    SerfFunction, the report), and computes what the converted model computed."""
+    import serfswap
+    from serfswap.io import load_model
+
+    build, inputs = CONVERTED[name]
+    converted = serfswap.convert(build()).eval()
+    torch.save(converted, tmp_path / "serf.pt")
+    loaded = load_model(str(tmp_path / "serf.pt"))
+    assert type(loaded.model) is type(converted)
+    example = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(_output(loaded.model, example), _output(converted, example))
+
+
+def test_inspect_reads_a_pickled_converted_layer(tmp_path: Path) -> None:
+    import serfswap
+
+    torch.save(serfswap.convert(torch.nn.TransformerEncoderLayer(8, 2, 16)), tmp_path / "p.pt")
+    result = cli("inspect", str(tmp_path / "p.pt"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "FunctionInfo" not in result.stderr
+
+
+# Resource limits and names -----------------------------------------------------------------------
+
+
+def _config_with_slot_state(num_labels: int) -> bytes:
+    """A BertConfig created as torch.save does (NEWOBJ), then BUILD with ``(None, {"num_labels":
+    n})``: slot state, which the unpickler sets with setattr, running the property setter."""
+    # Protocol 2, as torch.save writes and torch's weights-only unpickler reads: GLOBAL,
+    # EMPTY_TUPLE NEWOBJ, then NONE, a dict (BINUNICODE key, BININT value), TUPLE2 BUILD.
+    return (b"\x80\x02ctransformers.models.bert.configuration_bert\nBertConfig\n)\x81"
+            + b"N}X\x0a\x00\x00\x00num_labelsJ" + num_labels.to_bytes(4, "little")
+            + b"s\x86b.")  # fmt: skip
+
+
+def test_config_setters_never_run_from_build(tmp_path: Path) -> None:
+    import time
+
+    from .test_security import torch_zip
+
+    small = torch_zip(tmp_path / "small.pt", _config_with_slot_state(7))
+    with torch.serialization.safe_globals([transformers.BertConfig]):  # serfswap's old table
+        loaded = torch.load(small, weights_only=True)
+    assert loaded.id2label == {i: f"LABEL_{i}" for i in range(7)}  # the setter ran
+    evil = torch_zip(tmp_path / "labels.pt", _config_with_slot_state(2**31 - 1))
+    start = time.monotonic()
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "slot state", "--trust-pickle")
+    assert time.monotonic() - start < 60
+
+
+def test_module_names_that_are_not_identifiers_are_refused(tmp_path: Path) -> None:
+    name = 'act"); import os; os.system("true'
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model._modules[name] = torch.nn.ReLU()  # add_module refuses only dots
+    torch.save(model, tmp_path / "names.pt")
+    assert name in torch.load(tmp_path / "names.pt", weights_only=False)._modules
+    result = cli("inspect", str(tmp_path / "names.pt"), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "not an identifier", "act")
+
+
+def test_arch_hf_compares_sizes_without_allocating_them(tmp_path: Path) -> None:
+    """A config whose vocab_size asks for 2.5 GB of embeddings: --arch hf:DIR used to build
+    it at full size before finding that the weights do not match."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    peaks = {}
+    for name, vocab in (("small", 99), ("huge", 20_000_000)):  # same path, same imports
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**_tiny_bert(), "vocab_size": vocab}))
+        argv = ["inspect", str(tmp_path / "w.safetensors"), "--arch", f"hf:{folder}"]
+        peaks[name], result = _peak_rss_mb(argv, tmp_path)
+        assert_refused(result, tmp_path / "never", "do not match the architecture")
+    assert peaks["huge"] < peaks["small"] + 200, peaks
