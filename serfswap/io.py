@@ -551,6 +551,10 @@ def _require(ok: bool, path: Path, field: str, expected: str) -> None:
         raise ModelLoadError(f"{path}: checkpoint field {field} must be {expected}")
 
 
+_TIMM_FILE_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg",
+                               "pretrained_cfg_overlay", "cache_dir"})  # fmt: skip
+
+
 def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
     arch = _field(metadata, "arch", path)
     kind = arch.get("kind")
@@ -564,6 +568,10 @@ def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
         _require(isinstance(kwargs, dict) and all(isinstance(v, int | float | str | bool)
                                                   for v in kwargs.values()),
                  path, "arch.kwargs", "an object of numbers, strings and booleans")  # fmt: skip
+        # Keywords that make timm open or fetch other files: a checkpoint names none.
+        named = sorted(_TIMM_FILE_KWARGS & kwargs.keys())
+        _require(not named, path, f"arch.kwargs ({', '.join(named)})",
+                 "free of keywords that name files (checkpoint_path, pretrained...)")  # fmt: skip
     else:
         config = arch.get("config")
         _require(isinstance(config, dict), path, "arch.config", "an object")

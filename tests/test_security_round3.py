@@ -615,3 +615,20 @@ def test_arch_hf_compares_sizes_without_allocating_them(tmp_path: Path) -> None:
         peaks[name], result = _peak_rss_mb(argv, tmp_path)
         assert_refused(result, tmp_path / "never", "do not match the architecture")
     assert peaks["huge"] < peaks["small"] + 200, peaks
+
+
+def test_checkpoint_timm_kwargs_cannot_name_files(tmp_path: Path) -> None:
+    """arch.kwargs {"checkpoint_path": FILE} made timm open another file (180 lines of
+    warnings, then an error); a FIFO there would block it."""
+    from safetensors.torch import save_file
+
+    os.mkfifo(tmp_path / "fifo")
+    metadata = {
+        "format": "serfswap-checkpoint/1",
+        "arch": json.dumps({"kind": "timm", "name": "test_resnet",
+                            "kwargs": {"checkpoint_path": str(tmp_path / "fifo")}}),
+        "swap": json.dumps({"activations": [], "sites": []}),
+    }  # fmt: skip
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "c.safetensors"), metadata=metadata)
+    result = cli("inspect", str(tmp_path / "c.safetensors"), cwd=tmp_path)
+    assert_refused(result, tmp_path / "never", "arch.kwargs (checkpoint_path)")
