@@ -632,3 +632,26 @@ def test_checkpoint_timm_kwargs_cannot_name_files(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(1)}, str(tmp_path / "c.safetensors"), metadata=metadata)
     result = cli("inspect", str(tmp_path / "c.safetensors"), cwd=tmp_path)
     assert_refused(result, tmp_path / "never", "arch.kwargs (checkpoint_path)")
+
+
+def test_remote_code_keys_are_found_at_any_depth_and_stripped() -> None:
+    """Lists of configs and trust_remote_code fields too; what serfswap writes has none."""
+    from serfswap.remote_code import find_remote_code, without_remote_code
+
+    config = {"model_type": "x", "sub": [{"a": 1}, {"deeper": {"trust_remote_code": True}}],
+              "other": {"auto_map": {"AutoModel": "user/repo--m.C"}}}  # fmt: skip
+    assert find_remote_code(config) in ("sub[1].deeper.trust_remote_code", "other.auto_map")
+    assert find_remote_code({"auto_map": {}}, skip_top=frozenset({"auto_map"})) is None
+    assert find_remote_code({"x": {"auto_map": {}}}, skip_top=frozenset({"auto_map"})) == (
+        "x.auto_map"
+    )
+    stripped = without_remote_code(config)
+    assert find_remote_code(stripped) is None
+    assert stripped == {"model_type": "x", "sub": [{"a": 1}, {"deeper": {}}], "other": {}}
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(5_000):  # deeper than Python's recursion limit: still found, no crash
+        node["n"] = {}
+        node = node["n"]  # type: ignore[assignment]
+    node["auto_map"] = {}
+    assert find_remote_code(deep).endswith(".n.auto_map")
