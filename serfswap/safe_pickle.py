@@ -114,6 +114,8 @@ class PickleScan:
 
     names: set[str] = field(default_factory=set)
     called: set[str] = field(default_factory=set)
+    # (module, function) pairs a hub-kernel wrapper is rebuilt from (see _KERNEL_REBUILDERS)
+    kernel_funcs: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,11 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
         elif name in _STRINGS:
             stack.append(_Str(arg if isinstance(arg, str) else repr(arg)))
         elif name == "REDUCE":
-            stack.pop()
-            called(stack.pop())
+            args = stack.pop()
+            function = stack.pop()
+            called(function)
+            if function.name in _KERNEL_REBUILDERS:
+                result.kernel_funcs.add(_kernel_args(args))
             stack.append(None)
         elif name == "OBJ":
             items = _pop_mark(stack)
@@ -328,6 +333,8 @@ def resolve(name: str, *, called: bool) -> Any:
     """The object ``name`` stands for when it is allowed, else raise UnsafePickleError."""
     if name in _MATH_FUNCTIONS:
         return _MATH_FUNCTIONS[name]
+    if name in _KERNEL_REBUILDERS:
+        return _rebuild_kernel_func
     module_name, _, attr = name.rpartition(".")
     if not _MODULES.fullmatch(module_name) or not attr.isidentifier():
         raise UnsafePickleError([name])
@@ -348,6 +355,55 @@ def resolve(name: str, *, called: bool) -> Any:
     ):
         raise UnsafePickleError([name])
     return obj
+
+
+# The hub-kernel wrapper -------------------------------------------------------------------------
+#
+# With the ``kernels`` package installed, transformers wraps functions such as LLaMA's
+# ``apply_rotary_pos_emb`` in a small nn.Module (kernels' ``_create_func_module``) and keeps an
+# instance per attention module. It pickles as a call of kernels' ``_rebuild_kernel_func(
+# module_name, func_name)``, which imports *any* module the file names. serfswap never calls
+# it: the file's two strings must name a wrapper that a transformers modeling module (one the
+# allowlist may import anyway) defines at its top level, and only that wrapper's class is
+# instantiated, with no arguments. Every other pair is refused before anything is unpickled.
+_KERNEL_REBUILDERS = frozenset({"kernels.layer.layer._rebuild_kernel_func",
+                                "kernels._internals.layer.layer._rebuild_kernel_func"})  # fmt: skip
+_KERNEL_MODULES = re.compile(r"transformers\.models\.\w+\.modeling_\w+")
+
+
+def _kernel_args(args: Any) -> tuple[str, str]:
+    """The (module, function) literal strings a wrapper is rebuilt from, as the scan saw them."""
+    items = args.items if isinstance(args, _Tuple) else ()
+    if len(items) != 2 or not all(isinstance(item, _Str) for item in items):
+        raise UnsafePickleError([], "rebuilds a hub-kernel wrapper from computed names")
+    return items[0].value, items[1].value
+
+
+def _kernel_func_class(module_name: str, function: str) -> type[nn.Module]:
+    """The class of the hub-kernel wrapper ``module_name.function`` when transformers defines
+    one there, else UnsafePickleError. Imports only modules the allowlist may import."""
+    name = f"{module_name}.{function}"
+    if not (_KERNEL_MODULES.fullmatch(module_name) and function.isidentifier()):
+        raise UnsafePickleError([f"hub kernel {name}"])
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise UnsafePickleError([f"hub kernel {name}"]) from None
+    wrapper = type(vars(module).get(function))
+    forward = vars(wrapper).get("forward")
+    if not (
+        issubclass(wrapper, nn.Module)
+        and wrapper.__qualname__ == "_create_func_module.<locals>.Func"
+        and getattr(forward, "__module__", "").startswith("kernels.")
+    ):
+        raise UnsafePickleError([f"hub kernel {name}"])
+    return wrapper
+
+
+def _rebuild_kernel_func(module_name: str, func_name: str) -> nn.Module:
+    """What kernels' ``_rebuild_kernel_func`` returns for the pairs transformers uses: a fresh
+    instance of the wrapper's class (its state follows in the pickle)."""
+    return _kernel_func_class(module_name, func_name)()
 
 
 def _reviewed_setstate(cls: type) -> bool:
@@ -452,5 +508,8 @@ def _load_untrusted(path: Path) -> Any:
             refused.append(name)
     if refused:
         raise UnsafePickleError(refused)
+    for module_name, function in sorted(usage.kernel_funcs):  # the wrappers' classes, which
+        wrapper = _kernel_func_class(module_name, function)  # the file builds but never names
+        allowed.append((wrapper, f"serfswap.kernel_func.{module_name}.{function}"))
     with torch.serialization.safe_globals(allowed):
         return _torch_load(path, weights_only=True)

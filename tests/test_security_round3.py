@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -655,3 +656,79 @@ def test_remote_code_keys_are_found_at_any_depth_and_stripped() -> None:
         node = node["n"]  # type: ignore[assignment]
     node["auto_map"] = {}
     assert find_remote_code(deep).endswith(".n.auto_map")
+
+
+def _kernels_rebuilder() -> str:
+    """The dotted name kernels pickles its wrappers with, in the installed version."""
+    pytest.importorskip("kernels", reason="the hub-kernel wrapper needs the kernels package")
+    from transformers.utils.import_utils import is_kernels_available
+
+    if not is_kernels_available():
+        pytest.skip("transformers does not use the installed kernels version")
+    for module in ("kernels.layer.layer", "kernels._internals.layer.layer"):
+        try:
+            if hasattr(__import__(module, fromlist=["_"]), "_rebuild_kernel_func"):
+                return f"{module}._rebuild_kernel_func"
+        except ImportError:
+            continue
+    pytest.skip("no _rebuild_kernel_func in this kernels version")
+
+
+def test_hub_kernel_wrapper_never_imports_what_the_file_names(tmp_path: Path) -> None:
+    """kernels' _rebuild_kernel_func(module, name) imports any module: serfswap rebuilds only
+    wrappers transformers' modeling modules define (a pickled LLaMA's rotary wrapper loads in
+    test_a_pickled_converted_model_loads_through_the_safe_loader), and refuses the rest."""
+    from .test_security import torch_zip
+
+    module, _, function = _kernels_rebuilder().rpartition(".")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil_mod.py").write_text(touch(marker) + "\nx = 1\n")
+    payload = (b"\x80\x02" + f"c{module}\n{function}\n".encode()
+               + b"(X\x08\x00\x00\x00evil_modX\x01\x00\x00\x00xtR.")  # fmt: skip
+    evil = torch_zip(tmp_path / "kernel.pt", payload)
+    python(f"import torch\ntry:\n    torch.load({str(evil)!r}, weights_only=False)\n"
+           "except Exception:\n    pass", tmp_path)  # fmt: skip
+    assert marker.exists(), "the payload is broken, the test would prove nothing"
+    marker.unlink()
+    result = cli("inspect", str(evil), cwd=tmp_path)
+    assert_refused(result, marker, "hub kernel evil_mod.x", "--trust-pickle")
+    llama = torch_zip(
+        tmp_path / "class.pt",
+        payload.replace(
+            b"X\x08\x00\x00\x00evil_modX\x01\x00\x00\x00x",
+            b"X(\x00\x00\x00transformers.models.llama.modeling_llamaX\n\x00\x00\x00LlamaModel",
+        ),
+    )
+    result = cli("inspect", str(llama), cwd=tmp_path)  # a class there, not a kernel wrapper
+    assert_refused(result, marker, "hub kernel transformers.models.llama.modeling_llama.Llama")
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+)
+def test_a_signal_ends_a_load_in_one_line(sig: int, status: int, word: str, tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM while a HuggingFace folder loads (recover says "loading" first, then
+    imports transformers and reads the folder): status 130 / 143, one line, nothing written."""
+    import time
+
+    cfg = transformers.BertConfig(**_tiny_bert())
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text("\n".join(f"line {i}" for i in range(8)))
+    out = tmp_path / "o.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serfswap", "recover", str(tmp_path / "model"), "--data",
+         str(tmp_path / "data.txt"), "--steps", "1", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env=_env(tmp_path),
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = process.stdout.readline()  # "loading ...", flushed before the load starts
+    assert line.startswith("loading"), line
+    time.sleep(0.2)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0], err
+    assert not out.exists()
