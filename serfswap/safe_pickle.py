@@ -31,8 +31,22 @@ only when the file needs it and it is one of:
 
 Everything else, any function or any class from elsewhere, is refused with its name before
 anything is unpickled; ``trust=True`` (the CLI's ``--trust-pickle``) is the only way to the
-full unpickler. Files in torch's legacy (pre-1.6, non-zip) format get the weights-only
-unpickler with nothing added: state dicts load, pickled modules are refused.
+full unpickler.
+
+The scan must judge the bytes torch will unpickle, and must not be a denial of service itself:
+
+* the format is decided as torch decides it (a zip only when the file starts with a zip
+  header), so a pickle with a zip appended is refused, not scanned as the zip; an archive with
+  two members whose names are equal ignoring case (torch's lookup ignores case, ``zipfile``'s
+  takes the last of equal names) is refused;
+* the scan streams, within ``MAX_OPCODES``, ``MAX_MEMO`` and ``MAX_PICKLE_BYTES``;
+* BUILD with slot state is refused: the unpickler ``setattr``s it, running property setters
+  (a config's ``num_labels`` setter builds a dict of that many labels);
+* the ``kernels`` package's hub-kernel wrapper is rebuilt by serfswap (``_rebuild_kernel_func``
+  below), never by kernels' own function, which imports any module the file names.
+
+Files in torch's legacy (pre-1.6, non-zip) format get the weights-only unpickler with nothing
+added: state dicts load, pickled modules are refused.
 """
 
 from __future__ import annotations
