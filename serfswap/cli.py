@@ -365,6 +365,7 @@ def _recover(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.plot == "":
         args.plot = str(_beside(out, ".curves.png", "--plot PNG"))
+    _check_side_outputs(args, out, checkpoints)
     if args.plot is not None:
         from .curves import require_matplotlib
 
@@ -458,6 +459,20 @@ def _check_unfinished(folder: Path, *, resume: bool) -> None:
                 f"{folder} holds an unfinished recovery run (step {step} of {steps}): pass "
                 "--resume to continue it, or --checkpoint-dir elsewhere to start another"
             )
+
+
+def _check_side_outputs(args: argparse.Namespace, out: Path, checkpoints: Path) -> None:
+    """--log, --plot and the checkpoint folder, checked as OUT is, before anything is loaded:
+    none is an input, a link to one or a file of an input folder, and no two are one file."""
+    from .paths import check_distinct_outputs, check_output_dir, check_output_path
+
+    arch_dir = args.arch[3:] if args.arch and args.arch.startswith("hf:") else None
+    inputs = [args.model, args.weights, arch_dir, args.data, args.tokenizer]
+    for side in (args.log, args.plot):
+        if side is not None:
+            check_output_path(side, inputs)
+    check_output_dir(checkpoints, inputs)
+    check_distinct_outputs([out, args.log, args.plot, checkpoints])
 
 
 def _check_recover_numbers(args: argparse.Namespace) -> None:

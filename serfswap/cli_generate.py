@@ -38,6 +38,12 @@ def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     except ImportError:
         message = "--tokenizer needs transformers (pip install 'serfswap[hf]')"
         raise InvalidArgumentError(message) from None
+    from .remote_code import check_tokenizer_folder, never_ask
+
+    # a sub-folder's auto_map too (transformers would ask on stdin), and no FIFO
+    hint = "If you trust it, pass --trust-remote-code"
+    check_tokenizer_folder(directory, hint, trust_remote_code=trust_remote_code)
+    never_ask()
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -20,6 +20,9 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .inputs import timm_channels
+from .remote_code import check_tokenizer_folder, never_ask
+
+_TRUST_HINT = "If you trust the folder's code, pass --trust-remote-code"
 
 
 @dataclass
@@ -124,6 +127,8 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
     except UnicodeDecodeError as exc:
         raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
     lines = [line for line in lines if line]
+    check_tokenizer_folder(tokenizer_dir, _TRUST_HINT, trust_remote_code=trust_remote_code)
+    never_ask()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_dir, trust_remote_code=trust_remote_code

@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ from .paths import (
     onnx_given,
     staged_output,
 )
+from .remote_code import never_ask, refuse_remote_code, without_remote_code
 
 FORMAT = "serfswap-checkpoint/1"
 # arch["head"] of a checkpoint of a transformers model with its language-model head; absent for
@@ -165,10 +167,58 @@ def _hf_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+# Index files of sharded weights: their weight_map names the files transformers opens.
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_folder_files(directory: Path) -> None:
+    """Every file transformers may open in a model folder is a regular file, checked before
+    it opens any: the folder's entries (links followed: a hub cache's point at its blobs), and
+    every shard an index names, which must also be a plain name inside the folder. A FIFO
+    would block ``open`` in native code, where neither Ctrl-C nor SIGTERM reaches Python."""
+    for entry in sorted(directory.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports a missing file itself
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelLoadError(f"{entry}: not a regular file (a FIFO, device or socket)")
+    for name in _INDEXES:
+        index = directory / name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a JSON object with a weight_map ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: weight_map is not an object")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            parts = PurePosixPath(shard).parts
+            if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard:
+                raise ModelLoadError(f"{index} names {shard!r}, not a file inside the folder")
+            check = directory.joinpath(*parts)
+            try:
+                regular = stat.S_ISREG(check.stat().st_mode)
+            except OSError:
+                raise ModelLoadError(f"{index} names {shard!r}, which is missing") from None
+            if not regular:
+                raise ModelLoadError(f"{index} names {shard!r}, which is not a regular file")
+
+
 def _needs_remote_code(config: dict[str, Any], where: str, trust_remote_code: bool) -> bool:
-    """Whether only code shipped with the model can build it; refused unless trusted."""
+    """Whether only code shipped with the model can build it; refused unless trusted.
+
+    Untrusted, a remote-code key anywhere below the top level (a sub-config such as DETR's
+    ``backbone_config``, a list of configs) is refused: transformers loads sub-configs without
+    the caller's ``trust_remote_code`` and would ask on stdin. A top-level ``auto_map`` of a
+    type transformers knows is ignored, since serfswap passes ``trust_remote_code=False``.
+    """
     from transformers import CONFIG_MAPPING
 
+    never_ask()
+    if not trust_remote_code:
+        refuse_remote_code(config, where, skip_top=frozenset({"auto_map"}))
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelLoadError(f"{where}: the config names no model_type (a string)")
@@ -225,10 +275,24 @@ def build_arch(
             model = transformers.AutoModel.from_config(remote, trust_remote_code=True)
             return Loaded(model, arch, None)  # its code is not in a checkpoint: not describable
         lm = _keeps_lm_head(config, state)
+        if state is not None:  # compare on the meta device first: a huge vocab_size allocates
+            _compare_on_meta(config, state, name, causal_lm=lm)  # nothing before it is refused
         head = {"head": CAUSAL_LM} if lm else {}
         return Loaded(_hf_from_config(config, causal_lm=lm), arch,
                       {"kind": "hf", "config": config, **head})  # fmt: skip
     raise ModelSpecError(f"--arch {arch!r}: use timm:NAME or hf:DIR")
+
+
+def _compare_on_meta(
+    config: dict[str, Any], state: dict[str, torch.Tensor], where: str, *, causal_lm: bool
+) -> None:
+    """Refuse weights whose names or shapes differ from the model ``config`` describes (with
+    its LM head when ``causal_lm``), built on the meta device (sizes only, no memory)."""
+    with torch.device("meta"):
+        skeleton = _hf_from_config(config, causal_lm=causal_lm)
+    problem = _mismatch(_shapes(skeleton), {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise ModelLoadError(f"the weights do not match the architecture in {where}: {problem}")
 
 
 def _rebuild(arch: dict[str, Any]) -> nn.Module:
@@ -321,10 +385,13 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
     except ModelLoadError:
         raise
     except safe_pickle.UnsafePickleError as exc:
-        what = f"needs {_listed(exc.names)}" if exc.names else str(exc)
+        if not exc.names:  # refused for its form: a reason, not a list of names
+            raise ModelLoadError(
+                f"{path}: refused before unpickling: {exc}. If you trust it, pass --trust-pickle"
+            ) from None
         raise ModelLoadError(
-            f"{path} is a pickle that {what}, which serfswap loads only by running code from "
-            "the file. If you trust it, pass --trust-pickle"
+            f"{path} is a pickle that needs {_listed(exc.names)}, which serfswap loads only by "
+            "running code from the file. If you trust it, pass --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
@@ -333,6 +400,29 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
             f"{path} cannot be loaded without running code from it ({_first_line(exc)}). "
             "If you trust it, pass --trust-pickle"
         ) from None
+
+
+def _check_names(model: nn.Module, path: Path) -> None:
+    """Refuse a module tree with a submodule, parameter or buffer name that is not an
+    identifier or a number (``layers.0``). torch.fx pastes names into the source of the
+    ``forward()`` it generates: a name holding a quote becomes code when the model is traced."""
+    seen: set[int] = set()
+    pending = [model]
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        tables = (vars(module).get(t) for t in ("_modules", "_parameters", "_buffers"))
+        for table in tables:
+            for name in table or {}:
+                if not (isinstance(name, str) and (name.isidentifier() or name.isdigit())):
+                    shown = repr(name)[:60]
+                    raise ModelLoadError(
+                        f"{path}: a {type(module).__name__} holds a member named {shown}, not "
+                        "an identifier or a number; refused (names become code when traced)"
+                    )
+        pending.extend(m for m in (vars(module).get("_modules") or {}).values() if m is not None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -486,6 +576,9 @@ def save_checkpoint(
             f"cannot describe a {type(model).__name__} (neither timm nor transformers) for a "
             "checkpoint without pickled code; pass arch= or save its state_dict"
         )
+    # A config that came with remote-code keys (at any depth: a pickled model's sub-config)
+    # is written without them: the checkpoint rebuilds transformers' own classes only.
+    arch = without_remote_code(arch)
     entries = {
         **(metadata or {}),
         "format": FORMAT,
@@ -533,6 +626,10 @@ def _require(ok: bool, path: Path, field: str, expected: str) -> None:
         raise ModelLoadError(f"{path}: checkpoint field {field} must be {expected}")
 
 
+_TIMM_FILE_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg",
+                               "pretrained_cfg_overlay", "cache_dir"})  # fmt: skip
+
+
 def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
     arch = _field(metadata, "arch", path)
     kind = arch.get("kind")
@@ -546,12 +643,19 @@ def _checked_arch(metadata: dict[str, str], path: Path) -> dict[str, Any]:
         _require(isinstance(kwargs, dict) and all(isinstance(v, int | float | str | bool)
                                                   for v in kwargs.values()),
                  path, "arch.kwargs", "an object of numbers, strings and booleans")  # fmt: skip
+        # Keywords that make timm open or fetch other files: a checkpoint names none.
+        named = sorted(_TIMM_FILE_KWARGS & kwargs.keys())
+        _require(not named, path, f"arch.kwargs ({', '.join(named)})",
+                 "free of keywords that name files (checkpoint_path, pretrained...)")  # fmt: skip
     else:
         config = arch.get("config")
         _require(isinstance(config, dict), path, "arch.config", "an object")
         _require(arch.get("head", CAUSAL_LM) == CAUSAL_LM, path, "arch.head",
                  f"{CAUSAL_LM!r} or absent")  # fmt: skip
         _needs_remote_code(config, str(path), trust_remote_code=False)
+        # serfswap never writes one (see save_checkpoint): a file that has one was not
+        # written by it, and a rebuilt config would carry it into transformers.
+        refuse_remote_code(config, f"{path}: checkpoint field arch.config")
     return arch
 
 
@@ -685,6 +789,7 @@ def load_model(
 
         config = _hf_config(path)
         _needs_remote_code(config, spec, trust_remote_code)
+        _check_folder_files(path)
         with _no_progress_bars():
             auto = transformers.AutoModel
             if causal_lm is not False and _saved_as_causal_lm(config):
@@ -704,7 +809,10 @@ def load_model(
         return Loaded(_load_program(path, trust_pickle), spec)
     if kind in ("torch", "pickle"):
         obj = _unpickle(path, trust_pickle)
+        if "transformers" in sys.modules:  # a transformers model: nothing later may ask
+            never_ask()
         if isinstance(obj, nn.Module):
+            _check_names(obj, path)
             return Loaded(obj, spec, describe(obj))
         return _with_arch(path, _state_dict(obj, path), arch, trust_remote_code, timm_kwargs)
     if kind == "corrupt-zip":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from .errors import InvalidArgumentError
 
+# The entries of a checkpoint folder that a run writes, replaces and removes (trainstate's).
+_CHECKPOINT_ENTRY = re.compile(r"step-\d{8}|\.tmp-step-.*")
 StrPath = str | os.PathLike[str]
 
 
@@ -74,6 +77,45 @@ def check_output_path(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> P
                 f"{text} would overwrite a file of the input folder {given}; write somewhere else"
             )
     return path
+
+
+def check_output_dir(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> Path:
+    """``spec`` as a Path when recovery checkpoints may be written there: not a file, not an
+    input folder or a link to one, and not holding an input inside one of the ``step-*``
+    folders a run replaces and removes. A new folder inside an input folder is allowed, as a
+    new ``-o`` file is (a model folder's own ``runs/``)."""
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise InvalidArgumentError(f"{text} is a file; give a folder for the checkpoints")
+    target = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source or (path.exists() and _same(path, Path(given))):
+            raise InvalidArgumentError(f"{text} is the input {given}; write somewhere else")
+        if target in source.parents and _CHECKPOINT_ENTRY.match(
+            source.relative_to(target).parts[0]
+        ):
+            raise InvalidArgumentError(
+                f"{text} holds the input {given} in a checkpoint folder, which a run replaces "
+                "or removes; write somewhere else"
+            )
+    return path
+
+
+def check_distinct_outputs(paths: Iterable[StrPath | None]) -> None:
+    """Refuse two outputs of one command that are one file (``--log`` equal to ``-o``):
+    the later write would destroy the earlier."""
+    seen: dict[Path, str] = {}
+    for spec in paths:
+        if spec is None:
+            continue
+        key = Path(spec).resolve()
+        if key in seen:
+            raise InvalidArgumentError(f"{spec} and {seen[key]} are one file; give two names")
+        seen[key] = os.fspath(spec)
 
 
 @contextlib.contextmanager

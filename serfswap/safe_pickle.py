@@ -31,8 +31,22 @@ only when the file needs it and it is one of:
 
 Everything else, any function or any class from elsewhere, is refused with its name before
 anything is unpickled; ``trust=True`` (the CLI's ``--trust-pickle``) is the only way to the
-full unpickler. Files in torch's legacy (pre-1.6, non-zip) format get the weights-only
-unpickler with nothing added: state dicts load, pickled modules are refused.
+full unpickler.
+
+The scan must judge the bytes torch will unpickle, and must not be a denial of service itself:
+
+* the format is decided as torch decides it (a zip only when the file starts with a zip
+  header), so a pickle with a zip appended is refused, not scanned as the zip; an archive with
+  two members whose names are equal ignoring case (torch's lookup ignores case, ``zipfile``'s
+  takes the last of equal names) is refused;
+* the scan streams, within ``MAX_OPCODES``, ``MAX_MEMO`` and ``MAX_PICKLE_BYTES``;
+* BUILD with slot state is refused: the unpickler ``setattr``s it, running property setters
+  (a config's ``num_labels`` setter builds a dict of that many labels);
+* the ``kernels`` package's hub-kernel wrapper is rebuilt by serfswap (``_rebuild_kernel_func``
+  below), never by kernels' own function, which imports any module the file names.
+
+Files in torch's legacy (pre-1.6, non-zip) format get the weights-only unpickler with nothing
+added: state dicts load, pickled modules are refused.
 """
 
 from __future__ import annotations
@@ -60,7 +74,8 @@ _MODULES = re.compile(
     r"|transformers\.models\.\w+\.(modeling|configuration)_\w+"
     r"|transformers\.(activations|pytorch_utils|modeling_utils|configuration_utils)"
     r"|transformers\.generation\.configuration_utils"
-    r"|serfswap\.(serf|report|functional)"
+    r"|transformers\.backbone_utils"  # BackboneType, an enum DETR-like models keep
+    r"|serfswap\.(serf|report|functional|activations)"
 )
 
 # Functions a model may hold as an attribute that a file may name (elementwise math, no I/O,
@@ -113,6 +128,8 @@ class PickleScan:
 
     names: set[str] = field(default_factory=set)
     called: set[str] = field(default_factory=set)
+    # (module, function) pairs a hub-kernel wrapper is rebuilt from (see _KERNEL_REBUILDERS)
+    kernel_funcs: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -125,7 +142,13 @@ class _Str:
     value: str
 
 
+@dataclass(frozen=True)
+class _Tuple:
+    items: tuple[Any, ...]
+
+
 _MARK = object()
+_NONE = object()  # the pickle's None, told apart from values the scan does not follow
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
             "STRING", "BINSTRING", "SHORT_BINSTRING"}  # fmt: skip
 
@@ -139,11 +162,71 @@ def _pop_mark(stack: list[Any]) -> list[Any]:
     raise UnsafePickleError([], "malformed pickle (no MARK)")
 
 
+# Bounds of the scan. A model's pickle holds a few hundred opcodes per module and its tensors'
+# bytes live elsewhere (a torch.save archive's data/ records): a pickled 7B LLaMA is well under
+# 100 000 opcodes and a few MB. Past these, the file is refused without reading further: a
+# 21 KB archive can deflate to tens of MB of opcodes, and each costs time and memory to follow.
+MAX_OPCODES = 2_000_000
+MAX_MEMO = 500_000
+MAX_PICKLE_BYTES = 256 * 2**20
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only view of ``stream`` that refuses to go past ``limit`` bytes, checked before
+    each read: an opcode that declares a 2**60-byte string is refused, never allocated."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._left = limit
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # genops reports positions; a zip member cannot seek
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise UnsafePickleError(
+                [], f"a pickle over {MAX_PICKLE_BYTES >> 20} MiB (a model's is a few MB)"
+            )
+        data = self._stream.read(size)
+        self._left -= len(data)
+        self._position += len(data)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self._stream.readline(min(self._left, 2**16))
+        self._left -= len(line)
+        self._position += len(line)
+        return line
+
+
+def _opcodes(stream: BinaryIO) -> Any:
+    """pickletools' opcodes of the first pickle in ``stream``, read lazily and bounded."""
+    count = 0
+    try:
+        for item in pickletools.genops(_Bounded(stream, MAX_PICKLE_BYTES)):
+            count += 1
+            if count > MAX_OPCODES:
+                raise UnsafePickleError(
+                    [], f"a pickle of more than {MAX_OPCODES} opcodes (a model's has far fewer)"
+                )
+            yield item
+    except UnsafePickleError:
+        raise
+    except Exception as exc:  # genops raises ValueError and others on malformed input
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafePickleError([], f"malformed pickle ({reason})") from None
+
+
 def scan(data: bytes | BinaryIO) -> PickleScan:
     """Follow the (first) pickle's stack symbolically: which globals it names, which it calls.
 
     Fails closed: a global whose name is computed (not a literal string) or a call of anything
-    but a named global is an error, never a guess.
+    but a named global is an error, never a guess. Streams: opcodes are followed as they are
+    read, within MAX_OPCODES, MAX_MEMO and MAX_PICKLE_BYTES.
     """
     # Long: one branch per kind of opcode that moves names or calls, over one stack and memo.
     # Read as a table against pickletools' opcode list; split, every piece would share them.
@@ -157,11 +240,9 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
         result.called.add(obj.name)
 
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    try:
-        ops = list(pickletools.genops(stream))
-    except Exception as exc:  # genops raises ValueError and others on malformed input
-        raise UnsafePickleError([], f"malformed pickle ({exc})") from None
-    for op, arg, _ in ops:
+    for op, arg, _ in _opcodes(stream):
+        if len(memo) > MAX_MEMO:
+            raise UnsafePickleError([], f"a pickle whose memo exceeds {MAX_MEMO} entries")
         name = op.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
@@ -187,8 +268,11 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
         elif name in _STRINGS:
             stack.append(_Str(arg if isinstance(arg, str) else repr(arg)))
         elif name == "REDUCE":
-            stack.pop()
-            called(stack.pop())
+            args = stack.pop()
+            function = stack.pop()
+            called(function)
+            if function.name in _KERNEL_REBUILDERS:
+                result.kernel_funcs.add(_kernel_args(args))
             stack.append(None)
         elif name == "OBJ":
             items = _pop_mark(stack)
@@ -211,6 +295,24 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
             raise UnsafePickleError([], "uses the copyreg extension registry")
         elif name == "MARK":
             stack.append(_MARK)
+        elif name == "NONE":
+            stack.append(_NONE)
+        elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+            size = ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3").index(name)
+            items = tuple(stack[len(stack) - size :])
+            del stack[len(stack) - size :]
+            stack.append(_Tuple(items))
+        elif name == "TUPLE":
+            stack.append(_Tuple(tuple(_pop_mark(stack))))
+        elif name == "BUILD":
+            state = stack.pop()
+            # (state, slotstate): the unpickler *setattr*s slot state, running property
+            # setters (a config's num_labels=2**31-1 builds a 2e9-entry dict). torch.save
+            # writes it only for classes with __slots__, none of which the allowlist admits.
+            if isinstance(state, _Tuple) and len(state.items) == 2 and state.items[1] is not _NONE:
+                raise UnsafePickleError(
+                    [], "sets attributes through the class's setters (BUILD with slot state)"
+                )
         else:
             before = op.stack_before
             if pickletools.markobject in before:
@@ -226,10 +328,12 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
 
 
 def _data_classes() -> tuple[type, ...]:
-    from . import functional, report
+    from . import activations, functional, report
 
+    # Every serfswap class a converted model holds: the report, the functional wrappers, and
+    # the FunctionInfo an activation stored as an attribute carries.
     classes: list[type] = [report.Plan, report.Site, functional.SerfFunction,
-                           functional.FunctionalScope]  # fmt: skip
+                           functional.FunctionalScope, activations.FunctionInfo]  # fmt: skip
     try:
         import transformers
 
@@ -243,6 +347,8 @@ def resolve(name: str, *, called: bool) -> Any:
     """The object ``name`` stands for when it is allowed, else raise UnsafePickleError."""
     if name in _MATH_FUNCTIONS:
         return _MATH_FUNCTIONS[name]
+    if name in _KERNEL_REBUILDERS:
+        return _rebuild_kernel_func
     module_name, _, attr = name.rpartition(".")
     if not _MODULES.fullmatch(module_name) or not attr.isidentifier():
         raise UnsafePickleError([name])
@@ -265,6 +371,55 @@ def resolve(name: str, *, called: bool) -> Any:
     return obj
 
 
+# The hub-kernel wrapper -------------------------------------------------------------------------
+#
+# With the ``kernels`` package installed, transformers wraps functions such as LLaMA's
+# ``apply_rotary_pos_emb`` in a small nn.Module (kernels' ``_create_func_module``) and keeps an
+# instance per attention module. It pickles as a call of kernels' ``_rebuild_kernel_func(
+# module_name, func_name)``, which imports *any* module the file names. serfswap never calls
+# it: the file's two strings must name a wrapper that a transformers modeling module (one the
+# allowlist may import anyway) defines at its top level, and only that wrapper's class is
+# instantiated, with no arguments. Every other pair is refused before anything is unpickled.
+_KERNEL_REBUILDERS = frozenset({"kernels.layer.layer._rebuild_kernel_func",
+                                "kernels._internals.layer.layer._rebuild_kernel_func"})  # fmt: skip
+_KERNEL_MODULES = re.compile(r"transformers\.models\.\w+\.modeling_\w+")
+
+
+def _kernel_args(args: Any) -> tuple[str, str]:
+    """The (module, function) literal strings a wrapper is rebuilt from, as the scan saw them."""
+    items = args.items if isinstance(args, _Tuple) else ()
+    if len(items) != 2 or not all(isinstance(item, _Str) for item in items):
+        raise UnsafePickleError([], "rebuilds a hub-kernel wrapper from computed names")
+    return items[0].value, items[1].value
+
+
+def _kernel_func_class(module_name: str, function: str) -> type[nn.Module]:
+    """The class of the hub-kernel wrapper ``module_name.function`` when transformers defines
+    one there, else UnsafePickleError. Imports only modules the allowlist may import."""
+    name = f"{module_name}.{function}"
+    if not (_KERNEL_MODULES.fullmatch(module_name) and function.isidentifier()):
+        raise UnsafePickleError([f"hub kernel {name}"])
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise UnsafePickleError([f"hub kernel {name}"]) from None
+    wrapper = type(vars(module).get(function))
+    forward = vars(wrapper).get("forward")
+    if not (
+        issubclass(wrapper, nn.Module)
+        and wrapper.__qualname__ == "_create_func_module.<locals>.Func"
+        and getattr(forward, "__module__", "").startswith("kernels.")
+    ):
+        raise UnsafePickleError([f"hub kernel {name}"])
+    return wrapper
+
+
+def _rebuild_kernel_func(module_name: str, func_name: str) -> nn.Module:
+    """What kernels' ``_rebuild_kernel_func`` returns for the pairs transformers uses: a fresh
+    instance of the wrapper's class (its state follows in the pickle)."""
+    return _kernel_func_class(module_name, func_name)()
+
+
 def _reviewed_setstate(cls: type) -> bool:
     setstate = getattr(cls, "__setstate__", None)
     if setstate is None or setstate is nn.Module.__setstate__:
@@ -278,14 +433,40 @@ def _reviewed_setstate(cls: type) -> bool:
 # Loading ---------------------------------------------------------------------------------------
 
 
-def _zip_pickle(path: Path) -> bytes:
-    """The ``data.pkl`` of a ``torch.save`` archive (one top-level folder, as torch writes)."""
+def _is_torch_zip(path: Path) -> bool:
+    """Whether torch reads ``path`` as a zip archive: by its first four bytes, as
+    ``torch.serialization._is_zipfile`` decides (Python's ``zipfile`` looks at the end)."""
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _scan_zip(path: Path) -> PickleScan:
+    """The scan of the ``data.pkl`` of a ``torch.save`` archive (one top-level folder, as torch
+    writes), streamed from the archive.
+
+    The scan must see the record torch will unpickle. torch's reader (miniz) finds a name
+    ignoring case and takes the first of equal names; Python's ``zipfile`` takes the last. An
+    archive with two members whose names are equal ignoring case has two readings: refused.
+    """
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
+        folded: set[str] = set()
+        for name in names:
+            if name.casefold() in folded:
+                raise UnsafePickleError(
+                    [], f"an archive with two members named {name!r} (ignoring case): torch and "
+                    "a scan would read different ones"
+                )  # fmt: skip
+            folded.add(name.casefold())
         tops = {n.split("/", 1)[0] for n in names}
         if len(tops) != 1:
             raise UnsafePickleError([], "not a torch.save archive (several top-level folders)")
-        return archive.read(f"{tops.pop()}/data.pkl")
+        try:
+            member = archive.open(f"{tops.pop()}/data.pkl")
+        except KeyError:
+            raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
+        with member:
+            return scan(member)
 
 
 def _torch_load(path: Path, *, weights_only: bool) -> Any:
@@ -320,17 +501,19 @@ def load(path: Path, *, trust: bool = False) -> Any:
 
 def _load_untrusted(path: Path) -> Any:
     default = _default_allowed()
-    if not zipfile.is_zipfile(path):  # torch's legacy format, or a bare pickle
+    if not _is_torch_zip(path):  # torch's legacy format, or a bare pickle
+        if zipfile.is_zipfile(path):  # a zip appended: zipfile and torch read different data
+            raise UnsafePickleError(
+                [], "a pickle with a zip archive appended (torch reads the pickle, a zip reader "
+                "the archive): not a file torch.save writes"
+            )  # fmt: skip
         with path.open("rb") as f:
             usage = scan(f)  # the first pickle; a legacy file's model follows, torch checks it
         refused = sorted(n for n in usage.names if n not in default)
         if refused:
             raise UnsafePickleError(refused)
         return _torch_load(path, weights_only=True)  # nothing added
-    try:
-        usage = scan(_zip_pickle(path))
-    except KeyError:
-        raise UnsafePickleError([], "not a torch.save archive (no data.pkl)") from None
+    usage = _scan_zip(path)
     allowed, refused = [], []
     for name in sorted(usage.names - default):
         try:
@@ -339,5 +522,8 @@ def _load_untrusted(path: Path) -> Any:
             refused.append(name)
     if refused:
         raise UnsafePickleError(refused)
+    for module_name, function in sorted(usage.kernel_funcs):  # the wrappers' classes, which
+        wrapper = _kernel_func_class(module_name, function)  # the file builds but never names
+        allowed.append((wrapper, f"serfswap.kernel_func.{module_name}.{function}"))
     with torch.serialization.safe_globals(allowed):
         return _torch_load(path, weights_only=True)
