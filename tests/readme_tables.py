@@ -84,7 +84,7 @@ def sweep_sentence() -> str:
         "benchmarks/zoo_export_sweep.py` (one niced subprocess per model, one torch thread; "
         f"{' to '.join(dates[:: max(1, len(dates) - 1)])}, {minutes:.0f} min on 2 shared "
         f"cores): {len(rows)} of the {len(families)} swept, {len(ok)} exported and verified, "
-        f"{len(failed)} failed, each in the table below"
+        f"{len(failed)} failed" + (", each in the table below" if failed else "")
     )
     if len(rows) < len(families):
         text += "; not swept: " + ", ".join(
@@ -141,7 +141,8 @@ def zoo_table() -> str:
         + ", ".join(f"`{name}`" for name in timm_zoo.EXPORTED_IN_CI)
         + '), converted with the defaults for every family (`activations="all"`, positivity '
         "constraints kept), are exported (batch 2) with `export_onnx`'s defaults and verified "
-        "against torch at 1e-4 (fresh inputs of batch 3). " + sweep_sentence(),
+        "against torch at 1e-4 of each output's magnitude (fresh inputs of batch 3). "
+        + sweep_sentence(),
         "",
         *failure_lines(),
         "",
