@@ -15,28 +15,16 @@ accept it.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' zoo
 
-def build(layers: int, scale: float) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=2048, hidden_size=576, num_hidden_layers=layers, num_attention_heads=9,
-        num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(scale)
-    return model
+from tests.zoo.deep import smollm_shaped
 
 
 def measure(model: torch.nn.Module, path: Path) -> tuple[float, float, bool, bool]:
@@ -78,7 +66,7 @@ def main() -> None:
     print(f"{'scale':>5} {'max|logit|':>10} {'max diff':>9} {'diff/scale':>10} "
           f"{'fixed 1e-4':>10} {'scaled':>7} {'export s':>8}")  # fmt: skip
     for scale in args.scales:
-        model = build(args.layers, scale)
+        model = smollm_shaped(args.layers, scale)
         if args.convert:
             model = serfswap.convert(model)
         with tempfile.TemporaryDirectory() as tmp:

@@ -61,11 +61,7 @@ def check_output_path(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> P
     path = Path(text)
     if text.endswith((os.sep, "/")) or path.is_dir():
         raise InvalidArgumentError(f"{text} is a directory; give a file name")
-    directory = path.parent
-    if not directory.is_dir():
-        raise InvalidArgumentError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    _check_writable_parent(path)
     for given in inputs:
         if given is None:
             continue
@@ -207,6 +203,15 @@ def wants_folder(spec: StrPath) -> bool:
     return text.endswith((os.sep, "/")) or Path(text).is_dir()
 
 
+def _check_writable_parent(path: Path) -> None:
+    """The folder an output goes in exists and can be written."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InvalidArgumentError(f"output directory {directory} is not writable")
+
+
 def check_output_folder(spec: StrPath, inputs: Iterable[StrPath | None] = ()) -> Path:
     """``spec`` as a Path when a folder can be written there: new, or an empty folder (a
     model folder's files are never overwritten or mixed with others), in a writable place,
@@ -214,11 +219,7 @@ def check_output_folder(spec: StrPath, inputs: Iterable[StrPath | None] = ()) ->
     path = Path(os.fspath(spec).rstrip("/" + os.sep) or os.sep)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InvalidArgumentError(f"{spec} is not an empty folder; give a new or empty one")
-    directory = path.parent
-    if not directory.is_dir():
-        raise InvalidArgumentError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InvalidArgumentError(f"output directory {directory} is not writable")
+    _check_writable_parent(path)
     for given in inputs:
         if given is not None and _same(path, Path(given)):
             raise InvalidArgumentError(f"{spec} is the input {given}; write somewhere else")

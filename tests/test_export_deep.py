@@ -16,22 +16,9 @@ import torch
 
 import serfswap
 
+from .zoo.deep import smollm_shaped
+
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
-
-
-def smollm_shaped(scale: float = 8.0) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=2048, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(scale)
-    return model
 
 
 @pytest.mark.slow
