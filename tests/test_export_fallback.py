@@ -110,13 +110,19 @@ def test_cli_says_it_in_one_line_without_onnxruntime_log(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_cli_exit_status_1_when_nothing_can_be_exported(tmp_path: Path) -> None:
-    """ProphetNet with an integer attention mask (what the CLI infers) fails in the exporter
-    whatever the shapes: every plan is tried, and the error is one line."""
+    """ProphetNet with an integer attention mask (what the CLI infers) fails in the dynamo
+    exporter whatever the shapes: with that exporter alone every plan is tried, and the error
+    is one line. By default the TorchScript exporter then exports it, and says why."""
     config = transformers.AutoConfig.for_model("prophetnet", **CONFIGS["prophetnet"])
     transformers.AutoModel.from_config(config).save_pretrained(tmp_path / "pn")
-    result = _cli("export", str(tmp_path / "pn"), str(tmp_path / "m.onnx"))
+    out = str(tmp_path / "m.onnx")
+    result = _cli("export", str(tmp_path / "pn"), out, "--exporter", "dynamo")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "static failed" not in lines[0], lines
     assert "the exporter:" in lines[0] and "(before: dynamic failed:" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pn"]
+    fallback = _cli("export", str(tmp_path / "pn"), out)
+    assert fallback.returncode == 0, fallback.stderr
+    assert "exporter: torchscript (the dynamo exporter failed: " in fallback.stdout
+    assert "verified with onnxruntime" in fallback.stdout
