@@ -6,11 +6,13 @@ registration is a post-import hook: if the library is already imported, Serf is 
 once; otherwise a ``sys.meta_path`` finder registers it right after the library's activation
 module is first imported. Either way ``timm.layers.get_act_layer("serf")`` and
 ``transformers.activations.ACT2FN["serf"]`` give Serf. Serf itself is imported by the hook,
-when the library (and so torch) is.
+when the library (and so torch) is; and when torch is imported, so is :mod:`serfswap.serf`, which
+registers the custom op ``serfswap::serf``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -34,7 +36,15 @@ def _register_transformers(activations: ModuleType) -> None:
     activations.ACT2FN[NAME] = Serf
 
 
+def _register_op(torch: ModuleType) -> None:
+    """The custom op ``serfswap::serf`` exists wherever serfswap and torch are both imported,
+    as when the package imported torch itself: ``torch.ops.serfswap.serf``, and torch.export
+    programs that keep the op (``keep_custom_op``), which load after ``import serfswap``."""
+    importlib.import_module(f"{__package__}.serf")
+
+
 _HOOKS: dict[str, Callable[[ModuleType], None]] = {
+    "torch": _register_op,
     "timm.layers.create_act": _register_timm,
     "transformers.activations": _register_transformers,
 }

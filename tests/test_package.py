@@ -149,3 +149,23 @@ def test_the_installed_versions_are_the_lock() -> None:
         if installed != version:
             differ[name] = (installed, version)
     assert not differ, f"installed (pinned in {lock}): {differ}"
+
+
+@pytest.mark.parametrize("order", ["import torch, serfswap", "import serfswap, torch"])
+def test_the_custom_op_exists_once_serfswap_and_torch_are_imported(order: str, tmp_path) -> None:
+    """A torch.export program that keeps serfswap::serf loads and runs after `import serfswap`,
+    in either import order, though the package imports torch lazily."""
+    import torch
+
+    program = tmp_path / "serf.pt2"
+    with serfswap.keep_custom_op():
+        exported = torch.export.export(serfswap.Serf(), (torch.randn(3),))
+    torch.export.save(exported, program)
+    probe = (
+        f"{order}\n"
+        f"program = torch.export.load({str(program)!r})\n"
+        "print(program.module()(torch.tensor([1.0, 0.0, -1.0]))[0].item())\n"
+    )
+    result = run("-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert abs(float(result.stdout) - 0.9367) < 1e-4
