@@ -366,6 +366,13 @@ def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: 
         ) from None
 
 
+def _configs(model: nn.Module) -> list[Any]:
+    """Every transformers config in the model, once each: submodules may hold their own (T5's
+    decoder stack) or share the root's."""
+    found = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def _without_kv_cache(model: nn.Module) -> Iterator[None]:
     """Decoders return a KV cache object by default, which is no ONNX output: export without.
@@ -373,8 +380,7 @@ def _without_kv_cache(model: nn.Module) -> Iterator[None]:
     Every config in the model, not only the root's: T5's decoder stack holds a copy of its
     own, and would return an EncoderDecoderCache that no exporter can flatten.
     """
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
+    cached = [c for c in _configs(model) if getattr(c, "use_cache", False) is True]
     for config in cached:
         config.use_cache = False
     try:
@@ -391,8 +397,7 @@ def _exportable_experts(model: nn.Module) -> Iterator[bool]:
     ``batched_mm`` computes the same sums with gathers and batched matmuls, which export with
     dynamic shapes (Mixtral, measured). Switched for the export and its verification, then
     back; yields whether anything was switched, for the report."""
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    grouped = [c for c in configs.values()
+    grouped = [c for c in _configs(model)
                if getattr(c, "_experts_implementation", None) == "grouped_mm"]  # fmt: skip
     for config in grouped:
         config._experts_implementation = "batched_mm"
