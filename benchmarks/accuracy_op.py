@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import serfswap
-from serfswap.serf import serf_composite
+from serfswap.ops.serf import serf_composite
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:

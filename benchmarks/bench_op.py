@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import serfswap
-from serfswap.serf import serf_composite
+from serfswap.ops.serf import serf_composite
 
 CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "serfswap.serf": serfswap.serf,

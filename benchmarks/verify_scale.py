@@ -31,8 +31,8 @@ def measure(model: torch.nn.Module, path: Path) -> tuple[float, float, bool, boo
     """The largest |logit| and difference over the verification inputs; the two rules."""
     import onnxruntime as ort
 
-    from serfswap.export import _feed, _leaves, _without_kv_cache
-    from serfswap.export_decoder import verification_inputs, with_past
+    from serfswap.export.decoder import verification_inputs, with_past
+    from serfswap.export.pipeline import _feed, _leaves, _without_kv_cache
 
     decoder = with_past(model)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

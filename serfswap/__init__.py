@@ -10,7 +10,7 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
-from . import hooks as _hooks
+from . import _legacy
 from ._version import __version__
 from .errors import (
     CheckpointError,
@@ -30,43 +30,48 @@ from .errors import (
     TaskError,
     UnsupportedDtypeError,
 )
+from .rewrite import registration as _registration
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
-    from .convert import convert, plan, revert
-    from .export import ExportReport, Verification, export_onnx, verify_onnx
-    from .io import load_checkpoint, save_checkpoint
-    from .recover import RecoveryOptions, RecoveryResult, recover
-    from .report import Plan, Site
-    from .serf import Serf, keep_custom_op, serf
+    from .export.pipeline import ExportReport, Verification, export_onnx, verify_onnx
+    from .io.load import load_checkpoint, save_checkpoint
+    from .ops.serf import Serf, keep_custom_op, serf
+    from .recovery.loop import RecoveryOptions, RecoveryResult, recover
+    from .rewrite.convert import convert, plan, revert
+    from .rewrite.report import Plan, Site
 
 # The public names that need torch, and the module each lives in: imported on first use, so
 # that `import serfswap` (and so the `serfswap` command, before it has checked its arguments)
 # costs no torch import. The ONNX side and the loaders come the same way.
 _LAZY = {
-    "convert": "convert",
-    "plan": "convert",
-    "revert": "convert",
-    "ExportReport": "export",
-    "Verification": "export",
-    "export_onnx": "export",
-    "verify_onnx": "export",
-    "RecoveryOptions": "recover",
-    "RecoveryResult": "recover",
-    "recover": "recover",
-    "Plan": "report",
-    "Site": "report",
-    "Serf": "serf",
-    "keep_custom_op": "serf",
-    "serf": "serf",
-    "save_checkpoint": "io",
-    "load_checkpoint": "io",
+    "convert": "rewrite.convert",
+    "plan": "rewrite.convert",
+    "revert": "rewrite.convert",
+    "ExportReport": "export.pipeline",
+    "Verification": "export.pipeline",
+    "export_onnx": "export.pipeline",
+    "verify_onnx": "export.pipeline",
+    "RecoveryOptions": "recovery.loop",
+    "RecoveryResult": "recovery.loop",
+    "recover": "recovery.loop",
+    "Plan": "rewrite.report",
+    "Site": "rewrite.report",
+    "Serf": "ops.serf",
+    "keep_custom_op": "ops.serf",
+    "serf": "ops.serf",
+    "save_checkpoint": "io.load",
+    "load_checkpoint": "io.load",
 }
+# The stage subpackages, reachable as attributes (``serfswap.io.load_model``).
+_SUBPACKAGES = frozenset(
+    {"cli", "export", "io", "onnx_ops", "ops", "recovery", "rewrite", "runtime"}
+)
 # Submodules named like a function of the package: the package's attribute is the function.
 _SHADOWED = frozenset({"convert", "recover", "serf"})
 
 
 def __getattr__(name: str) -> object:
-    if name in ("onnx_ops", "io"):
+    if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     if name not in _LAZY:
         raise AttributeError(f"module 'serfswap' has no attribute {name!r}")
@@ -87,7 +92,8 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-_hooks.register()
+_legacy.install()
+_registration.register()
 
 
 __all__ = [

@@ -17,9 +17,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import serfswap
-from serfswap.cli import main
+from serfswap.cli.main import main
 from serfswap.onnx_ops import check_graph
-from serfswap.positivity import ROLE
+from serfswap.rewrite.positivity import ROLE
 
 from . import audit_helpers
 from .probes import CountSerfOps, count_activation_calls

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.io import FORMAT, conversion_options, describe
+from serfswap.io.load import FORMAT, conversion_options, describe
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.cli import main
+from serfswap.cli.main import main
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")

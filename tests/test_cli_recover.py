@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap.cli import main
+from serfswap.cli.main import main
 
 from .test_cli import run
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from serfswap import trainstate
-from serfswap.cli import main
-from serfswap.recover import _schedule
+from serfswap.cli.main import main
+from serfswap.recovery.loop import _schedule
 
 from .test_cli_recover import TEXT, image_folder, text_model  # noqa: F401 (fixtures)
 

@@ -216,7 +216,7 @@ def test_unknown_option_without_a_command_is_an_error_line() -> None:
 # timm, transformers) is imported; the run's arguments are checked, not the model loaded.
 _PROBE = """
 import json, sys
-from serfswap.cli import main
+from serfswap.cli.main import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:

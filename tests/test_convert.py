@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import serfswap
-from serfswap.functional import FunctionalScope
+from serfswap.rewrite.functional import FunctionalScope
 
 from .probes import count_activation_calls
 

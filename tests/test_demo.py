@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serfswap.cli import main
+from serfswap.cli.main import main
 
 pytest.importorskip("timm", reason="the demo needs the [demo] extra")
 pytest.importorskip("sklearn", reason="the demo needs the [demo] extra")

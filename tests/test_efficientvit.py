@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.activations import GATE
 from serfswap.errors import NothingToConvertError
-from serfswap.export import ExportMismatchError
-from serfswap.positivity import ROLE, source_constraints
+from serfswap.export.pipeline import ExportMismatchError
+from serfswap.rewrite.activations import GATE
+from serfswap.rewrite.positivity import ROLE, source_constraints
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] and [dev] extras")
 

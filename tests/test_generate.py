@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap.cli import main
+from serfswap.cli.main import main
 from serfswap.onnx_ops import check_graph, generate
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -187,7 +187,7 @@ def test_the_task_on_a_model_that_is_no_decoder_is_one_line(
 def test_the_task_check_reads_the_model_family_not_a_stale_flag() -> None:
     """GPT-NeoX's config carries is_decoder=False, which means nothing for a decoder-only
     model; BERT's means what it says (an encoder unless is_decoder)."""
-    from serfswap.export_decoder import WITH_PAST, check_task
+    from serfswap.export.decoder import WITH_PAST, check_task
 
     tiny = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=37)  # fmt: skip

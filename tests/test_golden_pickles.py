@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap.io import load_model
+from serfswap.io.load import load_model
 from tests.golden.make_golden import CASES, _output
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap.integrations import INSTALL_HINT
+from serfswap.rewrite.configs import INSTALL_HINT
 
 from .zoo.check import tensors
 from .zoo.hf_zoo import config, inputs

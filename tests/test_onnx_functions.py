@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import serfswap
-from serfswap.cli import main
+from serfswap.cli.main import main
 from serfswap.onnx_ops import PATTERNS, check_graph, session
 from serfswap.onnx_ops.functions import fold_into_functions
 

@@ -118,7 +118,7 @@ def test_docstring_examples_run() -> None:
     import doctest
     import importlib
 
-    for name in ("serfswap.serf", "serfswap.convert", "serfswap.names"):
+    for name in ("serfswap.ops.serf", "serfswap.rewrite.convert", "serfswap.names"):
         module = importlib.import_module(name)
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, name

@@ -10,7 +10,7 @@ from torch import nn
 
 import serfswap
 from serfswap.errors import NothingToConvertError
-from serfswap.positivity import ROLE, source_constraints
+from serfswap.rewrite.positivity import ROLE, source_constraints
 
 
 class LinearAttention(nn.Module):

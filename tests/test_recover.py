@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import serfswap
-from serfswap.distill import Blend, converted_parents, evaluate, reestimate_batchnorm, swap_blends
-from serfswap.recover import recover
+from serfswap.recovery.distill import (
+    Blend,
+    converted_parents,
+    evaluate,
+    reestimate_batchnorm,
+    swap_blends,
+)
+from serfswap.recovery.loop import recover
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -37,7 +43,7 @@ def cnn() -> tuple[nn.Module, nn.Module]:
 def digits() -> dict[str, torch.Tensor]:
     """scikit-learn's bundled digits, as 3x32x32 images: real data, no download."""
     pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
-    from serfswap.demo import digits as load
+    from serfswap.cli.demo import digits as load
 
     return load()
 
@@ -235,7 +241,7 @@ def test_an_options_object_is_the_same_run_as_keywords() -> None:
 
 def test_distillation_loss_parts() -> None:
     """The loss is a pure function of the outputs: its parts add up, with their weights."""
-    from serfswap.distill import distillation_loss
+    from serfswap.recovery.distill import distillation_loss
 
     torch.manual_seed(0)
     s, t, labels = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))

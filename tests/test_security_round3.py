@@ -225,7 +225,7 @@ def test_never_ask_makes_transformers_refuse_without_reading_stdin(tmp_path: Pat
     _detr_config(folder, marker)
     code = textwrap.dedent(f"""
         import transformers
-        from serfswap.remote_code import never_ask
+        from serfswap.io.remote_code import never_ask
         never_ask()
         c = transformers.AutoConfig.from_pretrained({str(folder)!r})
         try:
@@ -541,7 +541,7 @@ def test_a_pickled_converted_model_loads_through_the_safe_loader(name: str, tmp_
     """torch.save(serfswap.convert(model)) loads with the allowlist alone (FunctionInfo,
     SerfFunction, the report), and computes what the converted model computed."""
     import serfswap
-    from serfswap.io import load_model
+    from serfswap.io.load import load_model
 
     build, inputs = CONVERTED[name]
     converted = serfswap.convert(build()).eval()
@@ -637,7 +637,7 @@ def test_checkpoint_timm_kwargs_cannot_name_files(tmp_path: Path) -> None:
 
 def test_remote_code_keys_are_found_at_any_depth_and_stripped() -> None:
     """Lists of configs and trust_remote_code fields too; what serfswap writes has none."""
-    from serfswap.remote_code import find_remote_code, without_remote_code
+    from serfswap.io.remote_code import find_remote_code, without_remote_code
 
     config = {"model_type": "x", "sub": [{"a": 1}, {"deeper": {"trust_remote_code": True}}],
               "other": {"auto_map": {"AutoModel": "user/repo--m.C"}}}  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import serfswap
-from serfswap.serf import _fix_negative_tail, serf_composite
+from serfswap.ops.serf import _fix_negative_tail, serf_composite
 
 from .conftest import serf_reference
 

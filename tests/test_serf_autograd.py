@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.serf import _BLOCK, _grad_times_blocked, _grad_times_whole, serf_composite
+from serfswap.ops.serf import _BLOCK, _grad_times_blocked, _grad_times_whole, serf_composite
 
 
 def sweep32() -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 import serfswap
 from serfswap.onnx_ops import check_graph, session
-from serfswap.serf import serf_composite
+from serfswap.ops.serf import serf_composite
 
 from .probes import CountSerfOps
 from .zoo.hf_zoo import config

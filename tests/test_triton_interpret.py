@@ -1,4 +1,4 @@
-"""The Triton kernels of Serf (serfswap/triton_kernels.py) on CPU, under Triton's interpreter.
+"""The Triton kernels of Serf (serfswap/ops/triton_kernels.py) on CPU, under Triton's interpreter.
 
 They are the CUDA implementation of ``serfswap::serf`` / ``serfswap::serf_backward``; with
 ``TRITON_INTERPRET=1`` set before triton is imported, their launch functions run on CPU tensors,
@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton"),
 ]
 
-triton_kernels = pytest.importorskip("serfswap.triton_kernels", reason="needs triton")
+triton_kernels = pytest.importorskip("serfswap.ops.triton_kernels", reason="needs triton")
 CPU = torch.device("cpu")
 
 

@@ -1,14 +1,38 @@
-"""The ONNX side of serfswap: Serf decompositions, graph checks, onnxruntime sessions and
-greedy generation with an exported decoder.
+"""Serf as ONNX ops: the decompositions (as data), their onnxscript translation for the exporter,
+the graph checks that find and verify them, and the folding into ONNX functions.
 
-Imports onnx, onnxscript and onnxruntime, so ``import serfswap`` does not import this package.
+Imports onnx and onnxscript only when a name that needs them is used: the command line reads
+:mod:`.decompositions` for its choices. ``session`` and ``generate`` (moved to
+:mod:`serfswap.runtime`) are still served here.
 """
 
-from ..decompositions import DECOMPOSITIONS, PATTERNS
-from .generate import generate
-from .graph import GraphCheck, check_graph
-from .session import NoDeviceError, session
-from .translation import translation_table
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .decompositions import DECOMPOSITIONS, PATTERNS
+
+if TYPE_CHECKING:
+    from ..runtime import NoDeviceError, generate, session
+    from .graph import GraphCheck, check_graph
+    from .translation import translation_table
+
+_LAZY = {
+    "GraphCheck": ".graph",
+    "check_graph": ".graph",
+    "translation_table": ".translation",
+    "NoDeviceError": "..runtime",
+    "generate": "..runtime",
+    "session": "..runtime",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
 
 __all__ = [
     "DECOMPOSITIONS",

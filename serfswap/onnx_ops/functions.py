@@ -15,8 +15,8 @@ from typing import Any
 import onnx
 from onnx import helper, numpy_helper
 
-from ..decompositions import DECOMPOSITIONS, ONE, Decomposition, X
 from ..errors import ExportFailedError
+from .decompositions import DECOMPOSITIONS, ONE, Decomposition, X
 from .graph import SerfMatch, find_serf, scalar_constants
 
 DOMAIN = "serfswap"

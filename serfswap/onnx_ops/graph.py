@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from ..decompositions import COMMUTATIVE, DECOMPOSITIONS, ONE, Decomposition, X
+from .decompositions import COMMUTATIVE, DECOMPOSITIONS, ONE, Decomposition, X
 
 # Op types that are themselves one of the activations serfswap replaces.
 _ACTIVATION_OPS = {

@@ -13,7 +13,7 @@ from typing import Any
 
 from onnxscript import opset18 as op  # the lowest opset serfswap writes: every op here is in it
 
-from ..decompositions import DECOMPOSITIONS, DEFAULT, ONE, Decomposition, X
+from .decompositions import DECOMPOSITIONS, DEFAULT, ONE, Decomposition, X
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _HALF_TYPES = {10, 16}  # FLOAT16, BFLOAT16

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.activations import GATE, class_family
-from serfswap.positivity import ROLE
+from serfswap.rewrite.activations import GATE, class_family
+from serfswap.rewrite.positivity import ROLE
 
 from ..probes import count_activation_calls
 

@@ -311,7 +311,7 @@ def inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         from serfswap.inputs import example_inputs_for
     except ImportError:  # before issue 13's audit: it lived in export.py
-        from serfswap.export import example_inputs_for
+        from serfswap.export.pipeline import example_inputs_for
 
     torch.manual_seed(0)
     found = example_inputs_for(model, batch=2, seq=8)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TaskError
-from .options import TASKS
+from ..errors import TaskError
+from ..options import TASKS
 
 WITH_PAST = "text-generation-with-past"
 

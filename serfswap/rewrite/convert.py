@@ -28,15 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import audit as run_time
-from . import integrations
-from .activations import GATE, class_family, function_info, resolve_families
-from .errors import (
+from ..errors import (
     ExampleInputsError,
     InvalidArgumentError,
     NothingToConvertError,
     PartialConversionError,
 )
+from ..inputs import as_kwargs, can_infer, example_inputs_for
+from ..ops.serf import Serf
+from . import audit as run_time
+from . import configs as integrations
+from .activations import GATE, class_family, function_info, resolve_families
+from .configs import NAME
 from .functional import (
     FunctionalScope,
     SerfFunction,
@@ -45,11 +48,8 @@ from .functional import (
     function_name,
     string_site_family,
 )
-from .inputs import as_kwargs, can_infer, example_inputs_for
-from .integrations import NAME
 from .positivity import ROLE, Constraint, class_constraints
 from .report import Plan, Site
-from .serf import Serf
 
 FilterFn = Callable[[nn.Module, str], bool]
 REPORT_ATTR = "serfswap_report"

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 # The entries of a checkpoint folder that a run writes, replaces and removes (trainstate's).
 _CHECKPOINT_ENTRY = re.compile(r"step-\d{8}|\.tmp-step-.*")

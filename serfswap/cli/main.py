@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .cli_generate import add_generate_command
-from .decompositions import DECOMPOSITIONS
-from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
-from .errors import InvalidArgumentError, SerfswapError
-from .options import (
+from .._version import __version__
+from ..errors import InvalidArgumentError, SerfswapError
+from ..onnx_ops.decompositions import DECOMPOSITIONS
+from ..onnx_ops.decompositions import DEFAULT as DEFAULT_DECOMPOSITION
+from ..options import (
     AUTOCAST_CHOICES,
     DEFAULT_DTYPE,
     DEFAULT_OPSET,
@@ -40,6 +39,7 @@ from .options import (
     RecoveryOptions,
     check_opset,
 )
+from .generate import add_generate_command
 
 # The library's defaults are the command's: one place for each (plain values, importable
 # without torch: parsing and checking the arguments imports nothing heavy).
@@ -48,7 +48,7 @@ DEFAULTS = RecoveryOptions()
 if TYPE_CHECKING:
     import torch
 
-    from .io import Loaded
+    from ..io.load import Loaded
 
 _PACKAGES = (
     "torch",
@@ -117,7 +117,7 @@ def _add_env(commands: Any) -> None:
 
 
 def _load(args: argparse.Namespace, *, quiet: bool = False) -> Loaded:
-    from .io import load_model
+    from ..io.load import load_model
 
     if not quiet:
         progress(args, f"loading {args.model} ...")
@@ -150,7 +150,7 @@ def _check_model_arguments(args: argparse.Namespace) -> None:
     """MODEL, --weights and the timm keywords, checked without loading anything: an ONNX file
     where a PyTorch model is read, a folder given as --weights, --model-kwargs that is not
     JSON are refused before torch is imported."""
-    from .paths import check_weights_path, is_onnx, onnx_given
+    from ..io.paths import check_weights_path, is_onnx, onnx_given
 
     if is_onnx(Path(args.model)):
         raise InvalidArgumentError(onnx_given(args.model))
@@ -162,7 +162,7 @@ def _check_model_arguments(args: argparse.Namespace) -> None:
 def _check_convert(args: argparse.Namespace) -> None:
     """convert's arguments and OUT (a checkpoint file, or a HuggingFace folder), before
     anything is loaded."""
-    from .paths import check_input_path, check_output_folder, wants_folder
+    from ..io.paths import check_input_path, check_output_folder, wants_folder
 
     _check_model_arguments(args)
     if not wants_folder(args.output):
@@ -202,7 +202,7 @@ def _timm_kwargs(args: argparse.Namespace) -> dict[str, object] | None:
 
 def _output(args: argparse.Namespace, *extra_inputs: str | None) -> Path:
     """OUT, checked before anything is loaded: writable, and none of the command's inputs."""
-    from .paths import check_output_path
+    from ..io.paths import check_output_path
 
     arch_dir = args.arch[3:] if args.arch and args.arch.startswith("hf:") else None
     return check_output_path(args.output, [args.model, args.weights, arch_dir, *extra_inputs])
@@ -228,7 +228,7 @@ def _needs_module(loaded: Loaded, command: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .convert import plan
+    from ..rewrite.convert import plan
 
     loaded = _load(args)
     _needs_module(loaded, "inspect")
@@ -251,9 +251,9 @@ def _add_inspect(commands: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-    from .io import save_checkpoint
-    from .paths import wants_folder
+    from ..io.load import save_checkpoint
+    from ..io.paths import wants_folder
+    from ..rewrite.convert import convert
 
     if wants_folder(args.output):
         return _convert_to_folder(args)
@@ -273,8 +273,8 @@ def _convert_to_folder(args: argparse.Namespace) -> int:
     model, e.g. what recover wrote) converted and written with save_pretrained, the original
     folder's tokenizer and sentence-transformers files copied beside it: the way back from the
     command line to transformers and sentence-transformers."""
-    from .convert import convert
-    from .io import save_hf_folder
+    from ..io.load import save_hf_folder
+    from ..rewrite.convert import convert
 
     files_from = args.files_from
     if files_from is None and Path(args.model).is_dir():
@@ -296,7 +296,7 @@ def _convert_to_folder(args: argparse.Namespace) -> int:
 
 def _checkpoint_arch(loaded: Loaded) -> dict[str, Any]:
     """How the output checkpoint describes MODEL's architecture, without pickled code."""
-    from .io import describe
+    from ..io.load import describe
 
     arch = loaded.arch or describe(loaded.model)
     if arch is None:
@@ -354,10 +354,10 @@ def _recover(args: argparse.Namespace) -> int:
     # clean up; each step is a call or two, in the order the user sees them printed.
     import torch
 
-    from . import data as recovery_data
-    from .convert import REPORT_ATTR, convert
-    from .io import save_checkpoint
-    from .recover import recover
+    from ..io.load import save_checkpoint
+    from ..recovery import data as recovery_data
+    from ..recovery.loop import recover
+    from ..rewrite.convert import REPORT_ATTR, convert
 
     out = _output(args, args.data, args.tokenizer)
     source = Path(args.data)
@@ -367,7 +367,7 @@ def _recover(args: argparse.Namespace) -> int:
         args.plot = str(_beside(out, ".curves.png", "--plot PNG"))
     _check_side_outputs(args, out, checkpoints)
     if args.plot is not None:
-        from .curves import require_matplotlib
+        from ..recovery.log import require_matplotlib
 
         require_matplotlib()
     random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
@@ -432,7 +432,7 @@ def _checkpoint_dir(args: argparse.Namespace, out: Path) -> Path:
 def _check_data(spec: str) -> Path:
     """--data: an image folder or a text file; a single image is neither (it would be read as
     text), and is refused saying what --data takes."""
-    from .paths import check_input_path, is_image
+    from ..io.paths import check_input_path, is_image
 
     source = check_input_path(spec)
     if source.is_file() and is_image(source):
@@ -449,7 +449,7 @@ def _check_unfinished(folder: Path, *, resume: bool) -> None:
     checkpoints costs the torch import (to read where its run stood)."""
     if resume or not folder.is_dir() or not any(folder.iterdir()):
         return
-    from . import trainstate
+    from ..recovery import state as trainstate
 
     found = trainstate.checkpoints(folder)
     if found:
@@ -464,7 +464,7 @@ def _check_unfinished(folder: Path, *, resume: bool) -> None:
 def _check_side_outputs(args: argparse.Namespace, out: Path, checkpoints: Path) -> None:
     """--log, --plot and the checkpoint folder, checked as OUT is, before anything is loaded:
     none is an input, a link to one or a file of an input folder, and no two are one file."""
-    from .paths import check_distinct_outputs, check_output_dir, check_output_path
+    from ..io.paths import check_distinct_outputs, check_output_dir, check_output_path
 
     arch_dir = args.arch[3:] if args.arch and args.arch.startswith("hf:") else None
     inputs = [args.model, args.weights, arch_dir, args.data, args.tokenizer]
@@ -494,7 +494,7 @@ def _check_recover_numbers(args: argparse.Namespace) -> None:
 def _checkpoints_done(checkpoints: Path, *, keep: bool) -> None:
     """Remove the run's checkpoints (called only once OUT is written: until then they are the
     run's only result), or say how the kept ones extend the run."""
-    from . import trainstate
+    from ..recovery import state as trainstate
 
     if not keep:
         removed = trainstate.remove_run(checkpoints)
@@ -676,7 +676,7 @@ def _check_export(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from ..export.pipeline import export_onnx
 
     example_inputs = _example_inputs(args.input_shape)
     loaded = _load(args)
@@ -915,9 +915,9 @@ def cli_words(message: str) -> str:
 def _resume_hint(args: argparse.Namespace) -> str:
     """What an interrupted recover leaves to continue from: its newest checkpoint and the flag
     that continues it (the same command with --resume), or that none was written yet."""
-    if args.command != "recover" or "serfswap.trainstate" not in sys.modules:
+    if args.command != "recover" or "serfswap.recovery.state" not in sys.modules:
         return ""  # interrupted before training could write any checkpoint
-    from . import trainstate
+    from ..recovery import state as trainstate
 
     try:
         folder = _checkpoint_dir(args, Path(args.output))

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..ops.serf import serf
 from .activations import (
     TENSOR_METHODS,
     TORCH_FUNCTIONS,
@@ -62,7 +63,6 @@ from .activations import (
     function_info,
     string_family,
 )
-from .serf import serf
 
 
 @dataclass(frozen=True)

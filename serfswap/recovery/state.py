@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InvalidArgumentError
+from ..errors import CheckpointError, InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import converted_serfs, original_of, put, walk
-from .errors import InvalidArgumentError
-from .modes import eval_mode, modes
-from .serf import Serf
+from ..errors import InvalidArgumentError
+from ..modes import eval_mode, modes
+from ..ops.serf import Serf
+from ..rewrite.convert import converted_serfs, original_of, put, walk
 
 # Batches -------------------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
-from .inputs import timm_channels
-from .remote_code import check_tokenizer_folder, never_ask
+from ..errors import InvalidArgumentError
+from ..inputs import timm_channels
+from ..io.remote_code import check_tokenizer_folder, never_ask
 
 _TRUST_HINT = "If you trust the folder's code, pass --trust-remote-code"
 

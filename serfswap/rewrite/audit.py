@@ -29,6 +29,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +37,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from ..modes import eval_mode
 from .activations import GATE, class_family, function_info
 from .functional import function_name
-from .modes import eval_mode
 
 _SERF_OPS = ("serfswap.serf", "serfswap::serf")
-_SKIPPED_FILES = (f"{__package__}/", "/torch/")
+# Frames in serfswap's own files (this package's folder) and torch's are not the model's code.
+_SKIPPED_FILES = (f"{Path(__file__).parents[1]}/", "/torch/")
 
 
 @dataclass(frozen=True)

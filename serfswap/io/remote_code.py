@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 # Keys that make transformers import a folder's (or the hub's) code, or ask whether it may.
 REMOTE_CODE_KEYS = frozenset({"auto_map", "trust_remote_code"})

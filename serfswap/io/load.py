@@ -37,11 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._version import __version__
+from ..errors import InvalidArgumentError, ModelLoadError, ModelSpecError
+from ..rewrite.configs import config_before
+from ..rewrite.convert import REPORT_ATTR, convert
 from . import safe_pickle
-from ._version import __version__
-from .convert import REPORT_ATTR, convert
-from .errors import InvalidArgumentError, ModelLoadError, ModelSpecError
-from .integrations import config_before
 from .paths import (
     StrPath,
     check_input_path,

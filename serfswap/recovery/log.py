@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 class JsonLog:

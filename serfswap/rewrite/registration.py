@@ -6,8 +6,8 @@ registration is a post-import hook: if the library is already imported, Serf is 
 once; otherwise a ``sys.meta_path`` finder registers it right after the library's activation
 module is first imported. Either way ``timm.layers.get_act_layer("serf")`` and
 ``transformers.activations.ACT2FN["serf"]`` give Serf. Serf itself is imported by the hook,
-when the library (and so torch) is; and when torch is imported, so is :mod:`serfswap.serf`, which
-registers the custom op ``serfswap::serf``.
+when the library (and so torch) is; and when torch is imported, so is
+:mod:`serfswap.ops.serf`, which registers the custom op ``serfswap::serf``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ NAME = "serf"
 
 
 def _register_timm(create_act: ModuleType) -> None:
-    from .serf import Serf, serf
+    from ..ops.serf import Serf, serf
 
     create_act._ACT_LAYER_DEFAULT[NAME] = Serf
     create_act._ACT_FN_DEFAULT[NAME] = serf
 
 
 def _register_transformers(activations: ModuleType) -> None:
-    from .serf import Serf
+    from ..ops.serf import Serf
 
     activations.ACT2CLS[NAME] = Serf
     activations.ACT2FN[NAME] = Serf
@@ -40,7 +40,7 @@ def _register_op(torch: ModuleType) -> None:
     """The custom op ``serfswap::serf`` exists wherever serfswap and torch are both imported,
     as when the package imported torch itself: ``torch.ops.serfswap.serf``, and torch.export
     programs that keep the op (``keep_custom_op``), which load after ``import serfswap``."""
-    importlib.import_module(f"{__package__}.serf")
+    importlib.import_module("serfswap.ops.serf")
 
 
 _HOOKS: dict[str, Callable[[ModuleType], None]] = {

@@ -66,6 +66,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from .._legacy import PICKLED, pickled_class
+
 # Modules that may be imported to look up a class a file names. Importing one runs library
 # code that loading the same model from the library would run anyway; nothing of the file's.
 _MODULES = re.compile(
@@ -75,7 +77,6 @@ _MODULES = re.compile(
     r"|transformers\.(activations|pytorch_utils|modeling_utils|configuration_utils)"
     r"|transformers\.generation\.configuration_utils"
     r"|transformers\.backbone_utils"  # BackboneType, an enum DETR-like models keep
-    r"|serfswap\.(serf|report|functional|activations)"
 )
 
 # Functions a model may hold as an attribute that a file may name (elementwise math, no I/O,
@@ -328,12 +329,10 @@ def scan(data: bytes | BinaryIO) -> PickleScan:
 
 
 def _data_classes() -> tuple[type, ...]:
-    from . import activations, functional, report
-
-    # Every serfswap class a converted model holds: the report, the functional wrappers, and
-    # the FunctionInfo an activation stored as an attribute carries.
-    classes: list[type] = [report.Plan, report.Site, functional.SerfFunction,
-                           functional.FunctionalScope, activations.FunctionInfo]  # fmt: skip
+    """The plain data classes a model may hold: serfswap's own (the report, the functional
+    wrappers, FunctionInfo: every class of :data:`serfswap._legacy.PICKLED`) and transformers'
+    configs."""
+    classes = [cls for name in PICKLED if (cls := pickled_class(name)) is not None]
     try:
         import transformers
 
@@ -343,12 +342,12 @@ def _data_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
-def resolve(name: str, *, called: bool) -> Any:
-    """The object ``name`` stands for when it is allowed, else raise UnsafePickleError."""
-    if name in _MATH_FUNCTIONS:
-        return _MATH_FUNCTIONS[name]
-    if name in _KERNEL_REBUILDERS:
-        return _rebuild_kernel_func
+def _named_class(name: str) -> Any:
+    """The object ``name`` names, looked up in serfswap's table of the names it has written or
+    imported from an allowed library module; UnsafePickleError for anything else."""
+    ours = pickled_class(name)  # serfswap's own, under every name a release wrote (_legacy)
+    if ours is not None:
+        return ours
     module_name, _, attr = name.rpartition(".")
     if not _MODULES.fullmatch(module_name) or not attr.isidentifier():
         raise UnsafePickleError([name])
@@ -359,6 +358,16 @@ def resolve(name: str, *, called: bool) -> Any:
     obj = vars(module).get(attr)
     if not (isinstance(obj, type) and obj.__module__ == module_name and obj.__qualname__ == attr):
         raise UnsafePickleError([name])
+    return obj
+
+
+def resolve(name: str, *, called: bool) -> Any:
+    """The object ``name`` stands for when it is allowed, else raise UnsafePickleError."""
+    if name in _MATH_FUNCTIONS:
+        return _MATH_FUNCTIONS[name]
+    if name in _KERNEL_REBUILDERS:
+        return _rebuild_kernel_func
+    obj = _named_class(name)
     if issubclass(obj, enum.Enum):  # pickled as a call with the value: a lookup of a member
         return obj
     if not (

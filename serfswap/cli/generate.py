@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 def add_generate_command(commands: Any) -> None:
@@ -38,7 +38,7 @@ def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     except ImportError:
         message = "--tokenizer needs transformers (pip install 'serfswap[hf]')"
         raise InvalidArgumentError(message) from None
-    from .remote_code import check_tokenizer_folder, never_ask
+    from ..io.remote_code import check_tokenizer_folder, never_ask
 
     # a sub-folder's auto_map too (transformers would ask on stdin), and no FIFO
     hint = "If you trust it, pass --trust-remote-code"
@@ -53,8 +53,8 @@ def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .onnx_ops import generate, session
-    from .paths import check_input_path
+    from ..io.paths import check_input_path
+    from ..onnx_ops import generate, session
 
     model = check_input_path(args.model)
     if args.max_new_tokens < 1:

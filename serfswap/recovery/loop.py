@@ -23,7 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import curves, distributed, trainstate
+from ..errors import InvalidArgumentError
+from ..modes import eval_mode, modes
+from ..options import (  # noqa: F401 (the choices are re-exported)
+    AUTOCAST_CHOICES,
+    OUTPUT_LOSSES,
+    TRAIN_CHOICES,
+    RecoveryOptions,
+)
+from . import distributed
+from . import log as curves
+from . import state as trainstate
 from .distill import (
     LayerTaps,
     converted_parents,
@@ -36,14 +46,6 @@ from .distill import (
     split_batch,
     swap_blends,
     to_device,
-)
-from .errors import InvalidArgumentError
-from .modes import eval_mode, modes
-from .options import (  # noqa: F401 (the choices are re-exported)
-    AUTOCAST_CHOICES,
-    OUTPUT_LOSSES,
-    TRAIN_CHOICES,
-    RecoveryOptions,
 )
 
 logger = logging.getLogger(__name__)

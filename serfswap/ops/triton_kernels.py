@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .errors import ShapeMismatchError, UnsupportedDtypeError
+from ..errors import ShapeMismatchError, UnsupportedDtypeError
 
 __all__ = ["KERNEL_DTYPES", "serf_backward", "serf_forward"]
 

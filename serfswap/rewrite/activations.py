@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidActivationsError
-from .serf import Serf
+from ..errors import InvalidActivationsError
+from ..ops.serf import Serf
 
 DEFAULT_FAMILIES = frozenset({"relu", "gelu", "silu", "mish"})
 OPTIONAL_FAMILIES = frozenset(

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .activations import string_family
-from .hooks import NAME
+from .registration import NAME
 from .report import Plan
 
 _package = "serfswap"

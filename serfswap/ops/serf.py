@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UnsupportedDtypeError
+from ..errors import UnsupportedDtypeError
 
 __all__ = ["Serf", "keep_custom_op", "serf", "serf_composite"]
 
@@ -234,7 +234,7 @@ def _serf_backward_fake(grad: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=grad.dtype)
 
 
-# The CUDA kernels of both ops: one fused Triton pass each (serfswap/triton_kernels.py) instead
+# The CUDA kernels of both ops: one fused Triton pass each (serfswap/ops/triton_kernels.py) instead
 # of the ATen passes above (forward: softplus, erf_, mul_ and the branch-free tail, about eight
 # kernels; backward: seven passes plus casts).
 #

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 ARCH = "test_resnet"  # timm's smallest ResNet: trains to 99% on digits in seconds on a CPU
 DIGITS_ARCH = {"kind": "timm", "name": ARCH, "num_classes": 10}  # its checkpoints' description
@@ -165,7 +165,7 @@ def _teacher(out: Path, data: dict[str, torch.Tensor], seed: int, train_steps: i
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    from .io import save_checkpoint
+    from ..io.load import save_checkpoint
 
     path = out / "original.safetensors"
     recipe = json.dumps({"arch": ARCH, "seed": seed, "train_steps": train_steps})
@@ -205,9 +205,9 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: dict[str, t
 def vision(out: Path, *, steps: int = 300, seed: int = 0, train_steps: int = 300,
            progress: bool = True) -> DemoResult:  # fmt: skip
     """The default demo: digits, a timm CNN, ReLU -> Serf -> recovered -> ONNX."""
-    from . import convert, export_onnx, recover
-    from .io import save_checkpoint
-    from .onnx_ops import session
+    from .. import convert, export_onnx, recover
+    from ..io.load import save_checkpoint
+    from ..onnx_ops import session
 
     out.mkdir(parents=True, exist_ok=True)
     data = digits(seed)
@@ -286,8 +286,8 @@ def _text_onnx(
 ) -> Callable[..., dict[str, torch.Tensor]]:
     """Export ``student`` (exp-log, the CPU's decomposition) to ``path``; a function that runs
     the file in onnxruntime on keyword inputs, shaped like the model's output."""
-    from . import export_onnx
-    from .onnx_ops import session
+    from .. import export_onnx
+    from ..onnx_ops import session
 
     export_onnx(student, path, dict(sample), decomposition="exp-log")
     sess = session(path, device="cpu")
@@ -302,9 +302,9 @@ def _text_onnx(
 
 def text(out: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoResult:
     """all-MiniLM-L6-v2, GELU -> Serf -> recovered -> ONNX, judged by embedding cosine."""
-    from . import convert, recover
-    from .distill import embedding, outputs
-    from .io import save_checkpoint
+    from .. import convert, recover
+    from ..io.load import save_checkpoint
+    from ..recovery.distill import embedding, outputs
 
     tokenizer, teacher = _minilm()
     out.mkdir(parents=True, exist_ok=True)

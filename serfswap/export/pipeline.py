@@ -25,24 +25,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
-from .convert import REPORT_ATTR, convert
-from .decompositions import DECOMPOSITIONS, PATTERNS
-from .decompositions import DEFAULT as DEFAULT_DECOMPOSITION
-from .errors import (
+from .._version import __version__
+from ..errors import (
     ExampleInputsError,
     ExportError,
     ExportFailedError,
     ExportMismatchError,
     InvalidArgumentError,
 )
-from .export_decoder import WITH_PAST, DecoderWithPast, check_task, verification_inputs, with_past
-from .export_decoder import dynamic_shapes as decoder_shapes
-from .export_decoder import example_inputs as decoder_example_inputs
-from .inputs import as_kwargs, example_inputs_for
-from .modes import eval_mode
-from .names import summarise
-from .options import (  # noqa: F401 (re-exported)
+from ..inputs import as_kwargs, example_inputs_for
+from ..io.paths import check_input_path, check_output_path, staged_output
+from ..modes import eval_mode
+from ..names import summarise
+from ..onnx_ops.decompositions import DECOMPOSITIONS, PATTERNS
+from ..onnx_ops.decompositions import DEFAULT as DEFAULT_DECOMPOSITION
+from ..ops.serf import aten_for_onnx, keep_custom_op
+from ..options import (  # noqa: F401 (re-exported)
     DEFAULT_DTYPE,
     DEFAULT_OPSET,
     EXPORTERS,
@@ -50,8 +48,10 @@ from .options import (  # noqa: F401 (re-exported)
     TOLERANCE,
     check_opset,
 )
-from .paths import check_input_path, check_output_path, staged_output
-from .serf import aten_for_onnx, keep_custom_op
+from ..rewrite.convert import REPORT_ATTR, convert
+from .decoder import WITH_PAST, DecoderWithPast, check_task, verification_inputs, with_past
+from .decoder import dynamic_shapes as decoder_shapes
+from .decoder import example_inputs as decoder_example_inputs
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -133,7 +133,7 @@ def _fold_into_functions(path: Path) -> None:
     """
     import onnx
 
-    from .onnx_ops.functions import fold_into_functions
+    from ..onnx_ops.functions import fold_into_functions
 
     model = onnx.load(str(path), load_external_data=False)
     count = fold_into_functions(model, str(path.parent))
@@ -320,7 +320,7 @@ def _compare(
     *,
     positional: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    from .onnx_ops import session
+    from ..onnx_ops import session
 
     # onnxruntime logs its own failures (a coloured line on stderr) before raising them: the
     # raised error is reported in one line of ours instead; --debug shows onnxruntime's log.
@@ -658,7 +658,7 @@ def _needs_side_file(req: _Request) -> bool:
 
 
 def _export_dynamo(req: _Request, shapes: _Shapes, staged: Path) -> None:
-    from .onnx_ops import translation_table
+    from ..onnx_ops import translation_table
 
     try:
         onnx_program = torch.onnx.export(
@@ -779,7 +779,7 @@ def _inspect(req: _Request, staged: Path, wrote: _Written) -> ExportReport:
     the report of the staged file, with the paths it will have once in place."""
     import onnx
 
-    from .onnx_ops import check_graph
+    from ..onnx_ops import check_graph
 
     try:
         onnx.checker.check_model(str(staged), full_check=True)

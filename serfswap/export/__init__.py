@@ -1,0 +1,7 @@
+"""torch -> ONNX: the export pipeline with its verification against torch, and the decoder task
+(``text-generation-with-past``). The ONNX ops themselves (decompositions, graph checks) are
+:mod:`serfswap.onnx_ops`; running the files is :mod:`serfswap.runtime`."""
+
+from .pipeline import ExportReport, Verification, export_onnx, verify_onnx
+
+__all__ = ["ExportReport", "Verification", "export_onnx", "verify_onnx"]
