@@ -2,7 +2,7 @@
 
 CI exports only the 18 ``test_*`` architectures (``test_timm_export``); the ~90 per-family
 models take 30 to 60 minutes more on 2 cores, so they are swept by hand with this script and
-the result goes to the README's zoo section and benchmarks/RESULTS.md.
+the result goes to docs/models.md and benchmarks/RESULTS.md.
 
 Each model is converted and exported exactly as ``tests/zoo/check.py:check_export`` does
 (``activations="all"``, positivity constraints kept; ``export_onnx``'s defaults; batch 2) in a

@@ -1,7 +1,9 @@
-"""The README's generated tables: the activation table (from serfswap.activations), the model
-families tested (from the zoo tests' parametrization) and the benchmark tables (copied from
-benchmarks/RESULTS.md with their commands). ``test_package`` fails when the README
-differs from what this renders; rewrite it with:
+"""The documentation's generated tables: the activation table (from
+serfswap.rewrite.activations), the model families tested (from the zoo tests' parametrization)
+and the benchmark tables (copied from benchmarks/RESULTS.md with their commands). Each lives in
+a page under docs/, between ``<!-- name:begin -->`` and ``<!-- name:end -->`` markers (PAGES says
+which page holds which); ``test_package`` fails when a page differs from what this renders.
+(The module kept its name from when the tables were in the README.) Rewrite them with:
 
     python -m tests.readme_tables --write
 """
@@ -13,12 +15,13 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from serfswap import activations as acts
-from serfswap import positivity
+from serfswap.rewrite import activations as acts
+from serfswap.rewrite import positivity
 
 from .zoo import hf_all, hf_zoo, timm_zoo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
 
 def activation_table() -> str:
@@ -70,7 +73,7 @@ def activation_table() -> str:
 
 
 def sweep_sentence() -> str:
-    """What the committed per-family sweep measured: the README claims no more than its rows."""
+    """What the committed per-family sweep measured: the page claims no more than its rows."""
     families = set(timm_zoo.FAMILIES.values())
     rows = {n: r for n, r in timm_zoo.sweep_results().items() if n in families}
     if not rows:
@@ -155,7 +158,8 @@ def zoo_table() -> str:
         + (
             ", except "
             if hf_zoo.EXPORT_FAILS
-            else " (`mixtral` with its experts computed as `batched_mm`, see above)"
+            else " (`mixtral` with its experts computed as `batched_mm`, see "
+            "[Exporting to ONNX](export.md))"
         )
         + "; ".join(f"`{t}` ({why})" for t, why in hf_zoo.EXPORT_FAILS.items())
         + ". Exported with a dynamic batch and a static sequence, because their dynamic "
@@ -242,8 +246,8 @@ def hf_zoo_table() -> str:
         + (", ".join(f"`{t}`" for t in sweep_only) or "none")
         + ".",
         "",
-        "<details><summary>Types the sweep could not convert, and why (the exception's first "
-        "line, and the line outside torch that raised it)</summary>",
+        "<details markdown><summary>Types the sweep could not convert, and why (the exception's "
+        "first line, and the line outside torch that raised it)</summary>",
         "",
         "| type | outcome | reason |",
         "|---|---|---|",
@@ -259,7 +263,7 @@ def hf_zoo_table() -> str:
     return "\n".join(lines)
 
 
-RESULTS = README.parent / "benchmarks" / "RESULTS.md"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def benchmark_tables() -> str:
@@ -298,30 +302,55 @@ SECTIONS = {
     "hf-zoo": hf_zoo_table,
     "benchmarks": benchmark_tables,
 }
+# The page that holds each generated section: one home per table.
+PAGES = {
+    "activations": DOCS / "converting.md",
+    "zoo": DOCS / "models.md",
+    "hf-zoo": DOCS / "models.md",
+    "benchmarks": DOCS / "benchmarks.md",
+}
 
 
-def render(text: str) -> str:
-    for name, make in SECTIONS.items():
-        pattern = re.compile(rf"(<!-- {name}:begin -->\n)(.*?\n)?(<!-- {name}:end -->)", re.DOTALL)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md lacks the <!-- {name}:begin/end --> markers")
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- {name}:begin -->\n)(.*?\n)?(<!-- {name}:end -->)", re.DOTALL)
+
+
+def render(text: str, names: list[str]) -> str:
+    """``text`` with the sections ``names`` generated afresh between their markers."""
+    for name in names:
+        pattern = _pattern(name)
+        if len(pattern.findall(text)) != 1:
+            raise SystemExit(f"expected one <!-- {name}:begin/end --> pair in {PAGES[name]}")
+        make = SECTIONS[name]
         text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(3), text)
     return text
 
 
+def rendered() -> dict[Path, tuple[str, str]]:
+    """Each page that holds generated sections: (its text, the text it should have)."""
+    pages: dict[Path, list[str]] = defaultdict(list)
+    for name, page in PAGES.items():
+        pages[page].append(name)
+    out = {}
+    for page, names in pages.items():
+        text = page.read_text()
+        out[page] = (text, render(text, names))
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="render the README's generated tables")
-    parser.add_argument("--write", action="store_true", help="rewrite README.md in place")
+    parser = argparse.ArgumentParser(description="render the documentation's generated tables")
+    parser.add_argument("--write", action="store_true", help="rewrite the pages in place")
     args = parser.parse_args()
-    text = README.read_text()
-    new = render(text)
-    if args.write:
-        README.write_text(new)
-    print(
-        "README.md is up to date"
-        if new == text
-        else "README.md " + ("rewritten" if args.write else "is stale")
-    )
+    for page, (text, new) in rendered().items():
+        name = page.relative_to(ROOT)
+        if new == text:
+            print(f"{name} is up to date")
+        elif args.write:
+            page.write_text(new)
+            print(f"{name} rewritten")
+        else:
+            print(f"{name} is stale")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_hf_model(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", list(MODELS))
 def test_hf_export(model_type: str, tmp_path) -> None:
     """Every zoo type, converted, gets a verified ONNX file with dynamic batch and sequence;
-    the few that cannot are listed in EXPORT_FAILS (and the README) and still fail."""
+    the few that cannot are listed in EXPORT_FAILS (and docs/models.md) and still fail."""
     import serfswap
 
     model, batch = build(model_type)

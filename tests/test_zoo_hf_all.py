@@ -1,6 +1,7 @@
 """Every transformers type that builds small (``tests/zoo/hf_all.py``), converted with the
-run-time audit: the sweep's recorded classification (``tests/zoo/hf_all.jsonl``, the README's
-hf-zoo table) must still hold, and no conversion is partial without the report saying so."""
+run-time audit: the sweep's recorded classification (``tests/zoo/hf_all.jsonl``, the
+hf-zoo table of docs/models.md) must still hold, and no conversion is partial without the report
+saying so."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_hf_all(model_type: str) -> None:
 
 
 def test_every_type_not_converting_fully_says_why() -> None:
-    """The README's table gives a reason for each type that runs but does not convert fully."""
+    """docs/models.md gives a reason for each type that runs but does not convert fully."""
     unexplained = sorted(
         t
         for t, row in RECORDED.items()

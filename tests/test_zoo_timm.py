@@ -35,7 +35,7 @@ def test_timm_family(family: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TEST_MODELS + EXPORTED_IN_CI)  # all families: ~1 h; see README
+@pytest.mark.parametrize("name", TEST_MODELS + EXPORTED_IN_CI)  # all families: ~1 h; docs/models.md
 def test_timm_export(name: str, tmp_path: Path) -> None:
     check_export(*build(name), tmp_path / "m.onnx", EXPORT_FAILURES.get(name))
 

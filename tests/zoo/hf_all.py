@@ -357,7 +357,7 @@ def results() -> dict[str, dict[str, Any]]:
 TESTED_STATUSES = ("full", "partial", "nothing")
 # The slow test's share of CI: types are taken, cheapest first, until their recorded CPU time in
 # the sweep (build, forward, convert with the audit; one thread) reaches this; the rest are left
-# to the sweep (the README says which).
+# to the sweep (docs/models.md says which).
 TEST_BUDGET_S = 60.0
 
 

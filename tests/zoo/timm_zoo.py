@@ -122,7 +122,7 @@ INPUT_SIZE = {
 }
 
 # Families without a model small enough for CI's 2 CPU cores (each has no variant under
-# ~150M parameters or below 512x512 input): not in the zoo, said here and in the README.
+# ~150M parameters or below 512x512 input): not in the zoo, said here and in docs/models.md.
 LEFT_OUT = {
     "deepseek_vit": "smallest model 412M parameters at 546x546",
     "gemma4_vit": "smallest model 167M parameters at 768x768",
@@ -136,7 +136,8 @@ LEFT_OUT = {
 
 # Models whose ONNX export (converted with the defaults for every family, exported with
 # export_onnx's defaults) fails, as measured: name -> (regex of the error, reason). The slow job
-# checks that each still fails this way (a fixed one must leave the table); the README shows it.
+# checks that each still fails this way (a fixed one must leave the table); docs/models.md shows
+# it.
 # Empty since the 2026-12-05 sweep: the eight models the dynamo exporter cannot export (MaxViT
 # and ViT-relpos views, 5-D attention in Hiera, NesT and Twins) export through the TorchScript
 # fallback, and inception_v3 and visformer_tiny (untrained outputs of 1e3 to 2e11) verify since
@@ -153,8 +154,8 @@ EXPORTED_IN_CI = [
 ]  # fmt: skip
 
 # The per-family export sweep, run by hand (benchmarks/zoo_export_sweep.py: CI exports the test_*
-# models and EXPORTED_IN_CI only); its JSON lines are committed, and the README's counts come
-# from them.
+# models and EXPORTED_IN_CI only); its JSON lines are committed, and the counts in docs/models.md
+# come from them.
 SWEEP = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_export_sweep.jsonl"
 
 
@@ -171,7 +172,7 @@ def sweep_results(path: Path = SWEEP) -> dict[str, dict[str, Any]]:
 
 def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A fresh, seeded model and its example input (batch 1, the zoo's input size). timm and
-    torch are imported here, so that the tables above cost nothing to import (the README)."""
+    torch are imported here, so that the tables above cost nothing to import (the docs tables)."""
     import timm
     import torch
 
