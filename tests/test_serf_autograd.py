@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.ops.serf import _BLOCK, _grad_times_blocked, _grad_times_whole, serf_composite
+from serfswap.ops.formula import BLOCK, grad_times_blocked, grad_times_whole
+from serfswap.ops.serf import serf_composite
 
 
 def sweep32() -> torch.Tensor:
@@ -177,17 +178,17 @@ LAYOUTS = {
 def test_blocked_backward_matches_whole_tensor_backward(layout: str, dtype: torch.dtype) -> None:
     """Several blocks and a partial last one, in any dense layout, with half-type upcasts."""
     shape = (3, 7, 128, 100)  # 268,800 elements: one full block of 262,144 and a partial one
-    assert _BLOCK < 3 * 7 * 128 * 100 < 2 * _BLOCK
+    assert BLOCK < 3 * 7 * 128 * 100 < 2 * BLOCK
     x = LAYOUTS[layout](torch.randn(shape, dtype=torch.float64).mul(8).to(dtype))
     g = LAYOUTS[layout](torch.randn(shape, dtype=dtype))
-    blocked = _grad_times_blocked(g, x)
+    blocked = grad_times_blocked(g, x)
     assert blocked is not None and blocked.stride() == x.stride()
-    whole = _grad_times_whole(g, x)
+    whole = grad_times_whole(g, x)
     rtol = {torch.float32: 5e-7, torch.float64: 1e-15}.get(dtype, torch.finfo(dtype).eps)
     torch.testing.assert_close(blocked, whole, rtol=rtol, atol=1e-30)
 
 
 def test_blocked_backward_declines_mismatched_layouts() -> None:
     x = torch.randn(4, 6)
-    assert _grad_times_blocked(torch.randn(6, 4).t(), x) is None  # strides differ
-    assert _grad_times_blocked(torch.randn(8, 12)[::2, ::2], torch.randn(8, 12)[::2, ::2]) is None
+    assert grad_times_blocked(torch.randn(6, 4).t(), x) is None  # strides differ
+    assert grad_times_blocked(torch.randn(8, 12)[::2, ::2], torch.randn(8, 12)[::2, ::2]) is None

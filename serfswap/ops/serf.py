@@ -40,13 +40,14 @@ Why ATen ops when traced, and why chosen by a branch in :func:`serf` (measured, 
   for backward, as eager Serf; the eager composite saves 344 MiB), with a lower peak than eager.
 * Accuracy under inductor needs two guards. Its vectorised CPU ``erf`` has an absolute error
   near 1e-7, so erf(softplus(x)) is 17% off at x = -14 and 0 below x = -16: a short series
-  replaces it below 0.5 (:func:`_erf_nonnegative`). And the op's tail formula is kept. Both fuse
-  (+3% of a training step in that MLP); compiled Serf is within 1.3e-6 relative of float64 on
-  [-95, 30], as the eager op is. Both are left out under the ONNX exporters, whose graphs run
-  in onnxruntime (its Erf is accurate): it fuses nothing for Serf, and the tail's eight extra
-  nodes cost +45% to +70% of Serf's time there. The graph then matches serfswap's own
-  ``softplus`` pattern (``dynamo=False``: Softplus, Erf, Mul; dynamo: Softplus, Greater, Where,
-  Erf, Mul, the Where being softplus's threshold of 20, exact either way).
+  replaces it below 0.5 (:func:`~serfswap.ops.formula.erf_nonnegative`). And the op's tail
+  formula is kept. Both fuse (+3% of a training step in that MLP); compiled Serf is within
+  1.3e-6 relative of float64 on [-95, 30], as the eager op is. Both are left out under the ONNX
+  exporters, whose graphs run in onnxruntime (its Erf is accurate): it fuses nothing for Serf,
+  and the tail's eight extra nodes cost +45% to +70% of Serf's time there. The graph then
+  matches serfswap's own ``softplus`` pattern (``dynamo=False``: Softplus, Erf, Mul; dynamo:
+  Softplus, Greater, Where, Erf, Mul, the Where being softplus's threshold of 20, exact either
+  way).
 
 Special values: NaN gives NaN, +inf gives +inf, ``-inf`` gives **NaN** (``-inf * erf(0)``), as in
 IEEE arithmetic and as in the exported ONNX graph, which stays three standard nodes; the limit
@@ -59,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -69,154 +69,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedDtypeError
+from .formula import (
+    TAIL_START,
+    compute_dtype,
+    erf_nonnegative,
+    grad_times,
+    second_derivative,
+    serf_forward,
+    tail,
+)
 
 __all__ = ["Serf", "keep_custom_op", "serf", "serf_composite"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)  # erf'(s) = 2/sqrt(pi) * exp(-s^2)
-
-# Below these x, exp(x) is near or inside the subnormal range, where it loses relative precision,
-# while Serf(x) is still normal. There softplus(x) = exp(x) and erf(s) = 2/sqrt(pi) * s hold to
-# full precision, so Serf(x) = (x * 2/sqrt(pi) * exp(x/2)) * exp(x/2), every factor normal.
-_TAIL_START = {torch.float32: -80.0, torch.float64: -700.0}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types are computed in float32 so that the result is rounded once."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.to(_compute_dtype(t.dtype))
-
-
-def _tail(x: Tensor) -> Tensor:
-    half_exp = torch.exp(x * 0.5)
-    # x * exp(x/2) first: it stays finite even for x = -float32 max, where x * 2/sqrt(pi) is -inf.
-    return x * half_exp * _TWO_OVER_SQRT_PI * half_exp
-
-
-def _fix_negative_tail(x: Tensor, out: Tensor, *, sync_free: bool | None = None) -> None:
-    """Overwrite ``out`` with the tail formula where ``x`` is below the tail start."""
-    if x.numel() == 0:
-        return
-    start = _TAIL_START[x.dtype]
-    if sync_free is None:
-        sync_free = x.device.type != "cpu"
-    if sync_free:
-        # On an accelerator a host-side test would stall the stream: select without branching.
-        torch.where(x < start, _tail(x), out, out=out)
-        return
-    # On CPU one read-only reduction is cheaper than a masked pass; activations rarely reach the
-    # tail. `not (min >= start)` is also true when x holds a NaN, whose min is NaN.
-    if not bool(x.amin() >= start):
-        mask = x < start
-        out[mask] = _tail(x[mask])
-
-
-def _forward(x: Tensor) -> Tensor:
-    xc = _upcast(x)
-    out = F.softplus(xc)  # log1p(exp(x)), and x itself above 20: no overflow
-    out.erf_().mul_(xc)
-    _fix_negative_tail(xc, out)
-    return out.to(x.dtype)
-
-
-# Elements per block of the CPU backward. The backward makes seven passes; over blocks of 1 MB
-# (float32) their working set stays in cache instead of streaming 51M-element tensors through
-# memory seven times: 1.7x faster than whole-tensor passes on a 64x256x56x56 input.
-_BLOCK = 1 << 18
-
-
-def _grad_kernel(grad: Tensor, x: Tensor, out: Tensor, sp: Tensor, gate: Tensor) -> None:
-    """``out = grad * Serf'(x)``, ``Serf'(x) = erf(sp) + x sigmoid(x) 2/sqrt(pi) exp(-sp^2)``.
-
-    All five tensors share one shape and the compute dtype; ``sp`` and ``gate`` are scratch.
-    ``sigmoid(x) * exp(-sp^2)`` is computed as ``exp(x - sp - sp^2)`` (``log sigmoid(x) = x - sp``):
-    one exponential, no division, finite for every finite x.
-    """
-    torch.ops.aten.softplus.out(x, 1, 20, out=sp)
-    torch.erf(sp, out=out)
-    sp.addcmul_(sp, sp)  # sp + sp^2
-    torch.sub(x, sp, out=gate).exp_()  # sigmoid(x) * exp(-sp^2)
-    # addcmul computes value * gate * x left to right: gate first, so that a zero gate wins
-    # over |x * 2/sqrt(pi)| overflowing (x = +-float32 max).
-    out.addcmul_(gate, x, value=_TWO_OVER_SQRT_PI).mul_(grad)
-
-
-def _flat_in_memory_order(t: Tensor) -> Tensor | None:
-    """A 1-D view of ``t`` in storage order if ``t`` is dense (any dim order), else None."""
-    if t.is_contiguous():
-        return t.view(-1)
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda p: p[1]):
-        if size != 1 and stride != expected:
-            return None
-        expected *= size
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _grad_times_blocked(grad: Tensor, x: Tensor) -> Tensor | None:
-    """The CPU backward over cache-sized blocks; None when the layouts do not allow it."""
-    if grad.stride() != x.stride():
-        return None
-    x_flat, grad_flat = _flat_in_memory_order(x), _flat_in_memory_order(grad)
-    if x_flat is None or grad_flat is None:
-        return None
-    out = torch.empty_like(x, dtype=grad.dtype)  # same strides as x, so same memory order
-    out_flat = _flat_in_memory_order(out)
-    assert out_flat is not None  # empty_like keeps a dense layout
-    compute = _compute_dtype(x.dtype)
-    direct = x.dtype == grad.dtype == compute  # else blocks are upcast into scratch rows
-    n = x_flat.numel()
-    scratch = torch.empty((2 if direct else 5, min(_BLOCK, n)), dtype=compute)
-    for begin in range(0, n, _BLOCK):
-        end = min(begin + _BLOCK, n)
-        sp, gate, *io = scratch[:, : end - begin]
-        if direct:
-            _grad_kernel(grad_flat[begin:end], x_flat[begin:end], out_flat[begin:end], sp, gate)
-            continue
-        x_blk, grad_blk, out_blk = io
-        x_blk.copy_(x_flat[begin:end])
-        grad_blk.copy_(grad_flat[begin:end])
-        _grad_kernel(grad_blk, x_blk, out_blk, sp, gate)
-        out_flat[begin:end].copy_(out_blk)
-    return out
-
-
-def _grad_times_whole(grad: Tensor, x: Tensor) -> Tensor:
-    """The backward in whole-tensor passes: for accelerators and irregular layouts."""
-    xc, gc = _upcast(x), _upcast(grad)
-    out, sp, gate = torch.empty_like(xc), torch.empty_like(xc), torch.empty_like(xc)
-    _grad_kernel(gc, xc, out, sp, gate)
-    return out.to(grad.dtype)
-
-
-def _grad_times(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad * Serf'(x)``: blocked on CPU when the layouts allow, whole tensors otherwise."""
-    if x.device.type == "cpu" and x.numel() > 0:
-        out = _grad_times_blocked(grad, x)
-        if out is not None:
-            return out
-    return _grad_times_whole(grad, x)
-
-
-def _second_derivative(x: Tensor) -> Tensor:
-    """``Serf''(x) = 2/sqrt(pi) exp(-sp^2) sigmoid(x) (2 + x (sigmoid(-x) - 2 sp sigmoid(x)))``.
-
-    Written with differentiable ops only, so third and higher derivatives follow from autograd.
-    """
-    xc = _upcast(x)
-    sp = F.softplus(xc)
-    sig = torch.sigmoid(xc)
-    inner = 2 + xc * (torch.sigmoid(-xc) - 2 * sp * sig)
-    return _TWO_OVER_SQRT_PI * torch.exp(-sp * sp) * sig * inner
-
 
 @torch.library.custom_op("serfswap::serf", mutates_args=())
 def _serf_op(x: Tensor) -> Tensor:
-    return _forward(x)
+    return serf_forward(x)
 
 
 @_serf_op.register_fake
@@ -226,7 +96,7 @@ def _serf_fake(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("serfswap::serf_backward", mutates_args=())
 def _serf_backward_op(grad: Tensor, x: Tensor) -> Tensor:
-    return _grad_times(grad, x)
+    return grad_times(grad, x)
 
 
 @_serf_backward_op.register_fake
@@ -235,8 +105,8 @@ def _serf_backward_fake(grad: Tensor, x: Tensor) -> Tensor:
 
 
 # The CUDA kernels of both ops: one fused Triton pass each (serfswap/ops/triton_kernels.py) instead
-# of the ATen passes above (forward: softplus, erf_, mul_ and the branch-free tail, about eight
-# kernels; backward: seven passes plus casts).
+# of the ATen passes of serfswap/ops/formula.py (forward: softplus, erf_, mul_ and the branch-free
+# tail, about eight kernels; backward: seven passes plus casts).
 #
 # Registered with ``register_kernel("cuda")`` on the existing ops, not as a
 # ``torch.library.triton_op``: the ops' schema, fake, autograd and vmap rules and CPU kernels stay
@@ -261,7 +131,7 @@ def _triton_kernels() -> ModuleType | None:
 def _serf_cuda(x: Tensor) -> Tensor:
     kernels = _triton_kernels()
     if kernels is None or x.dtype not in kernels.KERNEL_DTYPES:
-        return _forward(x)
+        return serf_forward(x)
     return kernels.serf_forward(x)
 
 
@@ -270,7 +140,7 @@ def _serf_backward_cuda(grad: Tensor, x: Tensor) -> Tensor:
     kernels = _triton_kernels()
     dtypes = () if kernels is None else kernels.KERNEL_DTYPES
     if x.dtype not in dtypes or grad.dtype not in dtypes or grad.shape != x.shape:
-        return _grad_times(grad, x)
+        return grad_times(grad, x)
     return kernels.serf_backward(grad, x)
 
 
@@ -329,7 +199,7 @@ class _SerfBackwardFunction(torch.autograd.Function):
         d_grad = _SerfBackwardFunction.apply(grad_grad, x) if ctx.needs_input_grad[0] else None
         d_x = None
         if ctx.needs_input_grad[1]:
-            d_x = (grad_grad * grad * _second_derivative(x)).to(x.dtype)
+            d_x = (grad_grad * grad * second_derivative(x)).to(x.dtype)
         return d_grad, d_x
 
     @staticmethod
@@ -339,7 +209,7 @@ class _SerfBackwardFunction(torch.autograd.Function):
         if grad_tangent is not None:
             out = out + _SerfBackwardFunction.apply(grad_tangent, x)
         if x_tangent is not None:
-            out = out + (grad * _second_derivative(x) * x_tangent).to(grad.dtype)
+            out = out + (grad * second_derivative(x) * x_tangent).to(grad.dtype)
         return out
 
     @staticmethod
@@ -440,33 +310,6 @@ def _is_traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-# erf(s) = 2/sqrt(pi) * sum_n (-1)^n s^(2n+1) / (n! (2n+1)): the terms up to n = 6, whose
-# remainder is below 3e-8 relative for s < 0.5.
-_ERF_SERIES = tuple(
-    _TWO_OVER_SQRT_PI * (-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(7)
-)
-_ERF_SERIES_END = 0.5
-
-
-def _erf_nonnegative(s: Tensor) -> Tensor:
-    """erf(s) for s >= 0, accurate relative to erf(s) for small s.
-
-    Inductor's vectorised CPU erf has an absolute error near 1e-7 (measured, torch 2.14): for
-    s = 1e-6 it is 17% off, and below 1e-7 it returns 0. Serf's erf argument, softplus(x), is that
-    small for every x < -14, so under torch.compile the plain formula would lose the negative
-    tail entirely. The series costs a few fused multiply-adds.
-    """
-    # Clamped, so that the unselected series of a large s has a finite gradient (0 * inf = NaN).
-    small = s.clamp(max=_ERF_SERIES_END)
-    s2 = small * small
-    # Horner from a scalar, not from a full_like tensor: with one, inductor's partitioner saves
-    # an extra tensor per call for backward (measured), and the memory of the op would be lost.
-    series = s2 * _ERF_SERIES[-1] + _ERF_SERIES[-2]
-    for coefficient in reversed(_ERF_SERIES[:-2]):
-        series = series * s2 + coefficient
-    return torch.where(s < _ERF_SERIES_END, series * small, torch.erf(s))
-
-
 def _serf_traced(x: Tensor) -> Tensor:
     """Serf in ATen ops, for tracers: no custom op in the graph.
 
@@ -474,7 +317,7 @@ def _serf_traced(x: Tensor) -> Tensor:
     that its unselected branch has a finite gradient for large x) except under ONNX export, where
     onnxruntime would run its eight extra nodes unfused for a difference below x = -87.
     """
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     xc = x if x.dtype == compute else x.to(compute)  # no no-op cast node in the graph
     if torch.onnx.is_in_onnx_export():
         if _onnx_decomposition == "exp-log":
@@ -482,9 +325,9 @@ def _serf_traced(x: Tensor) -> Tensor:
         else:
             out = xc * torch.erf(F.softplus(xc))
     else:
-        out = xc * _erf_nonnegative(F.softplus(xc))
-        start = _TAIL_START[compute]
-        out = torch.where(xc < start, _tail(xc.clamp(max=start)), out)
+        out = xc * erf_nonnegative(F.softplus(xc))
+        start = TAIL_START[compute]
+        out = torch.where(xc < start, tail(xc.clamp(max=start)), out)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

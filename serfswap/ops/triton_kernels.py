@@ -2,8 +2,8 @@
 
 ``serf_forward(x)`` computes ``Serf(x)`` and ``serf_backward(grad, x)`` computes
 ``grad * Serf'(x)`` in a single pass each, in float32 for float32, float16 and bfloat16 inputs
-(rounded once, on the store), with the tail formula of :mod:`serfswap.serf` below x = -80.
-:mod:`serfswap.serf` registers them as the CUDA kernels of ``serfswap::serf`` and
+(rounded once, on the store), with the tail formula of :mod:`serfswap.ops.formula` below x = -80.
+:mod:`serfswap.ops.serf` registers them as the CUDA kernels of ``serfswap::serf`` and
 ``serfswap::serf_backward``; callers never call them directly.
 
 The launch functions take any device Triton runs on, so that the kernels are testable without a
@@ -22,7 +22,7 @@ Why ``exp`` and ``log1p`` are written out here instead of ``tl.exp`` / ``libdevi
   kernels compute the same numbers under the interpreter and on the GPU, up to fused
   multiply-adds; only ``erf`` (``tl.math.erf``) differs between the two.
 
-This module imports ``triton`` at import time: import it lazily (``serfswap.serf`` does, on the
+This module imports ``triton`` at import time: import it lazily (``serfswap.ops.serf`` does, on the
 first CUDA call), so that ``import serfswap`` works where Triton is absent.
 """
 
@@ -55,7 +55,7 @@ _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # for every |k| <= 128 and x - k * ln 2 keeps full precision.
 _LN2_HI: tl.constexpr = tl.constexpr(0.693145751953125)
 _LN2_LO: tl.constexpr = tl.constexpr(1.4286068203094173e-06)
-_TAIL_START: tl.constexpr = tl.constexpr(-80.0)  # as serfswap.serf._TAIL_START for float32
+_TAIL_START: tl.constexpr = tl.constexpr(-80.0)  # as serfswap.ops.formula.TAIL_START, float32
 _SOFTPLUS_THRESHOLD: tl.constexpr = tl.constexpr(20.0)  # torch's softplus returns x above it
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from ..modes import eval_mode, modes
 from ..ops.serf import Serf
-from ..rewrite.convert import converted_serfs, original_of, put, walk
+from ..rewrite.walk import converted_serfs, original_of, put, walk
 
 # Batches -------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from ..modes import eval_mode
 from .activations import GATE, class_family, function_info
 from .functional import function_name
+from .where import where
 
 _SERF_OPS = ("serfswap.serf", "serfswap::serf")
 # Frames in serfswap's own files (this package's folder) and torch's are not the model's code.
@@ -74,8 +75,8 @@ def _where() -> str:
         owner = frame.f_locals.get("self")
         own = isinstance(owner, nn.Module) and class_family(type(owner)) is not None
         if not own and not any(part in code.co_filename for part in _SKIPPED_FILES):
-            file = code.co_filename.rsplit("/", 1)[-1]
-            return f"{file}:{frame.f_lineno} in {getattr(code, 'co_qualname', code.co_name)}"
+            method = getattr(code, "co_qualname", code.co_name)
+            return where(code.co_filename, frame.f_lineno, method)
         frame = frame.f_back
     return ""
 

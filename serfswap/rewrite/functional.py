@@ -63,6 +63,7 @@ from .activations import (
     function_info,
     string_family,
 )
+from .where import file_name
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def _scan_function(fn: Callable[..., Any], method: str) -> list[CallSite]:
             call = f".{target.attr}()"
         if info is not None:
             line = first_line + node.lineno - 1
-            sites.append(CallSite(call, method, file.rsplit("/", 1)[-1], line, info.family))
+            sites.append(CallSite(call, method, file_name(file), line, info.family))
     return sites
 
 
@@ -338,8 +339,7 @@ def _scan_strings(fn: Callable[..., Any], method: str) -> list[StringSite]:
                 and value.value.id == "self"
             ):
                 line = first_line + node.lineno - 1
-                where = file.rsplit("/", 1)[-1]
-                sites.append(StringSite(keyword.arg, value.attr, method, where, line))
+                sites.append(StringSite(keyword.arg, value.attr, method, file_name(file), line))
     return sites
 
 

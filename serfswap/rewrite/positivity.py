@@ -46,6 +46,7 @@ import torch
 
 from .activations import TENSOR_METHODS, function_info
 from .functional import UNRESOLVED, model_methods, resolve
+from .where import where
 
 ROLE = "positivity"  # the role of these sites, and the word that opts them in (activations=)
 
@@ -119,15 +120,14 @@ def _role_name(node: ast.expr) -> str:
     return ""
 
 
-class _MethodScan:
-    """One method's activation calls, followed through its local variables in source order."""
+class _Signs:
+    """What decides the sign of an expression in one method: the activation calls (sources) it
+    is made of, followed through the method's local variables in source order."""
 
     def __init__(self, namespace: dict[str, object], first_line: int) -> None:
         self.namespace = namespace
         self.first_line = first_line
         self.taint: dict[str, frozenset[Source]] = {}
-        self.sinks: dict[Source, tuple[str, int]] = {}  # source -> (what, line)
-        self.applied: dict[str, list[tuple[Source, set[str], int]]] = {}  # callee -> uses
 
     def line(self, node: ast.AST) -> int:
         return self.first_line + getattr(node, "lineno", 1) - 1
@@ -186,6 +186,27 @@ class _MethodScan:
             return receiver | args if func.attr in _COMBINE else receiver
         return frozenset()
 
+    def assign(self, target: ast.expr, sources: frozenset[Source], value: ast.expr | None) -> None:
+        if isinstance(target, ast.Name):
+            self.taint[target.id] = sources
+        elif isinstance(target, ast.Tuple | ast.List):
+            if isinstance(value, ast.Tuple) and len(value.elts) == len(target.elts):
+                for t, v in zip(target.elts, value.elts, strict=True):
+                    self.assign(t, self.sources(v), v)
+            else:  # q, k, v = x.chunk(3): each part has the sign of the whole
+                for t in target.elts:
+                    self.assign(t, sources, None)
+
+
+class _Uses(_Signs):
+    """Where an activation's output is used: the sinks that need it non-negative (a division's
+    denominator, sqrt, log, a root) and the names it is applied to (for ``query-key``)."""
+
+    def __init__(self, namespace: dict[str, object], first_line: int) -> None:
+        super().__init__(namespace, first_line)
+        self.sinks: dict[Source, tuple[str, int]] = {}  # source -> (what, line)
+        self.applied: dict[str, list[tuple[Source, set[str], int]]] = {}  # callee -> uses
+
     def sink(self, sources: frozenset[Source], what: str, node: ast.AST) -> None:
         for source in sources:
             self.sinks.setdefault(source, (what, self.line(node)))
@@ -237,16 +258,9 @@ class _MethodScan:
                 names.add(_role_name(target))
             self.applied.setdefault(callee, []).append((source, names, self.line(expr)))
 
-    def assign(self, target: ast.expr, sources: frozenset[Source], value: ast.expr | None) -> None:
-        if isinstance(target, ast.Name):
-            self.taint[target.id] = sources
-        elif isinstance(target, ast.Tuple | ast.List):
-            if isinstance(value, ast.Tuple) and len(value.elts) == len(target.elts):
-                for t, v in zip(target.elts, value.elts, strict=True):
-                    self.assign(t, self.sources(v), v)
-            else:  # q, k, v = x.chunk(3): each part has the sign of the whole
-                for t in target.elts:
-                    self.assign(t, sources, None)
+
+class _MethodScan(_Uses):
+    """One method's activation calls, followed through its local variables in source order."""
 
     def run(self, body: list[ast.stmt]) -> None:
         for stmt in body:
@@ -265,25 +279,29 @@ class _MethodScan:
                         self.check_sinks(item)
             else:
                 self.check_sinks(stmt)
-            if isinstance(stmt, ast.Assign):
-                self.note_applied(stmt.value, stmt.targets)
-                sources = self.sources(stmt.value)
-                for target in stmt.targets:
-                    self.assign(target, sources, stmt.value)
-            elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-                self.note_applied(stmt.value, [stmt.target])
-                self.assign(stmt.target, self.sources(stmt.value), stmt.value)
-            elif isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name):
-                self.note_applied(stmt.value, [stmt.target])
-                if isinstance(stmt.op, ast.Add | ast.Mult | ast.MatMult | ast.Div):
-                    name = stmt.target.id
-                    self.taint[name] = self.taint.get(name, frozenset()) | self.sources(stmt.value)
-                else:
-                    self.taint[stmt.target.id] = frozenset()
-            elif isinstance(stmt, ast.Expr | ast.Return) and stmt.value is not None:
-                self.note_applied(stmt.value, [])
+            self._step(stmt)
             for block in nested:
                 self.run(block)
+
+    def _step(self, stmt: ast.stmt) -> None:
+        """Follow one statement's assignments and activation calls (its own line only)."""
+        if isinstance(stmt, ast.Assign):
+            self.note_applied(stmt.value, stmt.targets)
+            sources = self.sources(stmt.value)
+            for target in stmt.targets:
+                self.assign(target, sources, stmt.value)
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            self.note_applied(stmt.value, [stmt.target])
+            self.assign(stmt.target, self.sources(stmt.value), stmt.value)
+        elif isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name):
+            self.note_applied(stmt.value, [stmt.target])
+            if isinstance(stmt.op, ast.Add | ast.Mult | ast.MatMult | ast.Div):
+                name = stmt.target.id
+                self.taint[name] = self.taint.get(name, frozenset()) | self.sources(stmt.value)
+            else:
+                self.taint[stmt.target.id] = frozenset()
+        elif isinstance(stmt, ast.Expr | ast.Return) and stmt.value is not None:
+            self.note_applied(stmt.value, [])
 
 
 def _root_power(node: ast.expr) -> bool:
@@ -343,7 +361,7 @@ def source_constraints(cls: type) -> ClassConstraints:
     for method, fn in _methods(cls):
         try:
             lines, first_line = inspect.getsourcelines(fn)  # type: ignore[arg-type]
-            file = (inspect.getsourcefile(fn) or "?").rsplit("/", 1)[-1]  # type: ignore[arg-type]
+            file = inspect.getsourcefile(fn) or "?"  # type: ignore[arg-type]
             tree = ast.parse(textwrap.dedent("".join(lines)))
         except (OSError, TypeError, SyntaxError):  # built-in or generated code: nothing to read
             continue
@@ -354,15 +372,15 @@ def source_constraints(cls: type) -> ClassConstraints:
             queries = [u for u in uses if any(_tokens(n) & _QUERY for n in u[1])]
             keys = [u for u in uses if any(_tokens(n) & _KEY for n in u[1])]
             if queries and keys:
-                where = f"{file}:{min(u[2] for u in queries + keys)} in {method}"
+                at = where(file, min(u[2] for u in queries + keys), method)
                 constraint = Constraint(
-                    "query-key", f"{callee} applied to the query and the key", where
+                    "query-key", f"{callee} applied to the query and the key", at
                 )
                 for source, _, _ in queries + keys:
                     record(method, source, constraint)
         for source, (what, line) in scan.sinks.items():
             constraint = Constraint(
-                "denominator", f"output reaches {what}", f"{file}:{line} in {method}"
+                "denominator", f"output reaches {what}", where(file, line, method)
             )
             record(method, source, constraint)
     return ClassConstraints(attributes, calls)
