@@ -31,6 +31,11 @@ DECODER_ATTENTION_MASK = DECODER_PREFIX + ATTENTION_MASK
 SEQUENCE_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, POSITION_IDS,
                    DECODER_INPUT_IDS, DECODER_ATTENTION_MASK)  # fmt: skip
 LOGITS = "logits"  # a language model's (and a timm classifier's) output
+# The dynamic axes of the files serfswap writes: dim 0 of every input, dim 1 of a sequence input
+# (decoder_sequence for the decoder's inputs), dim 2 of a cache input.
+BATCH = "batch"
+SEQUENCE = "sequence"
+PAST_SEQUENCE = "past_sequence"
 
 # A decoder's KV cache in Optimum's layout: each layer's key and value as inputs
 # ``past_key_values.{i}.key`` / ``.value`` and as outputs ``present.{i}.key`` / ``.value``.

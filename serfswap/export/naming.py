@@ -14,7 +14,16 @@ from torch import nn
 
 from ..errors import ExampleInputsError, ExportError
 from ..inputs import as_kwargs, example_inputs_for
-from ..names import ATTENTION_MASK, DECODER_PREFIX, LOGITS, SEQUENCE_INPUTS, is_past
+from ..names import (
+    ATTENTION_MASK,
+    BATCH,
+    DECODER_PREFIX,
+    LOGITS,
+    PAST_SEQUENCE,
+    SEQUENCE,
+    SEQUENCE_INPUTS,
+    is_past,
+)
 
 
 def named_inputs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -80,15 +89,15 @@ def name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
         dims = value.type.tensor_type.shape.dim
         past = is_past(value.name)  # a KV cache in Optimum's layout
         named = {0: True, 1: value.name in seq_names, 2: past}
-        for index, role in ((0, "batch"), (1, "sequence"), (2, "past_sequence")):
+        for index, role in ((0, BATCH), (1, SEQUENCE), (2, PAST_SEQUENCE)):
             if index < len(dims) and dims[index].dim_param and named[index]:
                 decoder = value.name.startswith(DECODER_PREFIX) and index == 1
                 prefix = DECODER_PREFIX if decoder else ""  # decoder_sequence
                 renames.setdefault(dims[index].dim_param, prefix + role)
-    if any(name.startswith("past_sequence") for name in renames.values()):
+    if any(name.startswith(PAST_SEQUENCE) for name in renames.values()):
         mask = next((v for v in model.graph.input if v.name == ATTENTION_MASK), None)
         if mask is not None and mask.type.tensor_type.shape.dim[1].dim_param:
-            renames[mask.type.tensor_type.shape.dim[1].dim_param] = "past_sequence + sequence"
+            renames[mask.type.tensor_type.shape.dim[1].dim_param] = f"{PAST_SEQUENCE} + {SEQUENCE}"
     if renames:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
         for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:

@@ -136,11 +136,11 @@ def prepare(
     _check_options(
         model, options["opset"], options["decomposition"], options["dtype"], dynamic, exporter
     )
-    # The ONNX side (onnx, onnxscript, onnxruntime: ~2 s) is imported now, before anything is
-    # staged: with that import inside the staging, a SIGINT sent as the staging folder appeared
-    # was lost and the export ran to its end (exit 0; twice in a row under load, in
-    # test_interrupted_export_leaves_nothing).
-    import serfswap.onnx_ops  # noqa: F401
+    # The ONNX side (onnx, onnxscript: ~2 s) is imported now, before anything is staged: with
+    # that import inside the staging, a SIGINT sent as the staging folder appeared was lost and
+    # the export ran to its end (exit 0; twice in a row under load, in
+    # test_interrupted_export_leaves_nothing). serfswap.onnx_ops itself imports them lazily.
+    from ..onnx_ops import graph, translation  # noqa: F401
 
     path = check_output_path(Path(path))
     check_task(model, task)

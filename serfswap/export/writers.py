@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..names import BATCH, SEQUENCE
 from ..ops.serf import aten_for_onnx
 from .failures import AttemptFailed, one_line
 from .naming import leaves, name_axes
@@ -146,9 +147,9 @@ def _export_torchscript(req: Request, shapes: ShapePlan, staged: Path) -> str | 
     names = list(req.inputs)
     dynamic_axes = {}
     for name, t in req.inputs.items():
-        axes = {0: "batch"} if t.dim() and name in shapes.batch else {}
+        axes = {0: BATCH} if t.dim() and name in shapes.batch else {}
         if name in shapes.sequence and t.dim() > 1:
-            axes[1] = "sequence"
+            axes[1] = SEQUENCE
         if axes:
             dynamic_axes[name] = axes
     with (
