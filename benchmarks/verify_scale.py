@@ -32,17 +32,19 @@ def measure(model: torch.nn.Module, path: Path) -> tuple[float, float, bool, boo
     import onnxruntime as ort
 
     from serfswap.export.decoder import verification_inputs, with_past
-    from serfswap.export.pipeline import _feed, _leaves, _without_kv_cache
+    from serfswap.export.naming import leaves
+    from serfswap.export.switches import without_kv_cache
+    from serfswap.export.verification import feed
 
     decoder = with_past(model)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     scale = diff_max = 0.0
     old_ok = new_ok = True
-    with _without_kv_cache(model), torch.no_grad():
+    with without_kv_cache(model), torch.no_grad():
         for inputs in verification_inputs(decoder):
-            got = sess.run(None, _feed(names, inputs))
-            want = _leaves(decoder(**inputs))
+            got = sess.run(None, feed(names, inputs))
+            want = leaves(decoder(**inputs))
             for ort_out, torch_out in zip(got, want, strict=True):
                 expected = torch_out.float()
                 diff = (torch.from_numpy(ort_out).float() - expected).abs()

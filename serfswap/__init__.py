@@ -33,7 +33,9 @@ from .errors import (
 from .rewrite import registration as _registration
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
-    from .export.pipeline import ExportReport, Verification, export_onnx, verify_onnx
+    from .export.pipeline import export_onnx
+    from .export.report import ExportReport
+    from .export.verification import Verification, verify_onnx
     from .io.load import load_checkpoint, save_checkpoint
     from .ops.serf import Serf, keep_custom_op, serf
     from .recovery.loop import RecoveryOptions, RecoveryResult, recover
@@ -47,10 +49,10 @@ _LAZY = {
     "convert": "rewrite.convert",
     "plan": "rewrite.convert",
     "revert": "rewrite.convert",
-    "ExportReport": "export.pipeline",
-    "Verification": "export.pipeline",
+    "ExportReport": "export.report",
+    "Verification": "export.verification",
     "export_onnx": "export.pipeline",
-    "verify_onnx": "export.pipeline",
+    "verify_onnx": "export.verification",
     "RecoveryOptions": "recovery.loop",
     "RecoveryResult": "recovery.loop",
     "recover": "recovery.loop",

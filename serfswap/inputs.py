@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ExampleInputsError
+from .names import ATTENTION_MASK, DECODER_INPUT_IDS, INPUT_IDS, TOKEN_TYPE_IDS
 
 
 def accepts(model: nn.Module, name: str) -> bool:
@@ -65,14 +66,14 @@ def example_inputs_for(
     vision = getattr(config, "vision_config", config)
     inputs: dict[str, torch.Tensor] = {}
     vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or 100
-    if main == "input_ids" or (accepts(model, "input_ids") and main != "pixel_values"):
-        inputs["input_ids"] = torch.randint(3, min(vocab, 1000), (batch, seq))
-        if accepts(model, "attention_mask"):
-            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-        if accepts(model, "token_type_ids") and getattr(config, "type_vocab_size", 0):
+    if main == INPUT_IDS or (accepts(model, INPUT_IDS) and main != "pixel_values"):
+        inputs[INPUT_IDS] = torch.randint(3, min(vocab, 1000), (batch, seq))
+        if accepts(model, ATTENTION_MASK):
+            inputs[ATTENTION_MASK] = torch.ones(batch, seq, dtype=torch.long)
+        if accepts(model, TOKEN_TYPE_IDS) and getattr(config, "type_vocab_size", 0):
             # what a tokenizer gives BERT-style models: the file takes the tokenizer's dict
-            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
-    if main == "pixel_values" or (accepts(model, "pixel_values") and "input_ids" in inputs):
+            inputs[TOKEN_TYPE_IDS] = torch.zeros(batch, seq, dtype=torch.long)
+    if main == "pixel_values" or (accepts(model, "pixel_values") and INPUT_IDS in inputs):
         size = getattr(vision, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
         channels = getattr(vision, "num_channels", 3)
@@ -81,9 +82,9 @@ def example_inputs_for(
         inputs["input_values"] = torch.randn(batch, 16000)
     if main == "input_features":
         inputs["input_features"] = _input_features(config, batch, seq)
-    if getattr(config, "is_encoder_decoder", False) and accepts(model, "decoder_input_ids"):
+    if getattr(config, "is_encoder_decoder", False) and accepts(model, DECODER_INPUT_IDS):
         start = getattr(config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((batch, max(seq // 2, 2)), start)
+        inputs[DECODER_INPUT_IDS] = torch.full((batch, max(seq // 2, 2)), start)
     if not inputs:
         raise ExampleInputsError(
             f"cannot infer example inputs for main input {main!r}: pass example_inputs"

@@ -1,15 +1,81 @@
-"""Lists of input, output and axis names written short: the names of a decoder's KV cache
+"""The names of models' inputs and outputs that every exporter and the runtime share, and lists
+of them written short.
+
+HuggingFace's input names (``input_ids``, ``attention_mask`` ...: which of them carry a sequence
+axis) and Optimum's names of a decoder's KV cache in ONNX files (``past_key_values.{i}.key``
+in, ``present.{i}.key`` out) live here once: the example inputs, the export (its axes, its
+decoder task) and the runtime's generation loop read them from here.
+
+:func:`summarise` writes a list of names short: the names of a decoder's KV cache
 (``past_key_values.0.key`` ... ``past_key_values.29.value``, 60 of them) become one entry,
 ``past_key_values.{0..29}.key/value``, so that a report fits on a screen.
 
-Pure string work, no torch: the report of :func:`serfswap.export_onnx` uses it, and anything
-else that lists names may.
+Pure string work, no torch: the runtime (numpy and onnxruntime only) imports it too.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
+# HuggingFace's input names, as forward takes them and as the ONNX files serfswap writes carry them.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+POSITION_IDS = "position_ids"
+DECODER_PREFIX = "decoder_"  # an encoder-decoder's decoder inputs: decoder_input_ids ...
+DECODER_INPUT_IDS = DECODER_PREFIX + INPUT_IDS
+DECODER_ATTENTION_MASK = DECODER_PREFIX + ATTENTION_MASK
+# Inputs whose dim 1 is the sequence: dynamic with the batch, whether the inputs were inferred
+# or given (a tokenizer's output is the usual case).
+SEQUENCE_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, POSITION_IDS,
+                   DECODER_INPUT_IDS, DECODER_ATTENTION_MASK)  # fmt: skip
+LOGITS = "logits"  # a language model's (and a timm classifier's) output
+# The dynamic axes of the files serfswap writes: dim 0 of every input, dim 1 of a sequence input
+# (decoder_sequence for the decoder's inputs), dim 2 of a cache input.
+BATCH = "batch"
+SEQUENCE = "sequence"
+PAST_SEQUENCE = "past_sequence"
+
+# A decoder's KV cache in Optimum's layout: each layer's key and value as inputs
+# ``past_key_values.{i}.key`` / ``.value`` and as outputs ``present.{i}.key`` / ``.value``.
+PAST = "past_key_values"
+PRESENT = "present"
+KEY_VALUE = ("key", "value")
+
+
+def past_name(layer: int, kind: str) -> str:
+    """The cache input of ``layer``; ``kind``: ``"key"`` or ``"value"``."""
+    return f"{PAST}.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """The cache output of ``layer``; ``kind``: ``"key"`` or ``"value"``."""
+    return f"{PRESENT}.{layer}.{kind}"
+
+
+def past_names(layers: int) -> list[str]:
+    """The cache inputs of a ``layers``-layer decoder, in the order its graph takes them.
+
+    >>> past_names(1)
+    ['past_key_values.0.key', 'past_key_values.0.value']
+    """
+    return [past_name(i, kind) for i in range(layers) for kind in KEY_VALUE]
+
+
+def is_past(name: str) -> bool:
+    """Whether ``name`` is a cache input (``past_key_values.*``)."""
+    return name.startswith(PAST + ".")
+
+
+def present_for(past: str) -> str:
+    """The output whose value the cache input ``past`` takes at the next step.
+
+    >>> present_for("past_key_values.3.value")
+    'present.3.value'
+    """
+    return PRESENT + past.removeprefix(PAST)
+
 
 _INDEX = re.compile(r"(?:(?<=\.)|^)(\d+)(?=\.|$)")  # a dotted part that is a number
 

@@ -16,13 +16,14 @@ from .errors import ExportError, InvalidArgumentError
 
 DEFAULT_OPSET = 20
 DEFAULT_DTYPE = "fp32"
-DTYPE_NAMES = ("fp32", "fp16")  # export.DTYPES maps them to torch dtypes
+DTYPE_NAMES = ("fp32", "fp16")  # export.request.DTYPES maps them to torch dtypes
 # Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
 # The opsets the exporter writes as asked, measured on torch 2.14 + onnxruntime 1.32: 18 is the
 # lowest it implements; below, it converts down after export and quietly keeps 18 where that
 # fails (17 failed on timm's test_resnet, 16 and lower on a Linear+GELU), and 26 fails to
 # convert. The opset actually written is read back from the file, so drift is caught too.
+# The translation of Serf (serfswap.onnx_ops.translation) is written in the lowest one's ops.
 OPSETS = range(18, 26)
 
 
@@ -41,8 +42,11 @@ def check_opset(opset: object) -> int:
 # cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
-# Tasks of export_onnx (see serfswap.export_decoder)
-TASKS = ("default", "text-generation-with-past")
+# Tasks of export_onnx: the model's forward without its KV cache, or a transformers decoder with
+# its cache in Optimum's layout (serfswap.export.decoder).
+DEFAULT_TASK = "default"
+TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
+TASKS = (DEFAULT_TASK, TEXT_GENERATION_WITH_PAST)
 
 
 # Recovery -------------------------------------------------------------------------------------

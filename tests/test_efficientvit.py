@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.errors import NothingToConvertError
-from serfswap.export.pipeline import ExportMismatchError
+from serfswap.errors import ExportMismatchError, NothingToConvertError
 from serfswap.rewrite.activations import GATE
 from serfswap.rewrite.positivity import ROLE, source_constraints
 

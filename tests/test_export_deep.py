@@ -4,7 +4,7 @@ SmolLM-135M's shape (30 LLaMA layers, width 576, 9 query and 3 key/value heads) 
 weights scaled so that the logits reach ~16, as a trained model's do: float32 rounding over 30
 layers then differs by ~2e-4 between torch and onnxruntime, which a fixed atol of 1e-4 refused
 (a real SmolLM-135M: 5e-4 on logits of ~20). The tolerance scales with each output's magnitude
-(serfswap.export._differences) and the export verifies; the converted model too.
+(serfswap.export.verification.differences) and the export verifies; the converted model too.
 """
 
 from __future__ import annotations

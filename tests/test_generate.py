@@ -187,18 +187,18 @@ def test_the_task_on_a_model_that_is_no_decoder_is_one_line(
 def test_the_task_check_reads_the_model_family_not_a_stale_flag() -> None:
     """GPT-NeoX's config carries is_decoder=False, which means nothing for a decoder-only
     model; BERT's means what it says (an encoder unless is_decoder)."""
-    from serfswap.export.decoder import WITH_PAST, check_task
+    from serfswap.export.decoder import check_task
+    from serfswap.options import TEXT_GENERATION_WITH_PAST
 
+    task = TEXT_GENERATION_WITH_PAST
     tiny = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=37)  # fmt: skip
     neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**tiny))
     assert neox.config.is_decoder is False
-    check_task(neox, WITH_PAST)  # accepted
+    check_task(neox, task)  # accepted
     with pytest.raises(serfswap.TaskError, match="needs a transformers causal LM"):
-        check_task(transformers.BertLMHeadModel(transformers.BertConfig(**tiny)), WITH_PAST)
-    check_task(
-        transformers.BertLMHeadModel(transformers.BertConfig(**tiny, is_decoder=True)), WITH_PAST
-    )
+        check_task(transformers.BertLMHeadModel(transformers.BertConfig(**tiny)), task)
+    check_task(transformers.BertLMHeadModel(transformers.BertConfig(**tiny, is_decoder=True)), task)
 
 
 def test_a_decoder_keeps_its_head_from_convert_and_recover_to_generate(

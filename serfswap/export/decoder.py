@@ -22,9 +22,16 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
-from ..options import TASKS
-
-WITH_PAST = "text-generation-with-past"
+from ..names import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    past_name,
+    past_names,
+    present_name,
+)
+from ..options import TASKS, TEXT_GENERATION_WITH_PAST
 
 
 def _decoder_config(model: nn.Module) -> Any:
@@ -70,7 +77,7 @@ def check_task(model: nn.Module, task: str) -> None:
     """Raise TaskError when ``task`` is unknown or ``model`` cannot be exported for it."""
     if task not in TASKS:
         raise TaskError(f"task {task!r} is not supported: use one of {', '.join(TASKS)}")
-    if task == WITH_PAST and _decoder_config(model) is None:
+    if task == TEXT_GENERATION_WITH_PAST and _decoder_config(model) is None:
         raise TaskError(
             f"task {task!r} needs a transformers causal LM (decoder-only, with a KV cache); "
             f"got {_model_kind(model)}"
@@ -101,11 +108,6 @@ def cache_shape(model: nn.Module) -> CacheShape:
     return CacheShape(len(layers), heads, head_dim)
 
 
-def past_names(layers: int) -> list[str]:
-    """Optimum's input names of the cache, in the order the graph takes them."""
-    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
 class DecoderWithPast(nn.Module):
     """``model`` with flat cache tensors in and out, in Optimum's layout.
 
@@ -120,20 +122,20 @@ class DecoderWithPast(nn.Module):
         super().__init__()
         self.model = model
         self.shape = shape
-        self.takes_position_ids = "position_ids" in _parameters(model)
+        self.takes_position_ids = POSITION_IDS in _parameters(model)
 
     @property
     def onnx_input_names(self) -> list[str]:
         """The graph's inputs as the ONNX file names them (Optimum's names), in order."""
-        names = ["input_ids", "attention_mask"]
+        names = [INPUT_IDS, ATTENTION_MASK]
         if self.takes_position_ids:
-            names.append("position_ids")
+            names.append(POSITION_IDS)
         return names + past_names(self.shape.layers)
 
     @property
     def input_names(self) -> list[str]:
         """The same inputs as :meth:`forward` takes them: identifiers."""
-        return [name.replace(".", "_") for name in self.onnx_input_names]
+        return [_identifier(name) for name in self.onnx_input_names]
 
     def forward(
         self,
@@ -145,21 +147,27 @@ class DecoderWithPast(nn.Module):
         from transformers import DynamicCache
 
         layers = [
-            (past[f"past_key_values_{i}_key"], past[f"past_key_values_{i}_value"])
+            (past[_identifier(past_name(i, "key"))], past[_identifier(past_name(i, "value"))])
             for i in range(self.shape.layers)
         ]
         # Plain DynamicLayers, not the config's (sliding-window layers crop with data-dependent
         # slices): the present holds every position, and the mask applies any window.
-        extra = {"position_ids": position_ids} if self.takes_position_ids else {}
+        extra = {POSITION_IDS: position_ids} if self.takes_position_ids else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=DynamicCache(layers),
             use_cache=True, **extra,
         )  # fmt: skip
-        result = {"logits": out.logits}
+        result = {LOGITS: out.logits}
         for i, layer in enumerate(out.cache.layers):
-            result[f"present.{i}.key"] = layer.keys
-            result[f"present.{i}.value"] = layer.values
+            result[present_name(i, "key")] = layer.keys
+            result[present_name(i, "value")] = layer.values
         return result
+
+
+def _identifier(name: str) -> str:
+    """An ONNX input name as a keyword of :meth:`DecoderWithPast.forward`:
+    ``past_key_values.0.key`` -> ``past_key_values_0_key``."""
+    return name.replace(".", "_")
 
 
 def position_ids_for(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -175,11 +183,11 @@ def decoder_inputs(
     """Inputs for ``wrapper``: random tokens and cache, a full mask, generate's positions."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {
-        "input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
-        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
+        INPUT_IDS: torch.randint(0, vocab, (batch, seq), generator=generator),
+        ATTENTION_MASK: torch.ones(batch, past + seq, dtype=torch.long),
     }
     if wrapper.takes_position_ids:
-        inputs["position_ids"] = position_ids_for(inputs["attention_mask"], seq)
+        inputs[POSITION_IDS] = position_ids_for(inputs[ATTENTION_MASK], seq)
     shape = wrapper.shape
     for name in wrapper.input_names[len(inputs) :]:
         inputs[name] = torch.randn(batch, shape.heads, past, shape.head_dim, generator=generator)
@@ -189,9 +197,9 @@ def decoder_inputs(
 def dynamic_shapes(wrapper: DecoderWithPast) -> dict[str, Any]:
     """Dynamic batch, sequence and past length, as torch.export wants them for ``forward``."""
     auto = torch.export.Dim.AUTO
-    shapes: dict[str, Any] = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}}
+    shapes: dict[str, Any] = {INPUT_IDS: {0: auto, 1: auto}, ATTENTION_MASK: {0: auto, 1: auto}}
     if wrapper.takes_position_ids:
-        shapes["position_ids"] = {0: auto, 1: auto}
+        shapes[POSITION_IDS] = {0: auto, 1: auto}
     for name in wrapper.input_names[len(shapes) :]:
         shapes[name] = {0: auto, 2: auto}
     return shapes
@@ -200,7 +208,7 @@ def dynamic_shapes(wrapper: DecoderWithPast) -> dict[str, Any]:
 def with_past(model: nn.Module) -> DecoderWithPast:
     """``model`` (a transformers causal LM) wrapped for the ``text-generation-with-past``
     export; TaskError for any other model."""
-    check_task(model, WITH_PAST)
+    check_task(model, TEXT_GENERATION_WITH_PAST)
     return DecoderWithPast(model, cache_shape(model))
 
 

@@ -1,6 +1,7 @@
 """Serf as standard ONNX ops, for the dynamo exporter's ``custom_translation_table``: the
 onnxscript function of each decomposition, built from its record's steps
-(:mod:`serfswap.decompositions`, where the decompositions and their trade-offs are described).
+(:mod:`serfswap.onnx_ops.decompositions`, where the decompositions and their trade-offs are
+described).
 
 float16 and bfloat16 inputs are cast to float32 around the decomposition: onnxruntime's CUDA
 Softplus is ``log(exp(x) + 1)`` in the input type and returns 0 below x = -7.6 in float16.
@@ -11,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from onnxscript import opset18 as op  # the lowest opset serfswap writes: every op here is in it
+import onnxscript
 
+from ..options import OPSETS
 from .decompositions import DECOMPOSITIONS, DEFAULT, ONE, Decomposition, X
 
+# The lowest opset serfswap writes: every op of every decomposition is in it.
+op = getattr(onnxscript, f"opset{OPSETS.start}")
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _HALF_TYPES = {10, 16}  # FLOAT16, BFLOAT16
 
@@ -47,6 +51,6 @@ def translation_table(decomposition: str = DEFAULT) -> dict[Any, Callable[[Any],
     """The ``custom_translation_table`` that exports ``serfswap::serf`` as ``decomposition``."""
     import torch
 
-    import serfswap.serf  # noqa: F401  (registers torch.ops.serfswap)
+    import serfswap.ops.serf  # noqa: F401  (registers torch.ops.serfswap)
 
     return {torch.ops.serfswap.serf.default: onnxscript_function(DECOMPOSITIONS[decomposition])}

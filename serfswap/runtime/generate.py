@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..names import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, is_past, present_for
+from ..options import TEXT_GENERATION_WITH_PAST
 
 if TYPE_CHECKING:
     import onnxruntime
 
-_PAST = "past_key_values."
 _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}  # fmt: skip
 
@@ -50,14 +51,14 @@ def _empty_cache(sess: onnxruntime.InferenceSession, batch: int) -> dict[str, np
     """Zero-length past tensors, with the heads and head size the graph declares."""
     cache = {}
     for value in sess.get_inputs():
-        if value.name.startswith(_PAST):
+        if is_past(value.name):
             _, heads, _, head_dim = value.shape
             dtype = _ONNX_FLOATS.get(value.type, np.float32)
             cache[value.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
     if not cache:
         raise InvalidArgumentError(
-            "the graph has no past_key_values inputs: export it with "
-            "--task text-generation-with-past (task='text-generation-with-past')"
+            f"the graph has no {PAST} inputs: export it with --task "
+            f"{TEXT_GENERATION_WITH_PAST} (task={TEXT_GENERATION_WITH_PAST!r})"
         )
     return cache
 
@@ -85,7 +86,7 @@ def generate(
     """
     if type(max_new_tokens) is not int or max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    tokens = _as_int64(input_ids, "input_ids")
+    tokens = _as_int64(input_ids, INPUT_IDS)
     mask = np.ones_like(tokens) if attention_mask is None else _as_int64(attention_mask, "mask")
     if mask.shape != tokens.shape:
         raise InvalidArgumentError(f"attention_mask {mask.shape} != input_ids {tokens.shape}")
@@ -99,11 +100,11 @@ def generate(
     positions = np.where(mask == 0, 0, np.cumsum(mask, axis=-1) - 1)
     step_ids, finished = tokens, np.zeros(tokens.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
-        feed.update(input_ids=step_ids, attention_mask=mask)
-        if "position_ids" in names:
-            feed["position_ids"] = positions[:, -step_ids.shape[1] :]
+        feed.update({INPUT_IDS: step_ids, ATTENTION_MASK: mask})
+        if POSITION_IDS in names:
+            feed[POSITION_IDS] = positions[:, -step_ids.shape[1] :]
         results = dict(zip(outputs, sess.run(outputs, feed), strict=True))
-        chosen = results["logits"][:, -1, :].argmax(-1)
+        chosen = results[LOGITS][:, -1, :].argmax(-1)
         chosen = np.where(finished, pad, chosen).astype(np.int64)
         tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
         finished |= np.isin(chosen, eos)
@@ -113,6 +114,6 @@ def generate(
         mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
         positions = np.concatenate([positions, positions[:, -1:] + 1], axis=1)
         for name in feed:
-            if name.startswith(_PAST):
-                feed[name] = results["present." + name.removeprefix(_PAST)]
+            if is_past(name):
+                feed[name] = results[present_for(name)]
     return tokens

@@ -308,10 +308,7 @@ def build(model_type: str) -> nn.Module:
 def inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """What ``example_inputs_for`` infers, with token ids kept clear of the special ids that
     the shrunk config moved to the end of the vocabulary."""
-    try:
-        from serfswap.inputs import example_inputs_for
-    except ImportError:  # before issue 13's audit: it lived in export.py
-        from serfswap.export.pipeline import example_inputs_for
+    from serfswap.inputs import example_inputs_for
 
     torch.manual_seed(0)
     found = example_inputs_for(model, batch=2, seq=8)
