@@ -83,7 +83,7 @@ def test_input_shape_exports_a_plain_module(tmp_path: Path, capsys) -> None:
 
 
 def test_input_shape_is_one_tensor_per_spec() -> None:
-    from serfswap.cli.main import _example_inputs
+    from serfswap.cli.export import example_inputs as _example_inputs
 
     x, ids = _example_inputs(["2,3,8,8", "2,5:int64"])
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32

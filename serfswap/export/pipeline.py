@@ -32,6 +32,7 @@ from ..errors import (
     ExportFailedError,
     ExportMismatchError,
     InvalidArgumentError,
+    first_line,
 )
 from ..inputs import as_kwargs, example_inputs_for
 from ..io.paths import check_input_path, check_output_path, staged_output
@@ -360,9 +361,8 @@ def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: 
         with torch.no_grad():
             return model(*inputs.values()) if positional else model(**inputs)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
-            f"the model fails on the example inputs ({described}): {reason}"
+            f"the model fails on the example inputs ({described}): {first_line(exc)}"
         ) from None
 
 

@@ -33,6 +33,7 @@ from ..errors import (
     InvalidArgumentError,
     NothingToConvertError,
     PartialConversionError,
+    first_line,
 )
 from ..inputs import as_kwargs, can_infer, example_inputs_for
 from ..ops.serf import Serf
@@ -574,8 +575,7 @@ def _audit_inputs(
 
 def _first_line(error: BaseException) -> str:
     """``Type: first line of the message``, at most 300 characters, for a report."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {first_line(error) if str(error).strip() else ''}"[:300]
 
 
 def plan(
@@ -739,8 +739,7 @@ def _run_audit(
     try:
         return run_time.run(model, inputs)
     except Exception as error:  # the model's own failure: reported, the conversion stands
-        first = str(error).strip().splitlines()
-        report.audit_error = f"{type(error).__name__}: {first[0] if first else ''}"[:300]
+        report.audit_error = _first_line(error)
         report.audited = False
         report.notes.append(
             f"not audited at run time: the forward on the example inputs failed "
