@@ -8,7 +8,7 @@ all of them, and also from the builtin that matches its meaning, so code that al
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class _Named:
@@ -19,6 +19,14 @@ class _Named:
 
 
 NAMED = _Named()
+
+
+class Words(NamedTuple):
+    """A phrase that the API and the command line say differently, in a message template:
+    ``Words("the plan", "`serfswap inspect`")``."""
+
+    api: str
+    cli: str
 
 
 class _Spelling(string.Formatter):
@@ -37,6 +45,8 @@ class _Spelling(string.Formatter):
 
     def format_field(self, field: tuple[str, object], spec: str) -> str:
         label, value = field
+        if isinstance(value, Words):
+            return value.cli if self.cli else value.api
         name = spec or label
         if not self.cli:
             return f"{name}=" if value is NAMED else f"{name}={value!r}"
@@ -60,7 +70,7 @@ class SerfswapError(Exception):
     ``activations=['gelu']`` in ``str(error)`` and ``--activations gelu`` in
     :meth:`cli_message`, so the command line says it in the words the user typed without
     rewriting text. A message is a template when values are given (literal braces doubled);
-    ``include=NAMED`` names an option bare.
+    ``include=NAMED`` names an option bare, a :class:`Words` value is a phrase said differently.
     """
 
     exit_code = 1

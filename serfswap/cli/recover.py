@@ -64,6 +64,13 @@ def _recover(args: argparse.Namespace) -> int:
         from ..recovery.log import require_matplotlib
 
         require_matplotlib()
+    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
+    if random_timm and args.weights is None:
+        raise InvalidArgumentError(
+            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
+            "the original, which must be the trained model)",
+            option="--weights",
+        )
     print(f"loading {args.model}", flush=True)  # on stdout: recover tells its steps there
     loaded = load(args, quiet=True)
     teacher = _teacher(loaded)
@@ -125,13 +132,6 @@ def check(args: argparse.Namespace) -> None:
     if args.plot == "":
         args.plot = str(beside(out, ".curves.png", "--plot PNG"))
     _check_side_outputs(args, out, checkpoints)
-    random_timm = args.model.startswith("timm:") and not Path(args.model).exists()
-    if random_timm and args.weights is None:
-        raise InvalidArgumentError(
-            f"{args.model} has random weights here; pass --weights FILE (recovery distils from "
-            "the original, which must be the trained model)",
-            option="--weights",
-        )
     args.out = out
     args.options = _options(args, checkpoints)
 

@@ -509,7 +509,7 @@ def _named(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
             return example_inputs_for(model)
         return as_kwargs(model, example_inputs)
     except ExampleInputsError as error:
-        raise ExportError(str(error)) from None
+        raise ExportError(error.template, option=error.option, **error.values) from None
 
 
 def _check_options(

@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from ..errors import (
+    NAMED,
     ExampleInputsError,
     InvalidArgumentError,
     NothingToConvertError,
     PartialConversionError,
+    Words,
     first_line,
 )
 from ..inputs import as_kwargs, can_infer, example_inputs_for
@@ -395,17 +397,27 @@ def _nothing_matched(
         n or "(root)" for f, s in zip(found, stages, strict=True) if s == ROLE for n in f.names[:1]
     ]
     if kept and "positivity constraint" not in str(error):
-        error.args = (
-            f"{error}; also kept as positivity constraints: {', '.join(kept[:3])}"
-            f"{', ...' if len(kept) > 3 else ''} (to convert them, name them in include= or add "
-            f"{ROLE!r} to activations=)",
+        base = error.template if error.values else _text(error.template)
+        error = NothingToConvertError(
+            f"{base}; also kept as positivity constraints: {_text(', '.join(kept[:3]))}"
+            f"{', ...' if len(kept) > 3 else ''} (to convert them, name them in {{include}} or "
+            f"add {ROLE!r} to {{activations}})",
+            option=error.option or "activations",
+            **{"include": NAMED, "activations": NAMED, **error.values},
         )
     return error
+
+
+def _text(text: object) -> str:
+    """Text from the model (names), literal in a message template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def _nothing_matched_why(
     model: str, stages: list[str], found: list[_Found], families: frozenset[str], **given: Any
 ) -> NothingToConvertError:
+    """Why nothing is converted, naming the options (a template: the command line says them
+    as flags, see SerfswapError)."""
     candidates = [f for f in found if f.family != GATE]
     if not candidates:
         gates = len(found)
@@ -416,6 +428,7 @@ def _nothing_matched_why(
             "stored as attributes, and F.relu / F.gelu / F.silu / F.mish calls in module code"
         )
     seen = sorted({f.family for f in candidates})
+    model = _text(model)
     if ROLE in stages and all(s in ("family", "gate", ROLE) for s in stages):
         kept = [
             n or "(root)"
@@ -425,36 +438,51 @@ def _nothing_matched_why(
         ]
         others = sorted({f.family for f, s in zip(found, stages, strict=True) if s == "family"})
         return NothingToConvertError(
-            f"every activation of {model} that activations= selects is a positivity constraint "
-            f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}: its output must stay "
-            "non-negative, see the plan); to convert them anyway, name them in include= or add "
-            f"{ROLE!r} to activations="
+            f"every activation of {model} that {{activations}} selects is a positivity constraint "
+            f"({_text(', '.join(kept[:3]))}{', ...' if len(kept) > 3 else ''}: its output must "
+            "stay non-negative, see {plan}); to convert them anyway, name them in {include} or "
+            f"add {ROLE!r} to {{activations}}"
             + (
-                f"; its other activations are of families {others}, which activations= "
-                "leaves out: activations=['all'] converts them"
+                f"; its other activations are of families {others}, which {{activations}} "
+                "leaves out: {everything:activations} converts them"
                 if others
                 else ""
-            )
+            ),
+            option="activations",
+            activations=NAMED,
+            include=NAMED,
+            everything=["all"],
+            plan=Words("the plan", "`serfswap inspect`"),
         )
     if "family" in stages and all(s in ("family", "gate") for s in stages):
         return NothingToConvertError(
             f"{model} has activations of families {seen}, none of which is in "
-            f"activations={sorted(families)}; pass e.g. activations={seen}"
+            "{activations}; pass e.g. {seen:activations}",
+            option="activations",
+            activations=sorted(families),
+            seen=seen,
         )
-    examples = ", ".join(n for f in candidates[:3] for n in f.names[:1])
+    examples = _text(", ".join(n for f in candidates[:3] for n in f.names[:1]))
     if "include" in stages and "exclude" not in stages and "filter" not in stages:
         return NothingToConvertError(
-            f"include={list(given['include'])} matched none of the {len(candidates)} activations "
-            f"of {model} (their names look like: {examples})"
+            f"{{include}} matched none of the {len(candidates)} activations of {model} (their "
+            f"names look like: {examples})",
+            option="include",
+            include=list(given["include"]),
         )
     if "exclude" in stages and "filter" not in stages:
         return NothingToConvertError(
-            f"exclude={list(given['exclude'])} excluded every activation of {model} "
-            f"that include= and activations= left ({len(candidates)} found)"
+            f"{{exclude}} excluded every activation of {model} that {{include_:include}} and "
+            f"{{activations}} left ({len(candidates)} found)",
+            option="exclude",
+            exclude=list(given["exclude"]),
+            include_=NAMED,
+            activations=NAMED,
         )
     return NothingToConvertError(
         f"filter_fn rejected every activation of {model} that the patterns left "
-        f"({len(candidates)} found, e.g. {examples})"
+        f"({len(candidates)} found, e.g. {examples})",
+        option="filter_fn",
     )
 
 
