@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (inspect, convert, export, recover, demo, env, generate):
         command.add_command(commands)
-    for command in commands.choices.values():  # `serfswap export ... --debug` works too
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show tracebacks of errors")  # fmt: skip
-        command.set_defaults(parser=command)  # for errors in the subcommand's own usage
+    for sub in commands.choices.values():  # `serfswap export ... --debug` works too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks of errors")  # fmt: skip
+        sub.set_defaults(parser=sub)  # for errors in the subcommand's own usage
     return parser
 
 
