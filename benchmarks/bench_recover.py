@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import serfswap
-from serfswap.cli.demo import STDLIB_HELD_OUT, STDLIB_TRAIN, digits, stdlib_sentences
+from serfswap.cli.demos import STDLIB_HELD_OUT, STDLIB_TRAIN, digits, stdlib_sentences
 
 VISION_RUNS = {
     "default": {},

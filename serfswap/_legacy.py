@@ -47,7 +47,7 @@ MODULES: dict[str, str] = {
     "serfswap.paths": "serfswap.io.paths",
     "serfswap.remote_code": "serfswap.io.remote_code",
     "serfswap.cli_generate": "serfswap.cli.generate",
-    "serfswap.demo": "serfswap.cli.demo",
+    "serfswap.demo": "serfswap.cli.demos",
 }
 
 # Every serfswap class a converted model pickles, under each name it has been written with ->

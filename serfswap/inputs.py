@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExampleInputsError
+from .errors import ExampleInputsError, Words
 from .names import ATTENTION_MASK, DECODER_INPUT_IDS, INPUT_IDS, TOKEN_TYPE_IDS
 
 
@@ -60,8 +60,9 @@ def example_inputs_for(
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
         raise ExampleInputsError(
-            f"cannot infer example inputs for a {type(model).__name__}: pass example_inputs "
-            "(a tensor, a tuple of tensors or a dict of keyword tensors)"
+            f"cannot infer example inputs for a {type(model).__name__}: pass {{example_inputs}}",
+            option="example_inputs",
+            example_inputs=_PASS_INPUTS,
         )
     vision = getattr(config, "vision_config", config)
     inputs: dict[str, torch.Tensor] = {}
@@ -90,6 +91,13 @@ def example_inputs_for(
             f"cannot infer example inputs for main input {main!r}: pass example_inputs"
         )
     return inputs
+
+
+# What to pass when inputs cannot be inferred, in the API's words and the command line's.
+_PASS_INPUTS = Words(
+    "example_inputs (a tensor, a tuple of tensors or a dict of keyword tensors)",
+    "--input-shape, e.g. --input-shape 1,3,224,224",
+)
 
 
 def _input_features(config: Any, batch: int, seq: int) -> torch.Tensor:

@@ -7,8 +7,9 @@ is answered at once; the modules that do the work import these names from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from .errors import ExportError, InvalidArgumentError
 
@@ -32,7 +33,8 @@ def check_opset(opset: object) -> int:
     if type(opset) is not int or opset not in OPSETS:
         raise ExportError(
             f"opset {opset!r} is not supported: use {OPSETS.start} to {OPSETS.stop - 1} "
-            "(lower opsets cannot express what the exporter writes)"
+            "(lower opsets cannot express what the exporter writes)",
+            option="opset",
         )
     return opset
 
@@ -54,6 +56,12 @@ TASKS = (DEFAULT_TASK, TEXT_GENERATION_WITH_PAST)
 OUTPUT_LOSSES = ("auto", "kl", "mse-cosine")
 TRAIN_CHOICES = ("all", "converted")
 AUTOCAST_CHOICES = (None, "bf16")
+
+
+def _cli(help: str, **argparse_keywords: Any) -> Any:
+    """A field the ``recover`` command offers as ``--name``: its help (``%(default)s`` is the
+    field's default) and what argparse needs beyond the field's type and default."""
+    return {"help": help, "argparse": argparse_keywords}
 
 
 @dataclass(frozen=True)
@@ -82,45 +90,114 @@ class RecoveryOptions:
     installed; the slow steps before it are logged at INFO on the ``serfswap`` logger).
     """
 
-    lr: float = 1e-4
+    # The length of a run where none is given (the demo's), and the share of it between
+    # evaluations and checkpoints by default: see :meth:`every`.
+    STEPS: ClassVar[int] = 300
+
+    # Fields with metadata are the ``recover`` command's options, generated from them.
+    lr: float = field(
+        default=1e-4,
+        metadata=_cli(
+            "peak learning rate (AdamW; warmup, then cosine decay to 0; default: %(default)s)"
+        ),
+    )
     weight_decay: float = 0.01
-    warmup: float = 0.1
+    warmup: float = field(
+        default=0.1, metadata=_cli("fraction of the steps of linear warmup (default: %(default)s)")
+    )
     clip: float = 1.0
     output_loss: str = "auto"
     temperature: float = 2.0
     output_weight: float = 1.0
     layer_weight: float = 1.0
     task_weight: float = 1.0
-    blend: float = 0.0
-    bn_batches: int = 20
+    blend: float = field(
+        default=0.0,
+        metadata=_cli(
+            "fraction of the steps over which each Serf ramps from the original activation "
+            "(0: off; default: %(default)s)"
+        ),
+    )
+    bn_batches: int = field(
+        default=20,
+        metadata=_cli(
+            "batches to re-estimate BatchNorm statistics on first, for models with BatchNorm "
+            "(0: off; default: %(default)s)"
+        ),
+    )
     train_mode: bool = False
-    train: str = "all"
-    autocast: str | None = None
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_dir: str | Path | None = None
-    checkpoint_every: int = 0
-    keep: int = 2
-    resume: bool = False
-    log: str | Path | None = None
-    plot: str | Path | None = None
+    train: str = field(
+        default="all",
+        metadata=_cli(
+            "train all parameters, or only the converted modules'", choices=TRAIN_CHOICES
+        ),
+    )
+    autocast: str | None = field(
+        default=None, metadata=_cli("bfloat16 autocast", choices=[c for c in AUTOCAST_CHOICES if c])
+    )
+    seed: int = field(default=0, metadata=_cli("default: %(default)s"))
+    eval_every: int = field(
+        default=0,
+        metadata=_cli(
+            "steps between held-out evaluations (default: steps / 10; 0: only before and after)",
+            default=None,
+        ),
+    )
+    checkpoint_dir: str | Path | None = field(
+        default=None, metadata=_cli("default: OUT.checkpoints next to OUT")
+    )
+    checkpoint_every: int = field(
+        default=0, metadata=_cli("steps (default: steps / 10; 0: no checkpoints)", default=None)
+    )
+    keep: int = field(
+        default=2, metadata=_cli("checkpoints kept while the run goes (default: %(default)s)")
+    )
+    resume: bool = field(
+        default=False,
+        metadata=_cli(
+            "continue from the last checkpoint (exactly), or extend a finished run to more --steps"
+        ),
+    )
+    log: str | Path | None = field(
+        default=None, metadata=_cli("a JSON-lines file, one line per step")
+    )
+    plot: str | Path | None = field(
+        default=None,
+        metadata=_cli(
+            "write the curves as a PNG (default name: OUT.curves.png)", nargs="?", const=""
+        ),
+    )
     progress: bool = True
+
+    @staticmethod
+    def every(steps: int) -> int:
+        """The default steps between evaluations and between checkpoints of a ``steps`` run
+        where the caller asks for them without saying how often: a tenth of the run."""
+        return max(1, steps // 10)
 
     def __post_init__(self) -> None:
         choices = {"output_loss": OUTPUT_LOSSES, "train": TRAIN_CHOICES,
                    "autocast": AUTOCAST_CHOICES}  # fmt: skip
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InvalidArgumentError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
+            self._check(name, getattr(self, name) in allowed, f"use one of {allowed}")
         for name in ("warmup", "blend"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise InvalidArgumentError(f"{name}={getattr(self, name)}: a fraction of steps")
-        if self.lr <= 0 or self.temperature <= 0 or self.clip <= 0:
-            raise InvalidArgumentError("lr, temperature and clip must be positive")
+            self._check(name, 0 <= getattr(self, name) <= 1, "a fraction of steps")
+        for name in ("lr", "temperature", "clip"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgumentError("lr, temperature and clip must be positive", option=name)
         for name in ("bn_batches", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise InvalidArgumentError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.keep < 1:
-            raise InvalidArgumentError(f"keep={self.keep}: keep at least one checkpoint")
+            self._check(name, getattr(self, name) >= 0, "must be >= 0")
+        self._check("keep", self.keep >= 1, "keep at least one checkpoint")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
-            raise InvalidArgumentError("checkpoint_every and resume need a checkpoint_dir")
+            raise InvalidArgumentError(
+                "checkpoint_every and resume need a checkpoint_dir", option="checkpoint_dir"
+            )
+
+    def _check(self, name: str, ok: bool, why: str) -> None:
+        """InvalidArgumentError naming the option, ``name=value: why``, unless ``ok``."""
+        if not ok:
+            raise InvalidArgumentError(
+                "{%s}: %s" % (name, why.replace("{", "{{").replace("}", "}}")),  # noqa: UP031
+                option=name,
+                **{name: getattr(self, name)},
+            )

@@ -83,7 +83,7 @@ def test_input_shape_exports_a_plain_module(tmp_path: Path, capsys) -> None:
 
 
 def test_input_shape_is_one_tensor_per_spec() -> None:
-    from serfswap.cli.main import _example_inputs
+    from serfswap.cli.export import example_inputs as _example_inputs
 
     x, ids = _example_inputs(["2,3,8,8", "2,5:int64"])
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
@@ -224,3 +224,24 @@ def test_model_kwargs_are_kept_in_the_checkpoint(tmp_path: Path, capsys) -> None
     with safe_open(str(out), framework="pt") as f:
         assert json.loads(f.metadata()["arch"])["kwargs"] == {"in_chans": 2}
     assert serfswap.io.load_model(str(out)).model.conv1[0].in_channels == 2  # deep stem
+
+
+def test_errors_carry_the_option_they_concern() -> None:
+    """The library's error names its option, and says it in the API's words; the command line
+    prints the same message with flags (from the error's values, not by rewriting its text),
+    also after a pickle (a worker process's error)."""
+    import pickle
+
+    from serfswap.errors import InvalidArgumentError, NothingToConvertError
+
+    with pytest.raises(NothingToConvertError) as info:
+        serfswap.convert(timm.create_model("test_resnet"), activations="gelu")
+    error = info.value
+    assert error.option == "activations"
+    assert "none of which is in activations=['gelu']; pass e.g. activations=['relu']" in str(error)
+    cli = error.cli_message()
+    assert "none of which is in --activations gelu; pass e.g. --activations relu" in cli
+    assert pickle.loads(pickle.dumps(error)).cli_message() == cli
+    plain = InvalidArgumentError("--model-kwargs takes a JSON object, e.g. '{\"a\": 1}'",
+                                 option="--model-kwargs")  # fmt: skip
+    assert plain.option == "--model-kwargs" and plain.cli_message() == str(plain)

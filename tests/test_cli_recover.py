@@ -4,6 +4,8 @@ HuggingFace model and its tokenizer; resume, plot, and what it refuses."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,55 @@ def test_recover_refuses_what_it_cannot_do(
         assert code == 2, (argv, err)
         assert message in err and err.count("error:") == 1, err  # one error line
         assert not Path(out).exists()
+
+
+def test_a_bad_lr_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    """The numbers are checked first, before MODEL or --data is read and before torch is
+    imported: a bad --lr is the error even when MODEL and --data do not exist."""
+    argv = ["recover", str(tmp_path / "no-model.pt"), "--data", str(tmp_path / "no-data"),
+            "--steps", "10", "--lr", "-1", "-o", str(tmp_path / "o.safetensors")]  # fmt: skip
+    script = (
+        "import sys; from serfswap.cli.main import main; code = main(sys.argv[1:]); "
+        "print(code, sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                            text=True, timeout=300, check=False)  # fmt: skip
+    assert result.stdout.split() == ["2", "[]"], (result.stdout, result.stderr)
+    assert result.stderr.strip() == (
+        "serfswap recover: error: --lr -1.0: give a positive learning rate, e.g. 1e-4"
+    )
+    # with good numbers, the next check fails: --data (MODEL is read last, by the loader)
+    argv[argv.index("-1")] = "1e-4"
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                            text=True, timeout=300, check=False)  # fmt: skip
+    assert result.stdout.split()[0] == "2", (result.stdout, result.stderr)
+    assert "no-data: no such file" in result.stderr, result.stderr
+
+
+def test_recover_options_come_from_recovery_options() -> None:
+    """Each RecoveryOptions field the command offers is a flag with the field's default and
+    help; the run's options are built from them (evaluations and checkpoints every tenth of
+    the run unless given)."""
+    from dataclasses import fields
+
+    from serfswap.cli import recover as command
+    from serfswap.cli.main import build_parser
+    from serfswap.options import RecoveryOptions
+
+    parser = build_parser()
+    args = parser.parse_args(["recover", "timm:x", "--data", "d", "--steps", "50", "-o", "o"])
+    offered = [f for f in fields(RecoveryOptions) if f.metadata]
+    assert {f.name for f in offered} >= {"lr", "warmup", "blend", "bn_batches", "keep", "resume"}
+    for f in offered:
+        default = f.metadata["argparse"].get("default", f.default)
+        assert getattr(args, f.name) == default, f.name
+    options = command._options(args, Path("ck"))
+    assert options == RecoveryOptions(checkpoint_dir=Path("ck"), eval_every=5, checkpoint_every=5)
+    args = parser.parse_args(["recover", "timm:x", "--data", "d", "--steps", "50", "-o", "o",
+                              "--lr", "3e-4", "--train", "converted", "--resume"])  # fmt: skip
+    options = command._options(args, Path("ck"))
+    assert (options.lr, options.train, options.resume) == (3e-4, "converted", True)
+    help_text = parser._subparsers._group_actions[0].choices["recover"].format_help()
+    assert "peak learning rate (AdamW; warmup, then cosine decay to 0; default: 0.0001)" in (
+        " ".join(help_text.split())
+    )

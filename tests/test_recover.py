@@ -43,7 +43,7 @@ def cnn() -> tuple[nn.Module, nn.Module]:
 def digits() -> dict[str, torch.Tensor]:
     """scikit-learn's bundled digits, as 3x32x32 images: real data, no download."""
     pytest.importorskip("sklearn.datasets", reason="scikit-learn is in [dev]")
-    from serfswap.cli.demo import digits as load
+    from serfswap.cli.demos import digits as load
 
     return load()
 

@@ -1,7 +1,7 @@
 """``serfswap generate OUT.onnx --tokenizer DIR "prompt" ...``: greedy generation with a file
 exported with ``--task text-generation-with-past``, on onnxruntime; prints each continuation.
 
-A command of its own file, so that the CLI's parser stays one small function per command.
+One module per command, as the others: ``add_command`` declares its arguments, ``run`` runs it.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, first_line, install_hint
 
 
-def add_generate_command(commands: Any) -> None:
+def add_command(commands: Any) -> None:
     """The ``generate`` subcommand on ``commands`` (argparse's subparsers)."""
     gen = commands.add_parser(
         "generate",
@@ -29,15 +29,15 @@ def add_generate_command(commands: Any) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="default: %(default)s")
     gen.add_argument("--trust-remote-code", action="store_true",
                      help="allow a tokenizer that needs its folder's own code")  # fmt: skip
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=run)
 
 
 def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        message = "--tokenizer needs transformers (pip install 'serfswap[hf]')"
-        raise InvalidArgumentError(message) from None
+        message = f"--tokenizer needs transformers ({install_hint('hf')})"
+        raise InvalidArgumentError(message, option="--tokenizer") from None
     from ..io.remote_code import check_tokenizer_folder, never_ask
 
     # a sub-folder's auto_map too (transformers would ask on stdin), and no FIFO
@@ -48,17 +48,18 @@ def _tokenizer(directory: Path, trust_remote_code: bool) -> Any:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(
-            f"no tokenizer in {directory} ({str(exc).strip().splitlines()[0]})"
+            f"no tokenizer in {directory} ({first_line(exc)})", option="--tokenizer"
         ) from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Continue each prompt greedily and print the continuations."""
     from ..io.paths import check_input_path
     from ..onnx_ops import generate, session
 
     model = check_input_path(args.model)
     if args.max_new_tokens < 1:
-        raise InvalidArgumentError("--max-new-tokens must be at least 1")
+        raise InvalidArgumentError("--max-new-tokens must be at least 1", option="--max-new-tokens")
     tokenizer = _tokenizer(Path(args.tokenizer), args.trust_remote_code)
     tokenizer.padding_side = "left"  # new tokens follow every prompt's last real token
     if tokenizer.pad_token_id is None:

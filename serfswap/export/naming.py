@@ -34,7 +34,7 @@ def named_inputs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tenso
             return example_inputs_for(model)
         return as_kwargs(model, example_inputs)
     except ExampleInputsError as error:
-        raise ExportError(str(error)) from None
+        raise ExportError(error.template, option=error.option, **error.values) from None
 
 
 def sequence_inputs(inputs: dict[str, torch.Tensor]) -> set[str]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportFailedError, ExportMismatchError
+from ..errors import ExportError, ExportFailedError, ExportMismatchError, first_line
 from ..io.paths import staged_output
 from ..modes import eval_mode
 from ..onnx_ops.decompositions import DEFAULT as DEFAULT_DECOMPOSITION
@@ -49,9 +49,8 @@ def _run_once(model: nn.Module, inputs: dict[str, torch.Tensor], *, positional: 
         with torch.no_grad():
             return model(*inputs.values()) if positional else model(**inputs)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
-            f"the model fails on the example inputs ({described}): {reason}"
+            f"the model fails on the example inputs ({described}): {first_line(exc)}"
         ) from None
 
 

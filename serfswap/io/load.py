@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InvalidArgumentError, ModelLoadError, ModelSpecError
+from ..errors import InvalidArgumentError, ModelLoadError, ModelSpecError, first_line
 from ..rewrite.configs import config_before
 from ..rewrite.convert import REPORT_ATTR, convert
 from . import safe_pickle
@@ -247,7 +247,7 @@ def _hf_from_config(config_dict: dict[str, Any], *, causal_lm: bool = False) -> 
         return auto.from_config(config, attn_implementation="eager", trust_remote_code=False)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ModelLoadError(
-            f"the {model_type} config cannot build a model: {_first_line(exc)}"
+            f"the {model_type} config cannot build a model: {first_line(exc)}"
         ) from None
 
 
@@ -394,10 +394,10 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
             "running code from the file. If you trust it, pass --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: not a readable PyTorch file ({first_line(exc)})") from None
     except Exception as exc:  # pickle.UnpicklingError from the weights-only unpickler, and kin
         raise ModelLoadError(
-            f"{path} cannot be loaded without running code from it ({_first_line(exc)}). "
+            f"{path} cannot be loaded without running code from it ({first_line(exc)}). "
             "If you trust it, pass --trust-pickle"
         ) from None
 
@@ -423,11 +423,6 @@ def _check_names(model: nn.Module, path: Path) -> None:
                         "an identifier or a number; refused (names become code when traced)"
                     )
         pending.extend(m for m in (vars(module).get("_modules") or {}).values() if m is not None)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unpickle_trusted(path: Path) -> Any:
@@ -863,7 +858,7 @@ def _load_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgra
         return torch.export.load(path)
     except Exception as exc:  # the loader raises many kinds on a damaged archive
         raise ModelLoadError(
-            f"{path}: not a readable torch.export program ({_first_line(exc)})"
+            f"{path}: not a readable torch.export program ({first_line(exc)})"
         ) from None
 
 

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from .._legacy import PICKLED, pickled_class
+from ..errors import first_line
 
 # Modules that may be imported to look up a class a file names. Importing one runs library
 # code that loading the same model from the library would run anyway; nothing of the file's.
@@ -218,8 +219,7 @@ def _opcodes(stream: BinaryIO) -> Any:
     except UnsafePickleError:
         raise
     except Exception as exc:  # genops raises ValueError and others on malformed input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafePickleError([], f"malformed pickle ({reason})") from None
+        raise UnsafePickleError([], f"malformed pickle ({first_line(exc)})") from None
 
 
 def scan(data: bytes | BinaryIO) -> PickleScan:

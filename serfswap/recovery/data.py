@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, first_line, install_hint
 from ..inputs import timm_channels
 from ..io.remote_code import check_tokenizer_folder, never_ask
 
@@ -51,9 +51,7 @@ def images(folder: Path, model: nn.Module, batch_size: int, held_out: float,
     try:
         from timm.data import ImageDataset, create_transform, resolve_data_config
     except ImportError:
-        raise InvalidArgumentError(
-            "an image folder needs timm (pip install 'serfswap[timm]')"
-        ) from None
+        raise InvalidArgumentError(f"an image folder needs timm ({install_hint('timm')})") from None
     if not getattr(model, "pretrained_cfg", None):
         raise InvalidArgumentError(
             f"{type(model).__name__} has no timm pretrained_cfg to prepare images with; "
@@ -120,7 +118,7 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
         from transformers import AutoTokenizer
     except ImportError:
         raise InvalidArgumentError(
-            "a text file needs transformers (pip install 'serfswap[hf]')"
+            f"a text file needs transformers ({install_hint('hf')})"
         ) from None
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -140,7 +138,7 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
                 "that code. If you trust it, pass --trust-remote-code"
             ) from None
         raise InvalidArgumentError(
-            f"no tokenizer in {tokenizer_dir} ({str(exc).splitlines()[0]}); pass --tokenizer DIR"
+            f"no tokenizer in {tokenizer_dir} ({first_line(exc)}); pass --tokenizer DIR"
         ) from None
     train, test = split(len(lines), held_out, seed)
     random.Random(seed + 1).shuffle(train)  # a fixed order: resumable

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, install_hint
 
 
 class JsonLog:
@@ -35,7 +35,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise InvalidArgumentError(
-            "plotting the curves needs matplotlib: pip install 'serfswap[plot]'"
+            f"plotting the curves needs matplotlib: {install_hint('plot')}", option="plot"
         ) from None
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidActivationsError
+from ..errors import NAMED, InvalidActivationsError
 from ..ops.serf import Serf
 
 DEFAULT_FAMILIES = frozenset({"relu", "gelu", "silu", "mish"})
@@ -240,7 +240,10 @@ def resolve_families(activations: Iterable[str | type] | str | None) -> frozense
         activations = [activations]
     if not isinstance(activations, Iterable):
         raise InvalidActivationsError(
-            f"activations= takes a family name, a class or a list of them, got {activations!r}"
+            "{activations} takes a family name, a class or a list of them, got "
+            + repr(activations).replace("{", "{{").replace("}", "}}"),
+            option="activations",
+            activations=NAMED,
         )
     families: set[str] = set()
     for item in activations:
@@ -253,7 +256,9 @@ def resolve_families(activations: Iterable[str | type] | str | None) -> frozense
         else:
             known = ", ".join(sorted(ALL_FAMILIES))
             raise InvalidActivationsError(
-                f"activations={item!r} is not an activation family or class serfswap can "
-                f"replace; use 'all' or any of: {known}"
+                "{activations} is not an activation family or class serfswap can replace; use "
+                f"'all' or any of: {known}",
+                option="activations",
+                activations=item,
             )
     return frozenset(families)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExampleInputsError, InvalidArgumentError
+from ..errors import ExampleInputsError, InvalidArgumentError, first_line
 from ..inputs import as_kwargs, can_infer, example_inputs_for
 from . import audit as run_time
 from .apply import apply_scopes
@@ -61,8 +61,7 @@ def audit_inputs(
 
 def _first_line(error: BaseException) -> str:
     """``Type: first line of the message``, at most 300 characters, for a report."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {first_line(error) if str(error).strip() else ''}"[:300]
 
 
 def not_audited(report: Plan, why: str) -> None:

@@ -7,7 +7,7 @@ echoes the user's patterns, as PEFT's "no matching module" error does.
 
 from __future__ import annotations
 
-from ..errors import NothingToConvertError
+from ..errors import NAMED, NothingToConvertError, Words
 from .activations import GATE
 from .positivity import ROLE
 from .report import Plan, Site
@@ -41,16 +41,24 @@ def nothing_matched(model: str, found: list[Found], opts: Options) -> NothingToC
     kept = [n or "(root)" for f in found if f.stage == Decision.POSITIVITY for n in f.names[:1]]
     error = _why(model, found, kept, opts)
     if kept and "positivity constraint" not in str(error):
-        error.args = (
-            f"{error}; also kept as positivity constraints: {_some(kept)} (to convert them, name "
-            f"them in include= or add {ROLE!r} to activations=)",
+        base = error.template if error.values else _text(error.template)
+        error = NothingToConvertError(
+            f"{base}; also kept as positivity constraints: {_some(kept)} (to convert them, name "
+            f"them in {{include}} or add {ROLE!r} to {{activations}})",
+            option=error.option or "activations",
+            **{"include": NAMED, "activations": NAMED, **error.values},
         )
     return error
 
 
 def _some(names: list[str]) -> str:
-    """The first three names, and ``...`` when there are more."""
-    return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+    """The first three names, and ``...`` when there are more (literal in a template)."""
+    return _text(f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+
+
+def _text(text: object) -> str:
+    """Text from the model (names), literal in a message template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def _why(model: str, found: list[Found], kept: list[str], opts: Options) -> NothingToConvertError:
@@ -65,6 +73,7 @@ def _why(model: str, found: list[Found], kept: list[str], opts: Options) -> Noth
             "stored as attributes, and F.relu / F.gelu / F.silu / F.mish calls in module code"
         )
     seen = sorted({f.family for f in candidates})
+    model = _text(model)
     if Decision.POSITIVITY in stages and stages <= {
         Decision.FAMILY,
         Decision.GATE,
@@ -72,33 +81,48 @@ def _why(model: str, found: list[Found], kept: list[str], opts: Options) -> Noth
     }:
         others = sorted({f.family for f in found if f.stage == Decision.FAMILY})
         return NothingToConvertError(
-            f"every activation of {model} that activations= selects is a positivity constraint "
-            f"({_some(kept)}: its output must stay non-negative, see the plan); to convert them "
-            f"anyway, name them in include= or add {ROLE!r} to activations="
+            f"every activation of {model} that {{activations}} selects is a positivity constraint "
+            f"({_some(kept)}: its output must stay non-negative, see {{plan}}); to convert them "
+            f"anyway, name them in {{include}} or add {ROLE!r} to {{activations}}"
             + (
-                f"; its other activations are of families {others}, which activations= "
-                "leaves out: activations=['all'] converts them"
+                f"; its other activations are of families {others}, which {{activations}} "
+                "leaves out: {everything:activations} converts them"
                 if others
                 else ""
-            )
+            ),
+            option="activations",
+            activations=NAMED,
+            include=NAMED,
+            everything=["all"],
+            plan=Words("the plan", "`serfswap inspect`"),
         )
     if Decision.FAMILY in stages and stages <= {Decision.FAMILY, Decision.GATE}:
         return NothingToConvertError(
             f"{model} has activations of families {seen}, none of which is in "
-            f"activations={sorted(opts.families)}; pass e.g. activations={seen}"
+            "{activations}; pass e.g. {seen:activations}",
+            option="activations",
+            activations=sorted(opts.families),
+            seen=seen,
         )
-    examples = ", ".join(n for f in candidates[:3] for n in f.names[:1])
+    examples = _text(", ".join(n for f in candidates[:3] for n in f.names[:1]))
     if Decision.INCLUDE in stages and not stages & {Decision.EXCLUDE, Decision.FILTER}:
         return NothingToConvertError(
-            f"include={list(opts.include)} matched none of the {len(candidates)} activations "
-            f"of {model} (their names look like: {examples})"
+            f"{{include}} matched none of the {len(candidates)} activations of {model} (their "
+            f"names look like: {examples})",
+            option="include",
+            include=list(opts.include),
         )
     if Decision.EXCLUDE in stages and Decision.FILTER not in stages:
         return NothingToConvertError(
-            f"exclude={list(opts.exclude)} excluded every activation of {model} "
-            f"that include= and activations= left ({len(candidates)} found)"
+            f"{{exclude}} excluded every activation of {model} that {{include_:include}} and "
+            f"{{activations}} left ({len(candidates)} found)",
+            option="exclude",
+            exclude=list(opts.exclude),
+            include_=NAMED,
+            activations=NAMED,
         )
     return NothingToConvertError(
         f"filter_fn rejected every activation of {model} that the patterns left "
-        f"({len(candidates)} found, e.g. {examples})"
+        f"({len(candidates)} found, e.g. {examples})",
+        option="filter_fn",
     )
