@@ -3,7 +3,7 @@
 The run-time audit (serfswap.audit) and the string site kind, on transformers' Mamba family
 (reference kernels that pick SiLU by a string and call F.silu in free functions) and on toy
 models whose activations only run time shows. The counters here are the tests' own
-(tests/probes.py), not the recorder under test."""
+(tests/support/probes.py), not the recorder under test."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import serfswap
 from serfswap.cli.main import main
 from serfswap.onnx_ops import check_graph
 from serfswap.rewrite.positivity import ROLE
-
-from . import audit_helpers
-from .probes import CountSerfOps, count_activation_calls
+from tests.support import audit_helpers
+from tests.support.probes import CountSerfOps, count_activation_calls
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import serfswap
 from serfswap.io.load import FORMAT, conversion_options, describe
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -32,7 +33,7 @@ def tied_gpt2() -> nn.Module:
 
 
 def converted_resnet() -> nn.Module:
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    model = tiny_resnet(num_classes=5)
     return serfswap.convert(model, exclude="layer4.*").eval()
 
 
@@ -100,8 +101,7 @@ def test_the_previous_format_loads_and_is_still_what_is_written(tmp_path: Path) 
 def test_a_previous_hf_checkpoint_with_serf_in_its_config_loads(tmp_path: Path) -> None:
     # describe() used to record the config after convert() wrote "serf" into it: rebuilt, such
     # a model has Serf already, and convert() found nothing to do (it raised a KeyError then).
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    config = tiny_bert_config()
     bert = transformers.AutoModel.from_config(config, attn_implementation="eager")
     model = serfswap.convert(bert)
     assert model.config.hidden_act == "serf"

@@ -16,15 +16,11 @@ from torch import nn
 
 import serfswap
 from serfswap.cli.main import main
+from tests.support.cli import cli, run
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def digest(path: Path) -> str:
@@ -36,7 +32,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One file of each MODEL form, all of the timm test_resnet architecture."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False).eval()
+    model = tiny_resnet().eval()
     paths = {
         "state_dict": root / "sd.pt",
         "checkpoint": root / "ckpt.pt",
@@ -55,10 +51,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with serfswap.keep_custom_op():  # the program keeps the op, which `export` maps exactly
         program = torch.export.export(converted, (torch.randn(2, 3, 64, 64),))
     torch.export.save(program, paths["program"])
-    cfg = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37,
-    )  # fmt: skip
+    cfg = tiny_bert_config(num_hidden_layers=2)
     transformers.BertModel(cfg).save_pretrained(paths["hf"])
     return paths
 
@@ -226,10 +219,7 @@ def test_read_only_output_directory(tmp_path: Path, capsys) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "serfswap", "--debug", "export", str(tmp_path / "x.pt"), "o.onnx"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = cli("--debug", "export", str(tmp_path / "x.pt"), "o.onnx")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

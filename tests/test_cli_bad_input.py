@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_cli import digest, run
+from tests.support.cli import cli, run
+from tests.support.models import tiny_bert_config, tiny_resnet
+
+from .test_cli import digest
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -34,7 +37,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from serfswap.io.load import save_checkpoint
 
     torch.manual_seed(0)
-    model = serfswap.convert(timm.create_model("test_resnet", pretrained=False, num_classes=3))
+    model = serfswap.convert(tiny_resnet(num_classes=3))
     path = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
     save_checkpoint(model, path)
     return path
@@ -101,8 +104,7 @@ def test_declared_hidden_size_is_checked_against_the_weights(tmp_path: Path, cap
     import serfswap
     from serfswap.io.load import describe, save_checkpoint
 
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    cfg = tiny_bert_config()
     model = serfswap.convert(transformers.BertModel(cfg))
     good = tmp_path / "bert.safetensors"
     save_checkpoint(model, good)
@@ -111,13 +113,6 @@ def test_declared_hidden_size_is_checked_against_the_weights(tmp_path: Path, cap
     bad = _with_metadata(good, tmp_path / "bad.safetensors", arch=json.dumps(arch))
     code, _, err = run(capsys, "inspect", str(bad))
     assert code == 1 and "does not match its weights" in one_line(err)
-
-
-def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "serfswap", *argv], capture_output=True, text=True,
-        timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "link-to-dev-zero"])
@@ -137,7 +132,7 @@ def test_non_regular_files_are_refused_unread(kind: str, role: str, tmp_path: Pa
         "weights": ["inspect", "timm:test_resnet", "--weights", str(special)],
         "data": ["recover", "timm:test_resnet", "--data", str(special), "--steps", "1", "-o", out],
     }[role]
-    result = _cli(*argv, timeout=60)
+    result = cli(*argv, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "not a regular file or directory" in one_line(result.stderr)
 
@@ -146,7 +141,7 @@ def test_non_regular_files_are_refused_unread(kind: str, role: str, tmp_path: Pa
 def state_dict(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "sd.pt"
-    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), path)
+    torch.save(tiny_resnet().state_dict(), path)
     return path
 
 
@@ -181,8 +176,7 @@ def test_recover_output_that_is_its_data_is_refused(tmp_path: Path, capsys) -> N
 
 
 def test_output_over_a_file_of_the_input_folder_is_refused(tmp_path: Path, capsys) -> None:
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
     capsys.readouterr()  # transformers' own progress bar
     weights = tmp_path / "bert" / "model.safetensors"
@@ -199,7 +193,7 @@ def test_format_is_read_from_content_not_suffix(tmp_path: Path, capsys) -> None:
     code, stdout, err = run(capsys, "export", str(converted), str(tmp_path / "out.onnx"))
     assert code == 0 and "verified with onnxruntime" in stdout, err
     state = tmp_path / "weights.safetensors"  # a torch.save state dict under the wrong suffix
-    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), state)
+    torch.save(tiny_resnet().state_dict(), state)
     code, _, err = run(capsys, "inspect", str(state), "--arch", "timm:test_resnet")
     assert code == 0, err
 
@@ -214,7 +208,7 @@ def test_output_named_as_a_folder_is_an_error_not_a_file(tmp_path: Path, capsys)
 
 
 def test_non_finite_outputs_are_refused(tmp_path: Path, capsys) -> None:
-    model = timm.create_model("test_resnet", pretrained=False)
+    model = tiny_resnet()
     state = model.state_dict()
     state["fc.weight"][0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")

@@ -17,8 +17,8 @@ from torch import nn
 
 import serfswap
 from serfswap.onnx_ops import session
-
-from .test_cli import run
+from tests.support.cli import cli, run
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -37,7 +37,7 @@ def test_two_converts_of_timm_name_give_equal_files(tmp_path: Path, capsys) -> N
 
 @pytest.mark.parametrize("form", ["weights", "arch"])
 def test_fine_tuned_head_loads_from_weights_alone(form: str, tmp_path: Path, capsys) -> None:
-    tuned = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1)
+    tuned = tiny_resnet(num_classes=3, in_chans=1)
     from safetensors.torch import save_file
 
     save_file(tuned.state_dict(), str(tmp_path / "w.safetensors"))
@@ -93,11 +93,10 @@ def test_input_shape_is_one_tensor_per_spec() -> None:
 @pytest.mark.parametrize("arch", ["timm", "bert", "gpt2"])
 def test_output_and_axis_names(arch: str, tmp_path: Path) -> None:
     if arch == "timm":
-        model = timm.create_model("test_resnet", pretrained=False)
+        model = tiny_resnet()
         outputs, axes = ["logits"], {"x": ["batch"]}
     elif arch == "bert":
-        cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=37)  # fmt: skip
+        cfg = tiny_bert_config()
         model = transformers.BertModel(cfg)
         outputs = ["last_hidden_state", "pooler_output"]
         axes = {k: ["batch", "sequence"] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -158,15 +157,9 @@ def test_every_supported_opset_with_each_dtype(opset: int, dtype: str, tmp_path:
 
 
 def test_debug_after_the_command_and_the_subcommands_usage(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "serfswap", "export", str(tmp_path / "x.pt"), "o.onnx", "--debug"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = cli("export", str(tmp_path / "x.pt"), "o.onnx", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "serfswap", "inspect", "timm:test_resnet", "--bogus"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = cli("inspect", "timm:test_resnet", "--bogus")
     assert result.returncode == 2
     assert "usage: serfswap inspect" in result.stderr
     assert "unrecognized arguments: --bogus" in result.stderr

@@ -11,8 +11,8 @@ import torch
 
 import serfswap
 from serfswap.cli.main import main
-
-from .test_cli import run
+from tests.support.cli import run
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -44,9 +44,9 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = transformers.BertTokenizerFast(str(root / "vocab.txt"))
     tokenizer.save_pretrained(root)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3,
+    config = tiny_bert_config(
+        vocab_size=len(vocab), num_hidden_layers=2, intermediate_size=64,
+        max_position_embeddings=64, initializer_range=0.3,
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(root)
@@ -74,7 +74,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(path))
+    save_file(tiny_resnet().state_dict(), str(path))
     return str(path)
 
 

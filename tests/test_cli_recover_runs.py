@@ -19,17 +19,17 @@ import torch
 from serfswap import trainstate
 from serfswap.cli.main import main
 from serfswap.recovery.loop import _schedule
+from tests.support.cli import ROOT, cli
+from tests.support.models import tiny_resnet
 
 from .test_cli_recover import TEXT, image_folder, text_model  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
 # One thread: the runs compared must compute alike, and two busy cores are shared.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 def serfswap(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "serfswap", "recover", *args], env=ENV,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = cli("recover", *args, env=ENV, timeout=600)
     if check and proc.returncode != 0:
         pytest.fail(f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr}")
     return proc
@@ -56,10 +56,9 @@ def sources(
 ) -> dict[str, list[str]]:
     """The MODEL and --data arguments of each CLI data source. The timm teacher's weights come
     from a file: `timm:NAME` alone has fresh random weights in each process."""
-    timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
-    torch.save(timm.create_model("test_resnet").state_dict(), root / "resnet.pt")
+    torch.save(tiny_resnet().state_dict(), root / "resnet.pt")
     (root / "lines.txt").write_text(TEXT)
     return {
         # 36 training images in batches of 8: a seeded DataLoader that reshuffles on each pass,

@@ -15,22 +15,19 @@ import pytest
 import torch
 
 import serfswap
-
-from .test_cli import run
+from tests.support.cli import ROOT, run
+from tests.support.cli import cli as serfswap_cli
+from tests.support.models import tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
 
 
 def cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``serfswap ARGV`` in a fresh interpreter, as typed in a shell."""
-    return subprocess.run(
-        [sys.executable, "-m", "serfswap", *argv], capture_output=True, text=True, env=ENV,
-        timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    return serfswap_cli(*argv, timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gray_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-channel, 3-class test_resnet's state dict, saved with torch.save as users do."""
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=3)
+    model = tiny_resnet(in_chans=1, num_classes=3)
     path = tmp_path_factory.mktemp("gray") / "gray_1ch.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -12,8 +12,7 @@ from torch import nn
 
 import serfswap
 from serfswap.rewrite.functional import FunctionalScope
-
-from .probes import count_activation_calls
+from tests.support.probes import count_activation_calls
 
 
 class Nested(nn.Module):

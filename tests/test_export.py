@@ -12,8 +12,9 @@ from torch import nn
 
 import serfswap
 from serfswap.onnx_ops import check_graph, session
+from tests.support.models import tiny_resnet
+from tests.support.probes import CountSerfOps
 
-from .probes import CountSerfOps
 from .zoo.hf_zoo import config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -81,7 +82,7 @@ def test_export_real_architectures(arch: str, tmp_path: Path) -> None:
 
 
 def test_exp_log_decomposition(tmp_path: Path) -> None:
-    model = serfswap.convert(_timm().create_model("test_resnet", pretrained=False)).eval()
+    model = serfswap.convert(tiny_resnet()).eval()
     report = serfswap.export_onnx(model, tmp_path / "m.onnx", decomposition="exp-log")
     graph = check_graph(onnx.load(tmp_path / "m.onnx"))
     assert graph.serf == {"exp-log": report.serf_nodes} and report.serf_nodes == 12
@@ -129,13 +130,13 @@ def test_fp16_keeps_serf_in_float32(tmp_path: Path) -> None:
 
 
 def test_unconverted_model_reports_leftovers(tmp_path: Path) -> None:
-    report = serfswap.export_onnx(_timm().create_model("test_resnet"), tmp_path / "m.onnx")
+    report = serfswap.export_onnx(tiny_resnet(), tmp_path / "m.onnx")
     assert report.serf_nodes == 0 and report.leftovers == {"Relu": 12}
     assert "Relu x12" in str(report)
 
 
 def test_metadata_props(tmp_path: Path) -> None:
-    model = serfswap.convert(_timm().create_model("test_resnet", pretrained=False))
+    model = serfswap.convert(tiny_resnet())
     serfswap.export_onnx(model, tmp_path / "m.onnx")
     props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
     assert props["serfswap.version"] == serfswap.__version__
@@ -152,7 +153,7 @@ def test_plain_module_needs_example_inputs(tmp_path: Path) -> None:
 
 
 def test_verification_failure_writes_nothing(tmp_path: Path) -> None:
-    model = serfswap.convert(_timm().create_model("test_resnet", pretrained=False))
+    model = serfswap.convert(tiny_resnet())
     old = tmp_path / "m.onnx"
     old.write_bytes(b"previous export")
     with pytest.raises(serfswap.ExportMismatchError, match="max abs diff") as info:
@@ -208,7 +209,7 @@ def test_session_device_choice(tmp_path: Path) -> None:
 
 def test_external_data_side_file(tmp_path: Path) -> None:
     """The layout used above 2 GB, forced on a small model: one side file, verified."""
-    model = serfswap.convert(_timm().create_model("test_resnet", pretrained=False))
+    model = serfswap.convert(tiny_resnet())
     report = serfswap.export_onnx(model, tmp_path / "m.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert report.external_data == tmp_path / "m.onnx.data" and report.verified
@@ -217,7 +218,7 @@ def test_external_data_side_file(tmp_path: Path) -> None:
 
 
 def test_export_leaves_the_model_as_it_was(tmp_path: Path) -> None:
-    model = serfswap.convert(_timm().create_model("test_resnet", pretrained=False)).train()
+    model = serfswap.convert(tiny_resnet()).train()
     model.bn1.eval()  # a mixed-mode model, as with frozen BatchNorm
     serfswap.export_onnx(model, tmp_path / "m.onnx")
     assert model.training and not model.bn1.training and model.layer1.training

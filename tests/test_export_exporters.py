@@ -20,6 +20,8 @@ import torch
 
 import serfswap
 from serfswap.onnx_ops import check_graph
+from tests.support.cli import cli
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -59,8 +61,7 @@ def test_the_torchscript_exporter_on_resnet_and_bert(decomposition: str, tmp_pat
                                   decomposition=decomposition)  # fmt: skip
     assert resnet.verified and resnet.exporter == "torchscript" and resnet.serf_nodes > 0
     assert resnet.dynamic_axes == {"x": ["batch"]} and resnet.outputs == ["logits"]
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    config = tiny_bert_config(num_hidden_layers=2)
     bert = serfswap.convert(transformers.BertModel(config, add_pooling_layer=True))
     report = serfswap.export_onnx(bert, tmp_path / "b.onnx", exporter="torchscript",
                                   decomposition=decomposition)  # fmt: skip
@@ -87,13 +88,10 @@ def test_the_command_line_names_the_exporter(tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
 
-    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+    save_file(tiny_resnet().state_dict(), weights)
     out = tmp_path / "m.onnx"
-    result = subprocess.run(
-        [sys.executable, "-m", "serfswap", "export", "timm:test_resnet", "--weights",
-         str(weights), str(out), "--convert", "--exporter", "torchscript"],
-        capture_output=True, text=True, timeout=600, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    result = cli("export", "timm:test_resnet", "--weights", str(weights), str(out), "--convert",
+                 "--exporter", "torchscript", timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "exporter: torchscript" in result.stdout and "verified" in result.stdout
 

@@ -9,13 +9,14 @@ Serf. ``export_onnx`` falls back to a dynamic batch with a static sequence, and 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import serfswap
+from tests.support.cli import cli
+from tests.support.models import tiny_bert_config
 
 from .zoo.hf_zoo import SHAPE_FALLBACK as CONFIGS
 
@@ -72,8 +73,7 @@ def test_broken_dynamic_shapes_fall_back_to_a_static_sequence(
 
 
 def test_a_model_whose_dynamic_export_works_stays_dynamic(tmp_path: Path) -> None:
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    cfg = tiny_bert_config()
     model = serfswap.convert(transformers.BertModel(cfg))
     report = serfswap.export_onnx(model, tmp_path / "bert.onnx")
     assert report.fallback is None
@@ -81,10 +81,7 @@ def test_a_model_whose_dynamic_export_works_stays_dynamic(tmp_path: Path) -> Non
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "serfswap", *argv], capture_output=True, text=True,
-        timeout=600, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    return cli(*argv, timeout=600)  # a model that fails dynamic export is exported twice
 
 
 def test_cli_says_it_in_one_line_without_onnxruntime_log(tmp_path: Path) -> None:

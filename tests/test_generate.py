@@ -20,6 +20,7 @@ import torch
 import serfswap
 from serfswap.cli.main import main
 from serfswap.onnx_ops import check_graph, generate
+from tests.support.models import TINY_BERT
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
@@ -189,8 +190,7 @@ def test_the_task_check_reads_the_model_family_not_a_stale_flag() -> None:
     model; BERT's means what it says (an encoder unless is_decoder)."""
     from serfswap.export.decoder import WITH_PAST, check_task
 
-    tiny = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37)  # fmt: skip
+    tiny = dict(TINY_BERT)
     neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**tiny))
     assert neox.config.is_decoder is False
     check_task(neox, WITH_PAST)  # accepted

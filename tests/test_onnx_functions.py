@@ -14,6 +14,7 @@ import serfswap
 from serfswap.cli.main import main
 from serfswap.onnx_ops import PATTERNS, check_graph, session
 from serfswap.onnx_ops.functions import fold_into_functions
+from tests.support.models import tiny_resnet
 
 from .zoo.hf_zoo import config
 
@@ -25,7 +26,7 @@ _DECOMPOSITION_OPS = {"Softplus", "Exp", "Log", "Erf"}
 
 def resnet() -> torch.nn.Module:
     torch.manual_seed(0)
-    return serfswap.convert(timm.create_model("test_resnet", pretrained=False)).eval()
+    return serfswap.convert(tiny_resnet()).eval()
 
 
 def bert() -> torch.nn.Module:
@@ -137,7 +138,7 @@ def test_cli_functions_flag(tmp_path: Path, capsys) -> None:
 
 
 def test_unconverted_model_gets_no_function(tmp_path: Path) -> None:
-    model = timm.create_model("test_resnet", pretrained=False)
+    model = tiny_resnet()
     report = serfswap.export_onnx(model, tmp_path / "m.onnx", functions=True)
     proto = onnx.load(tmp_path / "m.onnx")
     assert report.serf_nodes == 0 and not report.functions and not proto.functions

@@ -19,6 +19,7 @@ from serfswap.recovery.distill import (
     swap_blends,
 )
 from serfswap.recovery.loop import recover
+from tests.support.models import tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -35,7 +36,7 @@ def image_batches(n: int, seed: int, labels: bool = False) -> list:
 
 def cnn() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    teacher = tiny_resnet(num_classes=10).eval()
     return teacher, serfswap.convert(teacher)
 
 
@@ -51,7 +52,7 @@ def digits() -> dict[str, torch.Tensor]:
 def trained_cnn(digits: dict[str, torch.Tensor]) -> nn.Module:
     """A ReLU CNN trained on digits: a teacher whose activations matter."""
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    model = tiny_resnet(num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(150):

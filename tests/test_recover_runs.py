@@ -17,19 +17,19 @@ import torch
 
 import serfswap
 from serfswap import trainstate
+from tests.support.cli import ROOT, python
+from tests.support.models import tiny_resnet
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
-from tests import recover_run  # noqa: E402 (needs transformers)
+from tests.support import recover_run  # noqa: E402 (needs transformers)
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "recover_run.py"
+SCRIPT = ROOT / "tests" / "support" / "recover_run.py"
 
 
 def run(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                          timeout=300, **kwargs)  # fmt: skip
+    proc = python(*args, env=env, **kwargs)
     if check and proc.returncode != 0:
         pytest.fail(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -110,9 +110,8 @@ def test_batchnorm_and_a_reshuffling_loader_resume_exactly(tmp_path: Path) -> No
     """BatchNorm re-estimation draws its batches from the same stream as the steps: a seeded
     DataLoader reshuffles on each pass, so a separate pass for BatchNorm (on a fresh run only)
     would shift every later pass of a resumed run (issue #19: up to 2.7e-4 from the CLI)."""
-    timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
     torch.manual_seed(0)
-    teacher = timm.create_model("test_resnet", num_classes=4).eval()
+    teacher = tiny_resnet(num_classes=4).eval()
     images = torch.randn(20, 3, 32, 32)
 
     def loader() -> torch.utils.data.DataLoader:  # as each new process builds it

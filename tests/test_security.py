@@ -12,7 +12,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import zipfile
 from collections.abc import Callable
@@ -20,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support import cli as support_cli
+from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -70,17 +72,11 @@ def touch(marker: Path) -> str:
 
 
 def python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-        input=YES, cwd=tmp_path, env=_env(tmp_path), check=False,
-    )  # fmt: skip
+    return support_cli.python("-c", code, input=YES, cwd=tmp_path, env=_env(tmp_path))
 
 
 def cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "serfswap", *argv], capture_output=True, text=True, timeout=300,
-        input=YES, cwd=cwd, env=_env(cwd), check=False,
-    )  # fmt: skip
+    return support_cli.cli(*argv, input=YES, cwd=cwd, env=_env(cwd))
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -222,7 +218,7 @@ def test_allowed_class_called_with_arguments_is_refused(tmp_path: Path) -> None:
 
 def test_a_real_pickled_model_loads_and_trust_pickle_opens_the_rest(tmp_path: Path) -> None:
     """The allowlist admits real models; --trust-pickle is the one way to the full unpickler."""
-    model = timm.create_model("test_resnet", pretrained=False)
+    model = tiny_resnet()
     torch.save(model, tmp_path / "full.pt")
     result = cli("inspect", str(tmp_path / "full.pt"), cwd=tmp_path)
     assert result.returncode == 0 and "to convert" in result.stdout, result.stderr
@@ -291,8 +287,7 @@ def _remote_code_folder(folder: Path, marker: Path, model_type: str) -> Path:
     """A model folder whose config points (auto_map) at code shipped beside it; for a known
     ``model_type`` with real weights of that type beside them."""
     if model_type == "bert":
-        cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=37)  # fmt: skip
+        cfg = tiny_bert_config()
         transformers.BertModel(cfg).save_pretrained(folder)
     else:
         folder.mkdir()
@@ -349,8 +344,7 @@ def test_known_model_type_with_auto_map_uses_transformers_own_class(tmp_path: Pa
 
 def test_tokenizer_folder_code_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()

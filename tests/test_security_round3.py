@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.cli import cli as serfswap_cli
+from tests.support.models import tiny_bert_config, tiny_resnet
+
 from .test_security import _env, assert_refused, cli, python, touch
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
@@ -33,10 +36,7 @@ def cli_silent(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     (transformers' own timeout is 15 s), a command that never asks does not."""
     read, write = os.pipe()
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "serfswap", *argv], stdin=read, capture_output=True,
-            text=True, timeout=300, cwd=cwd, env=_env(cwd), check=False,
-        )  # fmt: skip
+        return serfswap_cli(*argv, stdin=read, cwd=cwd, env=_env(cwd))
     finally:
         os.close(read)
         os.close(write)
@@ -54,8 +54,7 @@ def both_stdins(*argv: str, cwd: Path) -> list[subprocess.CompletedProcess[str]]
 
 
 def _tiny_bert() -> dict[str, object]:
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    config = tiny_bert_config()
     return config.to_dict()
 
 
@@ -149,7 +148,7 @@ def test_laundering_through_serfswap_output_never_runs(tmp_path: Path) -> None:
         encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, use_pretrained_backbone=False,
     )  # fmt: skip
     model = transformers.DetrModel(config)
-    backbone = transformers.BertConfig(**_tiny_bert())
+    backbone = tiny_bert_config()
     backbone.auto_map = {"AutoBackbone": f"{folder}--modeling_evil.EvilBackbone"}
     model.config.backbone_config = backbone
     torch.save(model, tmp_path / "detr.pt")
@@ -205,7 +204,7 @@ def test_rag_tokenizer_subfolder_code_never_runs(tmp_path: Path) -> None:
     assert marker.exists(), "the payload is broken, the test would prove nothing"
     marker.unlink()
 
-    cfg = transformers.BertConfig(**_tiny_bert())
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
     (tmp_path / "data.txt").write_text("\n".join(f"line {i}" for i in range(8)))
     out = tmp_path / "o.safetensors"
@@ -396,7 +395,7 @@ def recover_inputs(tmp_path: Path) -> dict[str, Path]:
     for i in range(6):
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
     weights = tmp_path / "w.safetensors"
-    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(weights))
+    save_file(tiny_resnet().state_dict(), str(weights))
     (tmp_path / "link-to-weights").symlink_to(weights)
     (tmp_path / "link-to-image").symlink_to(images / "0.png")
     return {"weights": weights, "images": images, "image": images / "0.png",
@@ -459,7 +458,7 @@ def test_two_outputs_of_one_command_are_refused(
 
 def _sharded_bert(folder: Path) -> list[str]:
     """A tiny BERT saved in several safetensors shards (an index names them); the shards."""
-    cfg = transformers.BertConfig(**_tiny_bert())
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(folder, max_shard_size="20KB")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -494,7 +493,7 @@ def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path: Path) -> No
 
 
 def test_a_fifo_among_a_tokenizer_folders_files_is_refused(tmp_path: Path) -> None:
-    cfg = transformers.BertConfig(**_tiny_bert())
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -522,9 +521,9 @@ CONVERTED = {
     "transformer-encoder-layer": (lambda: torch.nn.TransformerEncoderLayer(8, 2, 16),
                                   lambda: (torch.randn(2, 3, 8),)),
     "llama": (_tiny_llama, lambda: (torch.randint(0, 64, (1, 5)),)),
-    "bert": (lambda: transformers.BertModel(transformers.BertConfig(**_tiny_bert())),
+    "bert": (lambda: transformers.BertModel(tiny_bert_config()),
              lambda: (torch.randint(0, 99, (1, 5)),)),
-    "timm-test-resnet": (lambda: timm.create_model("test_resnet", pretrained=False),
+    "timm-test-resnet": (tiny_resnet,
                          lambda: (torch.randn(1, 3, 32, 32),)),
 }  # fmt: skip
 
@@ -712,7 +711,7 @@ def test_a_signal_ends_a_load_in_one_line(sig: int, status: int, word: str, tmp_
     imports transformers and reads the folder): status 130 / 143, one line, nothing written."""
     import time
 
-    cfg = transformers.BertConfig(**_tiny_bert())
+    cfg = tiny_bert_config()
     transformers.BertModel(cfg).save_pretrained(tmp_path / "model")
     (tmp_path / "data.txt").write_text("\n".join(f"line {i}" for i in range(8)))
     out = tmp_path / "o.safetensors"

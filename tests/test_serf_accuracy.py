@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import serfswap
 from serfswap.ops.serf import _fix_negative_tail, serf_composite
-
-from .conftest import serf_reference
+from tests.support.reference import serf_reference
 
 F32_MAX_REL_ERR = 5e-7
 HALF_TYPES = [torch.float16, torch.bfloat16]

@@ -11,8 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import serfswap
-
-from .conftest import requires_cuda, serf_reference
+from tests.support.reference import requires_cuda, serf_reference
 
 
 def small_net() -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import serfswap
-from tests import serf_kernel_checks as checks
+from tests.support import serf_kernel_checks as checks
 
 pytestmark = [
     pytest.mark.gpu,

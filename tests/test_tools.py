@@ -25,8 +25,8 @@ from torch import nn
 import serfswap
 from serfswap.onnx_ops import check_graph, session
 from serfswap.ops.serf import serf_composite
+from tests.support.probes import CountSerfOps
 
-from .probes import CountSerfOps
 from .zoo.hf_zoo import config
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")

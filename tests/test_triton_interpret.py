@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from serfswap.errors import SerfswapError, UnsupportedDtypeError
-from tests import serf_kernel_checks as checks
+from tests.support import serf_kernel_checks as checks
 
 pytestmark = [
     pytest.mark.triton_interpret,

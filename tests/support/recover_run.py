@@ -1,6 +1,6 @@
 """A recovery run in its own process, for the tests that kill one or launch it with torchrun.
 
-    python tests/recover_run.py OUT.safetensors --steps N [--checkpoint-dir D --every K]
+    python tests/support/recover_run.py OUT.safetensors --steps N [--checkpoint-dir D --every K]
                                 [--resume] [--delay S]
 
 Teacher: a tiny BERT classifier built from its config with a fixed seed (no download); data: a
