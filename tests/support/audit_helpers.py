@@ -1,5 +1,5 @@
 """Activation calls that live outside any model class: what static reading of a model's own
-methods cannot see (tests/test_audit.py)."""
+methods cannot see (tests/rewrite/test_audit.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """serfswap::serf on CUDA: the fused Triton kernels behind the op, on a real GPU.
 
-The same comparisons with the CPU op as tests/test_triton_interpret.py (which runs the kernels
+The same comparisons with the CPU op as tests/ops/test_triton_interpret.py (which runs the kernels
 on CPU under Triton's interpreter), through the registered op this time, plus: one kernel
 launch per call each way, torch.compile / torch.export with the op kept, and a training step of
 a converted timm ResNet and a HF BERT under bfloat16 autocast. Skipped, with the reason, where

@@ -12,9 +12,8 @@ import torch
 
 import serfswap
 from serfswap.rewrite.configs import INSTALL_HINT
-
-from .zoo.check import tensors
-from .zoo.hf_zoo import config, inputs
+from tests.zoo.check import tensors
+from tests.zoo.hf_zoo import config, inputs
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 

@@ -20,9 +20,8 @@ from serfswap import trainstate
 from serfswap.cli.main import main
 from serfswap.recovery.loop import _schedule
 from tests.support.cli import ROOT, cli
+from tests.support.data import TEXT
 from tests.support.models import tiny_resnet
-
-from .test_cli_recover import TEXT, image_folder, text_model  # noqa: F401 (fixtures)
 
 # One thread: the runs compared must compute alike, and two busy cores are shared.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -50,8 +49,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sources(
-    image_folder: Path,  # noqa: F811 (the fixture imported above)
-    text_model: Path,  # noqa: F811
+    image_folder: Path,
+    text_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, list[str]]:
     """The MODEL and --data arguments of each CLI data source. The timm teacher's weights come

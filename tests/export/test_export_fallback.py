@@ -17,8 +17,7 @@ import torch
 import serfswap
 from tests.support.cli import cli
 from tests.support.models import tiny_bert_config
-
-from .zoo.hf_zoo import SHAPE_FALLBACK as CONFIGS
+from tests.zoo.hf_zoo import SHAPE_FALLBACK as CONFIGS
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 onnx = pytest.importorskip("onnx")

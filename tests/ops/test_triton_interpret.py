@@ -4,7 +4,7 @@ They are the CUDA implementation of ``serfswap::serf`` / ``serfswap::serf_backwa
 ``TRITON_INTERPRET=1`` set before triton is imported, their launch functions run on CPU tensors,
 so CI (no GPU) checks the kernels' arithmetic against the CPU op. CI runs this file as its own
 line of ``.ci/run``; in the main job, which does not set the variable, it is skipped with that
-reason. tests/test_serf_gpu.py runs the same checks on a GPU.
+reason. tests/ops/test_serf_gpu.py runs the same checks on a GPU.
 """
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ import serfswap
 from serfswap.onnx_ops import check_graph, session
 from serfswap.ops.serf import serf_composite
 from tests.support.probes import CountSerfOps
-
-from .zoo.hf_zoo import config
+from tests.zoo.hf_zoo import config
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")

@@ -14,8 +14,7 @@ import serfswap
 from serfswap.onnx_ops import check_graph, session
 from tests.support.models import tiny_resnet
 from tests.support.probes import CountSerfOps
-
-from .zoo.hf_zoo import config
+from tests.zoo.hf_zoo import config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 

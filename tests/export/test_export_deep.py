@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import serfswap
-
-from .zoo.deep import smollm_shaped
+from tests.zoo.deep import smollm_shaped
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 

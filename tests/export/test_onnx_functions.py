@@ -15,8 +15,7 @@ from serfswap.cli.main import main
 from serfswap.onnx_ops import PATTERNS, check_graph, session
 from serfswap.onnx_ops.functions import fold_into_functions
 from tests.support.models import tiny_resnet
-
-from .zoo.hf_zoo import config
+from tests.zoo.hf_zoo import config
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
