@@ -38,7 +38,7 @@ import transformers.modeling_utils
 import transformers.models.auto.modeling_auto
 
 import serfswap
-from tests.probes import count_activation_calls
+from tests.support.probes import count_activation_calls
 from tests.zoo import hf_all
 from tests.zoo.check import prepare, tensors
 

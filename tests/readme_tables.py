@@ -163,7 +163,7 @@ def zoo_table() -> str:
         )
         + "; ".join(f"`{t}` ({why})" for t, why in hf_zoo.EXPORT_FAILS.items())
         + ". Exported with a dynamic batch and a static sequence, because their dynamic "
-        "export breaks (`tests/test_export_fallback.py`): "
+        "export breaks (`tests/export/test_export_fallback.py`): "
         + ", ".join(f"`{t}`" for t in hf_zoo.SHAPE_FALLBACK)
         + ".",
     ]

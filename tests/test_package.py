@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 
 import serfswap
+from tests.support.cli import python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=120, check=False
-    )
+    return python(*args, timeout=120)
 
 
 def test_import_is_cheap_and_leaves_cuda_alone() -> None:

@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from .probes import count_activation_calls
+from tests.support.probes import count_activation_calls
+
 from .zoo import hf_all
 from .zoo.check import prepare, tensors
 

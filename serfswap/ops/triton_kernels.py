@@ -8,7 +8,7 @@
 
 The launch functions take any device Triton runs on, so that the kernels are testable without a
 GPU: with ``TRITON_INTERPRET=1`` set before ``triton`` is imported, they run on CPU tensors
-(``tests/test_triton_interpret.py``).
+(``tests/ops/test_triton_interpret.py``).
 
 Why ``exp`` and ``log1p`` are written out here instead of ``tl.exp`` / ``libdevice.log1p``:
 

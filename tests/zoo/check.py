@@ -17,7 +17,7 @@ import serfswap
 from serfswap.rewrite.activations import GATE, class_family
 from serfswap.rewrite.positivity import ROLE
 
-from ..probes import count_activation_calls
+from ..support.probes import count_activation_calls
 
 
 def tensors(out: Any) -> list[torch.Tensor]:

@@ -168,7 +168,7 @@ EXPORT_FAILS: dict[str, str] = {}
 
 # Models whose dynamic export breaks (the graph fails or bakes a size in at another sequence
 # length): export_onnx falls back to a dynamic batch and a static sequence
-# (tests/test_export_fallback.py).
+# (tests/export/test_export_fallback.py).
 _SEQ2SEQ_TINY = dict(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1,
                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
                decoder_ffn_dim=37, max_position_embeddings=64)  # fmt: skip

@@ -147,7 +147,7 @@ EXPORT_FAILURES: dict[str, tuple[str, str]] = {}
 # Families whose model the slow job exports too (test_timm_export): the six that only the
 # TorchScript fallback exports (non-contiguous views: MaxViT, ViT-relpos, BEiT; 5-D attention:
 # Hiera, NesT, Twins), so that the fallback stays measured in CI with test_maxvit and
-# test_vit_relpos. (EfficientViT MIT: tests/test_efficientvit.py.)
+# test_vit_relpos. (EfficientViT MIT: tests/rewrite/test_efficientvit.py.)
 EXPORTED_IN_CI = [
     "maxvit_pico_rw_256", "vit_relpos_small_patch16_224", "beit_base_patch16_224",
     "hiera_tiny_224", "nest_tiny", "twins_svt_small",
