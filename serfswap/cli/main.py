@@ -48,7 +48,7 @@ DEFAULTS = RecoveryOptions()
 if TYPE_CHECKING:
     import torch
 
-    from ..io.load import Loaded
+    from ..io.architectures import Loaded
 
 _PACKAGES = (
     "torch",
@@ -251,7 +251,7 @@ def _add_inspect(commands: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..io.paths import wants_folder
     from ..rewrite.convert import convert
 
@@ -273,7 +273,7 @@ def _convert_to_folder(args: argparse.Namespace) -> int:
     model, e.g. what recover wrote) converted and written with save_pretrained, the original
     folder's tokenizer and sentence-transformers files copied beside it: the way back from the
     command line to transformers and sentence-transformers."""
-    from ..io.load import save_hf_folder
+    from ..io.hf_folder import save_hf_folder
     from ..rewrite.convert import convert
 
     files_from = args.files_from
@@ -296,7 +296,7 @@ def _convert_to_folder(args: argparse.Namespace) -> int:
 
 def _checkpoint_arch(loaded: Loaded) -> dict[str, Any]:
     """How the output checkpoint describes MODEL's architecture, without pickled code."""
-    from ..io.load import describe
+    from ..io.architectures import describe
 
     arch = loaded.arch or describe(loaded.model)
     if arch is None:
@@ -354,7 +354,7 @@ def _recover(args: argparse.Namespace) -> int:
     # clean up; each step is a call or two, in the order the user sees them printed.
     import torch
 
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..recovery import data as recovery_data
     from ..recovery.loop import recover
     from ..rewrite.convert import REPORT_ATTR, convert
