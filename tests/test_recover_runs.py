@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap import trainstate
+from serfswap.recovery import state as trainstate
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
