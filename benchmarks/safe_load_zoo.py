@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' zoo lists
 
 import serfswap
-from serfswap import safe_pickle
+from serfswap.io import safe_pickle
 from tests.zoo import hf_zoo, timm_zoo
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editor
     from .export.pipeline import export_onnx
     from .export.report import ExportReport
     from .export.verification import Verification, verify_onnx
-    from .io.load import load_checkpoint, save_checkpoint
+    from .io.checkpoint import load_checkpoint, save_checkpoint
     from .ops.serf import Serf, keep_custom_op, serf
     from .recovery.loop import RecoveryOptions, RecoveryResult, recover
     from .rewrite.convert import convert, plan, revert
@@ -61,8 +61,8 @@ _LAZY = {
     "Serf": "ops.serf",
     "keep_custom_op": "ops.serf",
     "serf": "ops.serf",
-    "save_checkpoint": "io.load",
-    "load_checkpoint": "io.load",
+    "save_checkpoint": "io.checkpoint",
+    "load_checkpoint": "io.checkpoint",
 }
 # The stage subpackages, reachable as attributes (``serfswap.io.load_model``).
 _SUBPACKAGES = frozenset(

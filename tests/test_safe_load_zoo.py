@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap import safe_pickle
+from serfswap.io import safe_pickle
 
 from .zoo import hf_zoo, timm_zoo
 

@@ -49,7 +49,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert MODEL and write OUT."""
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..io.paths import wants_folder
     from ..rewrite.convert import convert
 
@@ -71,7 +71,7 @@ def _to_folder(args: argparse.Namespace) -> int:
     model, e.g. what recover wrote) converted and written with save_pretrained, the original
     folder's tokenizer and sentence-transformers files copied beside it: the way back from the
     command line to transformers and sentence-transformers."""
-    from ..io.load import save_hf_folder
+    from ..io.hf_folder import save_hf_folder
     from ..rewrite.convert import convert
 
     files_from = args.files_from

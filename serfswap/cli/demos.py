@@ -167,7 +167,7 @@ def _teacher(out: Path, data: dict[str, torch.Tensor], seed: int, train_steps: i
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
 
     path = out / "original.safetensors"
     recipe = json.dumps({"arch": ARCH, "seed": seed, "train_steps": train_steps})
@@ -208,7 +208,7 @@ def vision(out: Path, *, steps: int = STEPS, seed: int = 0, train_steps: int = S
            progress: bool = True) -> DemoResult:  # fmt: skip
     """The default demo: digits, a timm CNN, ReLU -> Serf -> recovered -> ONNX."""
     from .. import convert, export_onnx, recover
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..onnx_ops import session
 
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ def _text_onnx(
 def text(out: Path, *, steps: int = STEPS, seed: int = 0, progress: bool = True) -> DemoResult:
     """all-MiniLM-L6-v2, GELU -> Serf -> recovered -> ONNX, judged by embedding cosine."""
     from .. import convert, recover
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..recovery.distill import embedding, outputs
 
     tokenizer, teacher = _minilm()

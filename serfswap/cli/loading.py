@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ..io.load import Loaded
+    from ..io.architectures import Loaded
 
 
 def progress(args: argparse.Namespace, message: str) -> None:
@@ -131,7 +131,7 @@ def needs_module(loaded: Loaded, command: str) -> None:
 
 def checkpoint_arch(loaded: Loaded) -> dict[str, Any]:
     """How the output checkpoint describes MODEL's architecture, without pickled code."""
-    from ..io.load import describe
+    from ..io.architectures import describe
 
     arch = loaded.arch or describe(loaded.model)
     if arch is None:

@@ -54,7 +54,7 @@ def _recover(args: argparse.Namespace) -> int:
     # up; each step is a call or two, in the order the user sees them printed.
     import torch
 
-    from ..io.load import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
     from ..recovery.loop import recover
     from ..rewrite.convert import convert
 

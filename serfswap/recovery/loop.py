@@ -6,7 +6,8 @@ hidden states, per real token and pooled, and on other outputs) and, with ``laye
 outputs of the modules whose activations were converted (forward hooks on both models,
 normalised by the teacher's variance). Batches that carry labels add the task loss. AdamW,
 linear warmup then cosine decay, gradient clipping. The pieces it compares live in
-``distill.py``; checkpoints in ``trainstate.py``; ``torchrun`` support in ``distributed.py``.
+``distill.py``; checkpoints and the run state they hold in ``state.py``; the learning-rate and
+blend schedule in ``schedule.py``; ``torchrun`` support in ``distributed.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .distill import (
     swap_blends,
     to_device,
 )
+from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -152,222 +154,36 @@ def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _schedule(step: int, segments: list[tuple[int, int]], warmup: float) -> float:
-    """The learning-rate factor at ``step``: within each segment ``[start, end)`` of the run,
-    linear warmup over ``warmup`` of its steps, then cosine decay to 0 at its end. A run has
-    one segment; each extension of a finished run (``resume=True`` with more ``steps``) adds
-    one, a warm restart: the finished run's cosine has decayed to 0, so continuing it would
-    not train, and re-planning it over the longer run would jump to a mid-cosine rate."""
-    start, end = segments[-1]
-    for a, b in segments:
-        if step < b:
-            start, end = a, b
-            break
-    local, length = step - start, end - start
-    warm = max(1, int(warmup * length))
-    if local < warm:
-        return (local + 1) / warm
-    progress = (local - warm) / max(1, length - warm)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+class _Trainer:
+    """The optimisation of one run: the trainable parameters, AdamW and the schedule, and one
+    distillation step of the student towards the teacher."""
 
-
-class _Run:
-    """One recovery run: the set-up, the loop, checkpoints and the record."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, data: Iterable[Any], steps: int,
-                 device: torch.device, opts: RecoveryOptions,
-                 world: distributed.World) -> None:  # fmt: skip
-        self.student, self.teacher, self.data = student, teacher, data
-        self.steps, self.device, self.opts, self.world = steps, device, opts, world
-        self.folder = Path(opts.checkpoint_dir) if opts.checkpoint_dir is not None else None
+    def __init__(self, student: nn.Module, teacher: nn.Module, steps: int, device: torch.device,
+                 opts: RecoveryOptions, world: distributed.World) -> None:  # fmt: skip
+        self.student, self.teacher, self.device, self.opts, self.world = (
+            student, teacher, device, opts, world)  # fmt: skip
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
-        # [start, end) of each planned part of the run: one, plus one per extension.
-        self.segments: list[tuple[int, int]] = [(0, steps)]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _schedule(s, self.segments, opts.warmup)
-        )
-        self.history: list[dict[str, float]] = []
-        self.evals: list[dict[str, float]] = []
-        self.before: dict[str, float] = {}
-        self.step = 0
-        self.bn_drawn = 0  # batches BatchNorm re-estimation drew from the stream before step 1
-        self.last_checkpoint: Path | None = None
+        self.schedule = Schedule(self.optimizer, steps, warmup=opts.warmup, blend=opts.blend)
         self.loss_kind: str | None = None  # "kl" or "mse-cosine", chosen at the first step
 
-    def _say(self, message: str) -> None:
-        """What the run is doing, for the slow parts that show no progress bar (logging, at
-        INFO, on the main process; ``serfswap recover`` prints these lines)."""
-        if self.world.main:
-            logger.info(message)
+    def snapshot(
+        self, state: trainstate.RunState, rngs: list[dict[str, Any]]
+    ) -> trainstate.RunState:
+        """``state`` with the optimizer's, the schedule's and the RNGs' states: a checkpoint."""
+        scheduler, segments = self.schedule.state()
+        return replace(state, optimizer=self.optimizer.state_dict(), scheduler=scheduler,
+                       segments=segments, rng=rngs)  # fmt: skip
 
-    # set-up ------------------------------------------------------------------------------
+    def restore(self, state: trainstate.RunState) -> None:
+        """Back to where the checkpoint ``state`` stood (this process's RNG state included)."""
+        self.optimizer.load_state_dict(state.optimizer)
+        self.schedule.restore(state.scheduler, state.segments)
+        trainstate.set_rng_state(state.rng[self.world.rank % len(state.rng)])
 
-    def _resume(self) -> int | None:
-        """Load the newest checkpoint when resuming; the step it was taken at, or None."""
-        if self.folder is None:
-            return None
-        found: tuple[Path | None, str | None] = (None, None)
-        if self.world.main:  # one process decides, so that all resume from the same step
-            try:
-                found = (trainstate.check_folder(self.folder, self.opts.resume), None)
-                trainstate.remove_partial(self.folder)
-            except InvalidArgumentError as exc:
-                found = (None, str(exc))
-        path, error = distributed.broadcast(found, self.world)
-        if error is not None:  # raised on every rank: none is left waiting for the others
-            raise InvalidArgumentError(error)
-        if path is None:
-            if self.opts.resume:  # e.g. the checkpoints of a finished run were removed
-                self._say(f"no checkpoint in {self.folder} to resume from: starting at step 0")
-            return None
-        state = trainstate.load(path, self.student, steps=self.steps)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]
-        self.evals, self.before = state["evals"], state["before"]
-        self.bn_drawn = state.get("bn_drawn", 0)
-        self.segments = [tuple(s) for s in state.get("segments", [(0, state["steps"])])]
-        rngs = state["rng"]
-        trainstate.set_rng_state(rngs[self.world.rank % len(rngs)])
-        self.last_checkpoint = path
-        if state["steps"] < self.steps:  # a finished run, extended
-            self._extend(state["steps"])
-        else:
-            self._say(f"resumed from {path} at step {self.step} of {self.steps}")
-        return self.step
-
-    def _extend(self, finished: int) -> None:
-        """Plan the steps from ``finished`` to ``self.steps`` as a new segment of the schedule:
-        warmup over ``warmup`` of the added steps to this call's ``lr``, cosine decay to 0 at
-        the new end. Weights, AdamW moments, RNG states and the data position carry on."""
-        self.segments.append((finished, self.steps))
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.opts.lr
-        self.scheduler.base_lrs = [self.opts.lr] * len(self.optimizer.param_groups)
-        factor = _schedule(self.step, self.segments, self.opts.warmup)
-        for group in self.optimizer.param_groups:  # the rate of the next step, not the old 0
-            group["lr"] = self.opts.lr * factor
-        warm = max(1, int(self.opts.warmup * (self.steps - finished)))
-        self._say(
-            f"extending the finished run of {finished} steps to {self.steps}: the learning rate "
-            f"warms up again to {self.opts.lr:g} over {warm} steps, then decays by cosine to 0 "
-            f"at step {self.steps}"
-        )
-
-    def _checkpoint(self) -> None:
-        rngs = distributed.gather(trainstate.rng_state(), self.world)
-        if self.world.main and self.folder is not None:
-            state = {
-                "steps": self.steps,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rngs,
-                "history": self.history,
-                "evals": self.evals,
-                "before": self.before,
-                "bn_drawn": self.bn_drawn,
-                "segments": self.segments,
-            }
-            self.last_checkpoint = trainstate.save(
-                self.folder, self.step, self.student, state, self.opts.keep
-            )
-        distributed.barrier(self.world)
-
-    # the loop ----------------------------------------------------------------------------
-
-    def run(self, eval_data: Iterable[Any] | None) -> RecoveryResult:
-        start = time.perf_counter()
-        eval_batches = list(eval_data) if eval_data is not None else []
-        # One stream of batches for the whole run: BatchNorm re-estimation draws the first
-        # ones, then each step the next (see _prepare).
-        batches = _cycle(self.data)
-        resumed = self._prepare(batches, eval_batches)
-        self._loop(batches, eval_batches)
-        after = self._evaluate(eval_batches) if eval_batches else {}
-        if self.opts.plot is not None and self.world.main:
-            evals = [{"step": 0, **self.before}, *self.evals] if self.evals else []
-            curves.plot(self.history, evals, Path(self.opts.plot))
-        return RecoveryResult(self.steps, time.perf_counter() - start, self.before, after,
-                              self.history, self.evals, resumed, self.last_checkpoint)  # fmt: skip
-
-    def _prepare(self, batches: Iterator[Any], eval_batches: list[Any]) -> int | None:
-        """Resume, or start: the "before" evaluation and BatchNorm re-estimation. Returns the
-        step resumed from, or None.
-
-        A resumed run skips what the finished part drew from ``batches``, so it reaches the
-        same batch even when each pass over ``data`` differs (a DataLoader with a seeded
-        generator shuffles anew on each pass: a second stream for BatchNorm would advance that
-        generator on a fresh run and not on a resumed one)."""
-        opts = self.opts
-        resumed = self._resume()
-        if resumed is None:
-            torch.manual_seed(opts.seed)
-            if eval_batches:
-                n = len(eval_batches)
-                self._say(f"evaluating the converted model on {n} held-out "
-                          f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
-                self.before = self._evaluate(eval_batches)
-            if opts.bn_batches and has_batchnorm(self.student):
-                self._say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
-                local = (distributed.shard(b, self.world) for b in _take(batches, opts.bn_batches))
-                self.bn_drawn = reestimate_batchnorm(self.student, local, self.device)
-        elif self.bn_drawn + self.step:
-            drawn = self.bn_drawn + self.step
-            self._say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
-                      "re-estimation's and the finished steps')")  # fmt: skip
-            for _ in range(drawn):
-                next(batches)
-        return resumed
-
-    def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
-        """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
-        taken down after (on an error too)."""
-        opts = self.opts
-        log = self._open_log()
-        bar = _progress(self.steps, self.step, opts.progress and self.world.main)
-        blends = swap_blends(self.student, install=True) if opts.blend > 0 else []
-        taps = (LayerTaps(converted_parents(self.student), self.student, self.teacher)
-                if opts.layer_weight else None)  # fmt: skip
-        model = self._wrap()
-        self.student.train(opts.train_mode)
-        ramp = max(1, int(opts.blend * self.segments[0][1]))  # the first run's, not extensions'
-        try:
-            while self.step < self.steps:
-                for b in blends:
-                    b.alpha = min(1.0, (self.step + 1) / ramp)
-                record = self._train_step(model, taps, next(batches))
-                self.step += 1
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                bar.update(1)
-                self._after_step(record, log, eval_batches)
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-            if taps is not None:
-                taps.remove()
-            if blends:
-                swap_blends(self.student, install=False)
-
-    def _after_step(
-        self, record: dict[str, Any], log: curves.JsonLog | None, eval_batches: list[Any]
-    ) -> None:
-        """Record the step; evaluate and checkpoint when one is due."""
-        opts = self.opts
-        self.history.append(record)
-        if log is not None:
-            log.write(record)
-        if opts.eval_every and self.step % opts.eval_every == 0 and eval_batches:
-            self.evals.append({"step": self.step, **self._evaluate(eval_batches)})
-        if opts.checkpoint_every and (
-            self.step % opts.checkpoint_every == 0 or self.step == self.steps
-        ):
-            self._checkpoint()
-
-    def _wrap(self) -> nn.Module:
+    def wrap(self) -> nn.Module:
         """The student, or under torchrun the student in DistributedDataParallel."""
         if self.world.size == 1:
             return self.student
@@ -377,7 +193,8 @@ class _Run:
         # Some outputs leave parameters unused (a pooler when hidden states are distilled).
         return DistributedDataParallel(self.student, device_ids=ids, find_unused_parameters=True)
 
-    def _train_step(self, model: nn.Module, taps: LayerTaps | None, batch: Any) -> dict[str, Any]:
+    def step(self, model: nn.Module, taps: LayerTaps | None, batch: Any) -> dict[str, Any]:
+        """One optimiser step on this process's slice of ``batch``; the step's losses."""
         opts = self.opts
         batch = distributed.shard(batch, self.world)
         args, kwargs, labels = split_batch(to_device(batch, self.device))
@@ -398,17 +215,182 @@ class _Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, opts.clip)
         self.optimizer.step()
-        self.scheduler.step()
-        lr = self.scheduler.get_last_lr()[0]
-        return {"step": self.step + 1, **parts, "loss": loss.item(), "lr": lr}
+        self.schedule.step()
+        return {**parts, "loss": loss.item(), "lr": self.schedule.last_lr()}
 
-    def _evaluate(self, batches: list[Any]) -> dict[str, float]:
+    def evaluate(self, batches: list[Any]) -> dict[str, float]:
+        """Agreement of the student with the teacher on held-out ``batches``."""
         return evaluate(self.student, self.teacher, batches, self.device)
 
-    def _open_log(self) -> curves.JsonLog | None:
-        if self.opts.log is None or not self.world.main:
-            return None
-        return curves.JsonLog(Path(self.opts.log), self.history)
+
+class _Run:
+    """One recovery run: the set-up (:func:`_prepare`), the loop, checkpoints and the record
+    (:attr:`state`, what a checkpoint holds besides the optimisation's own state)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, data: Iterable[Any], steps: int,
+                 device: torch.device, opts: RecoveryOptions,
+                 world: distributed.World) -> None:  # fmt: skip
+        self.data, self.steps, self.device, self.opts, self.world = data, steps, device, opts, world
+        self.folder = Path(opts.checkpoint_dir) if opts.checkpoint_dir is not None else None
+        self.trainer = _Trainer(student, teacher, steps, device, opts, world)
+        self.state = trainstate.RunState(steps)
+        self.last_checkpoint: Path | None = None
+
+    def say(self, message: str) -> None:
+        """What the run is doing, for the slow parts that show no progress bar (logging, at
+        INFO, on the main process; ``serfswap recover`` prints these lines)."""
+        if self.world.main:
+            logger.info(message)
+
+    def run(self, eval_data: Iterable[Any] | None) -> RecoveryResult:
+        """Set up (resume or start), train to the last step, evaluate, plot; the result."""
+        start = time.perf_counter()
+        eval_batches = list(eval_data) if eval_data is not None else []
+        # One stream of batches for the whole run: BatchNorm re-estimation draws the first
+        # ones, then each step the next (see _prepare).
+        batches = _cycle(self.data)
+        resumed = _prepare(self, batches, eval_batches)
+        self._loop(batches, eval_batches)
+        after = self.trainer.evaluate(eval_batches) if eval_batches else {}
+        state = self.state
+        if self.opts.plot is not None and self.world.main:
+            evals = [{"step": 0, **state.before}, *state.evals] if state.evals else []
+            curves.plot(state.history, evals, Path(self.opts.plot))
+        return RecoveryResult(self.steps, time.perf_counter() - start, state.before, after,
+                              state.history, state.evals, resumed,
+                              self.last_checkpoint)  # fmt: skip
+
+    def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
+        """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
+        taken down after (on an error too)."""
+        opts, state, student = self.opts, self.state, self.trainer.student
+        main = self.world.main
+        log = None
+        if opts.log is not None and main:
+            log = curves.JsonLog(Path(opts.log), state.history)
+        bar = _progress(self.steps, state.step, opts.progress and main)
+        blends = swap_blends(student, install=True) if opts.blend > 0 else []
+        taps = (LayerTaps(converted_parents(student), student, self.trainer.teacher)
+                if opts.layer_weight else None)  # fmt: skip
+        model = self.trainer.wrap()
+        student.train(opts.train_mode)
+        try:
+            while state.step < self.steps:
+                for b in blends:
+                    b.alpha = self.trainer.schedule.blend_alpha(state.step)
+                record = {"step": state.step + 1, **self.trainer.step(model, taps, next(batches))}
+                state.step += 1
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.update(1)
+                _after_step(self, record, log, eval_batches)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if taps is not None:
+                taps.remove()
+            if blends:
+                swap_blends(student, install=False)
+
+
+def _after_step(
+    run: _Run, record: dict[str, Any], log: curves.JsonLog | None, eval_batches: list[Any]
+) -> None:
+    """Record the step; evaluate and checkpoint when one is due."""
+    opts, state = run.opts, run.state
+    state.history.append(record)
+    if log is not None:
+        log.write(record)
+    if opts.eval_every and state.step % opts.eval_every == 0 and eval_batches:
+        state.evals.append({"step": state.step, **run.trainer.evaluate(eval_batches)})
+    if opts.checkpoint_every and (
+        state.step % opts.checkpoint_every == 0 or state.step == run.steps
+    ):
+        _checkpoint(run)
+
+
+def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int | None:
+    """Resume, or start: the "before" evaluation and BatchNorm re-estimation. Returns the
+    step resumed from, or None.
+
+    A resumed run skips what the finished part drew from ``batches``, so it reaches the
+    same batch even when each pass over ``data`` differs (a DataLoader with a seeded
+    generator shuffles anew on each pass: a second stream for BatchNorm would advance that
+    generator on a fresh run and not on a resumed one)."""
+    resumed = _resume(run)  # replaces run.state with the checkpoint's
+    opts, state, student = run.opts, run.state, run.trainer.student
+    if resumed is None:
+        torch.manual_seed(opts.seed)
+        if eval_batches:
+            n = len(eval_batches)
+            run.say(f"evaluating the converted model on {n} held-out "
+                    f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
+            state.before = run.trainer.evaluate(eval_batches)
+        if opts.bn_batches and has_batchnorm(student):
+            run.say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
+            local = (distributed.shard(b, run.world) for b in _take(batches, opts.bn_batches))
+            state.bn_drawn = reestimate_batchnorm(student, local, run.device)
+    elif state.bn_drawn + state.step:
+        drawn = state.bn_drawn + state.step
+        run.say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
+                "re-estimation's and the finished steps')")  # fmt: skip
+        for _ in range(drawn):
+            next(batches)
+    return resumed
+
+
+def _resume(run: _Run) -> int | None:
+    """Load the newest checkpoint when resuming; the step it was taken at, or None."""
+    if run.folder is None:
+        return None
+    found: tuple[Path | None, str | None] = (None, None)
+    if run.world.main:  # one process decides, so that all resume from the same step
+        try:
+            found = (trainstate.check_folder(run.folder, run.opts.resume), None)
+            trainstate.remove_partial(run.folder)
+        except InvalidArgumentError as exc:
+            found = (None, str(exc))
+    path, error = distributed.broadcast(found, run.world)
+    if error is not None:  # raised on every rank: none is left waiting for the others
+        raise InvalidArgumentError(error)
+    if path is None:
+        if run.opts.resume:  # e.g. the checkpoints of a finished run were removed
+            run.say(f"no checkpoint in {run.folder} to resume from: starting at step 0")
+        return None
+    saved = trainstate.load(path, run.trainer.student, steps=run.steps)
+    run.trainer.restore(saved)
+    # The record carries on; the snapshots are in the optimizer and the schedule now.
+    run.state = replace(saved, steps=run.steps, optimizer={}, scheduler={}, rng=[])
+    run.last_checkpoint = path
+    if saved.steps < run.steps:  # a finished run, extended
+        _extend(run, saved.steps)
+    else:
+        run.say(f"resumed from {path} at step {saved.step} of {run.steps}")
+    return saved.step
+
+
+def _extend(run: _Run, finished: int) -> None:
+    """Plan the steps from ``finished`` to the run's steps as a new segment of the schedule
+    (see :meth:`Schedule.extend`). Weights, AdamW moments, RNG states and the data position
+    carry on."""
+    opts = run.opts
+    warm = run.trainer.schedule.extend(finished, run.steps, opts.lr, run.state.step)
+    run.say(
+        f"extending the finished run of {finished} steps to {run.steps}: the learning rate "
+        f"warms up again to {opts.lr:g} over {warm} steps, then decays by cosine to 0 "
+        f"at step {run.steps}"
+    )
+
+
+def _checkpoint(run: _Run) -> None:
+    """Write a checkpoint of the run as it stands (the main process writes; all gather their
+    RNG states for it and wait until it is written)."""
+    rngs = distributed.gather(trainstate.rng_state(), run.world)
+    if run.world.main and run.folder is not None:
+        snapshot = run.trainer.snapshot(run.state, rngs)
+        run.last_checkpoint = trainstate.save(run.folder, run.trainer.student, snapshot,
+                                              run.opts.keep)  # fmt: skip
+    distributed.barrier(run.world)
 
 
 def _cycle(data: Iterable[Any]) -> Iterator[Any]:

@@ -1,7 +1,8 @@
 """Recovery checkpoints: everything a killed run needs to continue as if it had never stopped.
 
 A checkpoint is a folder ``step-NNNNNNNN`` holding ``model.safetensors`` (the student's
-weights and buffers) and ``state.pt`` (optimizer, scheduler, RNG states, step, history). It is
+weights and buffers) and ``state.pt`` (a :class:`RunState`: step, history, optimizer, schedule,
+RNG states; the one schema, which the same class writes and reads). It is
 written into a hidden temporary folder beside it, flushed to disk, and renamed into place: a
 rename is atomic, so a run killed mid-write leaves a temporary folder that is never read, never
 a half-written ``step-*``. The last ``keep`` checkpoints are kept.
@@ -20,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,48 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "serfswap-recovery/1"
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class RunState:
+    """Everything a recovery run needs to continue from a checkpoint besides the weights: the
+    schema of ``state.pt``. :meth:`to_dict` writes it and :meth:`from_dict` reads it back, so
+    the two cannot disagree; a field added later gets a default that reads older checkpoints.
+
+    ``optimizer``, ``scheduler`` and ``rng`` are snapshots taken when a checkpoint is written
+    (``rng``: one entry per process, each resumes with its own)."""
+
+    steps: int  # the steps the run was planned for (more after an extension)
+    step: int = 0  # the steps done
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    before: dict[str, float] = field(default_factory=dict)
+    bn_drawn: int = 0  # batches BatchNorm re-estimation drew from the stream before step 1
+    # [start, end) of each planned segment of the learning-rate schedule (see schedule.py);
+    # absent from checkpoints written before extensions: one segment, the whole run.
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    rng: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.segments = [(int(a), int(b)) for a, b in self.segments] or [(0, self.steps)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``state.pt`` holds (plain data: torch's weights-only loader reads it)."""
+        # Not dataclasses.asdict, which deep-copies every tensor of the optimizer's state.
+        return {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, state: Any, path: Path) -> RunState:
+        """The state :meth:`to_dict` wrote; a CheckpointError for anything else."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a serfswap recovery checkpoint")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in state.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: a damaged recovery checkpoint ({exc})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,16 +105,18 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(folder: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``."""
+def save(folder: Path, model: nn.Module, state: RunState, keep: int) -> Path:
+    """Write the checkpoint of ``state.step`` atomically, then drop all but the newest
+    ``keep``."""
     from safetensors.torch import save_model
 
+    step = state.step
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=folder))
     try:
         save_model(model, str(tmp / "model.safetensors"))  # shared tensors saved once
-        torch.save({"format": FORMAT, "step": step, **state}, tmp / "state.pt")
+        torch.save(state.to_dict(), tmp / "state.pt")
         for path in (tmp / "model.safetensors", tmp / "state.pt"):
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -86,7 +132,7 @@ def save(folder: Path, step: int, model: nn.Module, state: dict[str, Any], keep:
     return final
 
 
-def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
+def load(path: Path, model: nn.Module, steps: int) -> RunState:
     """Load the weights of checkpoint ``path`` into ``model``; return the rest of its state.
     The state is checked before the model is touched: its format, and ``steps``, which must be
     the run's own, or more when the run has finished (an extension). A wrong ``steps`` is the
@@ -94,13 +140,8 @@ def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # a checkpoint that is not ours, or damaged after it was written
-        raise CheckpointError(f"{path}: cannot read state.pt ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a serfswap recovery checkpoint")
-    done, planned = state["step"], state["steps"]
+    state = _read(path)
+    done, planned = state.step, state.steps
     if steps < planned:
         raise InvalidArgumentError(
             f"{path} belongs to a run of {planned} steps, not {steps}: a run cannot be "
@@ -122,11 +163,18 @@ def load(path: Path, model: nn.Module, steps: int) -> dict[str, Any]:
 def progress(path: Path) -> tuple[int, int]:
     """(step, steps) of checkpoint ``path``: where its run stood, and how long it was planned.
     Reads no tensor (the file is memory-mapped)."""
+    state = _read(path, mmap=True)
+    return int(state.step), int(state.steps)
+
+
+def _read(path: Path, *, mmap: bool = False) -> RunState:
+    """The :class:`RunState` of checkpoint ``path``; a CheckpointError when it cannot be read
+    (a checkpoint that is not ours, or damaged after it was written)."""
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-        return int(state["step"]), int(state["steps"])
+        raw = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read state.pt ({exc})") from None
+    return RunState.from_dict(raw, path)
 
 
 def check_folder(folder: Path, resume: bool) -> Path | None:

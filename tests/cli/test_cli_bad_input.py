@@ -34,7 +34,7 @@ def one_line(err: str) -> str:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A serfswap checkpoint of timm's test_resnet (3 classes), as `serfswap convert` writes."""
     import serfswap
-    from serfswap.io.load import save_checkpoint
+    from serfswap.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = serfswap.convert(tiny_resnet(num_classes=3))
@@ -102,7 +102,8 @@ def test_malformed_checkpoint_metadata(
 
 def test_declared_hidden_size_is_checked_against_the_weights(tmp_path: Path, capsys) -> None:
     import serfswap
-    from serfswap.io.load import describe, save_checkpoint
+    from serfswap.io.architectures import describe
+    from serfswap.io.checkpoint import save_checkpoint
 
     cfg = tiny_bert_config()
     model = serfswap.convert(transformers.BertModel(cfg))

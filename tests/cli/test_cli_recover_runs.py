@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serfswap import trainstate
 from serfswap.cli.main import main
-from serfswap.recovery.loop import _schedule
+from serfswap.recovery import state as trainstate
+from serfswap.recovery.schedule import lr_factor
 from tests.support.cli import ROOT, cli
 from tests.support.data import TEXT
 from tests.support.models import tiny_resnet
@@ -133,7 +133,7 @@ def test_a_finished_run_reruns_and_extends(sources: dict[str, list[str]], tmp_pa
     assert "resumed at step 4" in ext.stdout
     rates = [json.loads(line)["lr"] for line in log.read_text().splitlines()]
     # The log's lr is the rate after each step, as planned then: to 0 at step 4, then restarted.
-    expected = [1e-3 * _schedule(k, [(0, 4)] if k <= 4 else [(0, 4), (4, 8)], 0.1)
+    expected = [1e-3 * lr_factor(k, [(0, 4)] if k <= 4 else [(0, 4), (4, 8)], 0.1)
                 for k in range(1, 9)]  # fmt: skip
     assert rates == pytest.approx(expected, rel=1e-12) and rates[3] == 0 and rates[4] > 0
     extended = weights(out)

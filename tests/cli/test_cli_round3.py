@@ -260,11 +260,11 @@ def test_an_unfinished_run_is_refused_before_the_model_loads(
     command without --resume: refused having read the checkpoint, timm never imported."""
     from torch import nn
 
-    from serfswap import trainstate
+    from serfswap.recovery import state as trainstate
 
     out = tmp_path / "r.safetensors"
-    trainstate.save(tmp_path / "r.safetensors.checkpoints", 1, nn.Linear(2, 2),
-                    {"steps": 4}, keep=2)  # fmt: skip
+    trainstate.save(tmp_path / "r.safetensors.checkpoints", nn.Linear(2, 2),
+                    trainstate.RunState(steps=4, step=1), keep=2)  # fmt: skip
     answer, err = _probe("recover", "timm:test_resnet", "--weights", str(gray_weights),
                          "--data", str(images), "--steps", "4", "-o", str(out))  # fmt: skip
     assert answer["code"] == 2 and "timm" not in answer["heavy"], (answer, err)

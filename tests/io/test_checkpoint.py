@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.io.load import FORMAT, conversion_options, describe
+from serfswap.io.architectures import describe
+from serfswap.io.checkpoint import FORMAT, conversion_options
 from tests.support.models import tiny_bert_config, tiny_resnet
 
 timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")

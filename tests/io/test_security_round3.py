@@ -370,12 +370,12 @@ def test_opcode_bomb_is_refused_fast_and_small(tmp_path: Path) -> None:
 
 
 def test_memo_bomb_is_refused(tmp_path: Path) -> None:
-    from serfswap import safe_pickle
+    from serfswap.io import pickle_scan
 
     from .test_security import torch_zip
 
-    entries = safe_pickle.MAX_MEMO + 10
-    assert 3 * entries < safe_pickle.MAX_OPCODES  # the memo limit, not the opcode one, is hit
+    entries = pickle_scan.MAX_MEMO + 10
+    assert 3 * entries < pickle_scan.MAX_OPCODES  # the memo limit, not the opcode one, is hit
     evil = torch_zip(tmp_path / "memo.pt", b"\x80\x04" + b"N\x940" * entries + b"}.")
     result = cli("inspect", str(evil), cwd=tmp_path)
     assert_refused(result, tmp_path / "never", "memo exceeds")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import serfswap
-from serfswap import trainstate
+from serfswap.recovery import state as trainstate
 from tests.support.cli import ROOT, python
 from tests.support.models import tiny_resnet
 
