@@ -41,8 +41,9 @@ def check_opset(opset: object) -> int:
 # cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
-# Tasks of export_onnx (see serfswap.export_decoder)
-TASKS = ("default", "text-generation-with-past")
+# Tasks of export_onnx (see serfswap.export.decoder and serfswap.export.seq2seq)
+TASKS = ("default", "text-generation-with-past", "text2text-generation-with-past",
+         "automatic-speech-recognition-with-past")  # fmt: skip
 
 
 # Recovery -------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def check_task(model: nn.Module, task: str) -> None:
             f"task {task!r} needs a transformers causal LM (decoder-only, with a KV cache); "
             f"got {_model_kind(model)}"
             + (
-                ": encoder-decoders are not supported yet, export without --task"
+                ": an encoder-decoder exports with --task text2text-generation-with-past "
+                "(automatic-speech-recognition-with-past for Whisper)"
                 if getattr(getattr(model, "config", None), "is_encoder_decoder", False)
                 else ""
             )
@@ -160,6 +161,15 @@ class DecoderWithPast(nn.Module):
             result[f"present.{i}.key"] = layer.keys
             result[f"present.{i}.value"] = layer.values
         return result
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return example_inputs(self)
+
+    def verification_inputs(self) -> list[dict[str, torch.Tensor]]:
+        return verification_inputs(self)
+
+    def dynamic_shapes(self) -> dict[str, Any]:
+        return dynamic_shapes(self)
 
 
 def position_ids_for(attention_mask: torch.Tensor, length: int) -> torch.Tensor:

@@ -49,9 +49,8 @@ from ..options import (  # noqa: F401 (re-exported)
     check_opset,
 )
 from ..rewrite.convert import REPORT_ATTR, convert
-from .decoder import WITH_PAST, DecoderWithPast, check_task, verification_inputs, with_past
-from .decoder import dynamic_shapes as decoder_shapes
-from .decoder import example_inputs as decoder_example_inputs
+from .decoder import WITH_PAST, DecoderWithPast, check_task, with_past
+from .seq2seq import SEQ2SEQ_TASKS, Seq2SeqExportReport, Seq2SeqPart
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -214,7 +213,8 @@ def _name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
     renames: dict[str, str] = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        past = value.name.startswith("past_key_values.")  # a KV cache in Optimum's layout
+        # a KV cache in Optimum's layout; a seq2seq cross-attention cache's is the encoder's length
+        past = value.name.startswith("past_key_values.") and ".encoder." not in value.name
         named = {0: True, 1: value.name in seq_names, 2: past}
         for index, role in ((0, "batch"), (1, "sequence"), (2, "past_sequence")):
             if index < len(dims) and dims[index].dim_param and named[index]:
@@ -498,7 +498,8 @@ class _Request:
     rtol: float
     output_names: list[str] = field(default_factory=list)
     left_at_run_time: int = 0  # activations the model's conversion left running (its report)
-    decoder: DecoderWithPast | None = None  # text-generation-with-past: export_decoder.py
+    # text-generation-with-past (export/decoder.py), or one file of a seq2seq task (seq2seq.py)
+    decoder: DecoderWithPast | Seq2SeqPart | None = None
 
 
 def _named(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -588,12 +589,14 @@ def _prepare(
         model = convert(model, example_inputs=example_inputs)
     swap = model.__dict__.get(REPORT_ATTR)
     decoder = with_past(model) if task == WITH_PAST else None
-    if decoder is not None:  # the model with its cache as flat tensors (export_decoder.py)
+    if isinstance(model, Seq2SeqPart):  # one file of a seq2seq task (export/seq2seq.py)
+        decoder = model
+    if decoder is not None:  # the model with its cache as flat tensors (export/decoder.py)
         if example_inputs is not None or dynamic is False:
             raise ExportError(f"task {task!r} makes its own inputs, with dynamic shapes")
         if exporter == "torchscript":
             raise ExportError(f"task {task!r} is exported by the dynamo exporter only")
-        model, example_inputs = decoder, decoder_example_inputs(decoder)
+        model, example_inputs = decoder, decoder.example_inputs()
     inputs = _named(model, example_inputs)
     dtype = options["dtype"]
     if dtype != "fp32":
@@ -601,7 +604,7 @@ def _prepare(
         inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
     seq_names = _sequence_inputs(inputs) - ({"attention_mask"} if decoder else set())
     plans = (
-        [_Shapes("dynamic", set(inputs), seq_names, decoder_shapes(decoder))]
+        [_Shapes("dynamic", set(inputs), seq_names, decoder.dynamic_shapes())]
         if decoder is not None
         else _shape_plans(inputs, seq_names, dynamic)
     )
@@ -827,7 +830,7 @@ def _attempt(req: _Request, exporter: str, shapes: _Shapes) -> ExportReport:
             fresh_sets = (
                 [_fresh_like(req.inputs, shapes.grow(), req.seq_names)]
                 if req.decoder is None
-                else verification_inputs(req.decoder)  # past lengths 0 and 7
+                else req.decoder.verification_inputs()  # e.g. past lengths 0 and 7
             )
             for fresh in fresh_sets:  # the worst difference of each output over the sets
                 try:
@@ -942,7 +945,7 @@ def export_onnx(
     functions: bool = False,
     task: str = "default",
     exporter: str = "auto",
-) -> ExportReport:
+) -> ExportReport | Seq2SeqExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
     Args:
@@ -968,7 +971,13 @@ def export_onnx(
         task: ``"default"``: the model's forward without its KV cache.
             ``"text-generation-with-past"``: a transformers causal LM with its KV cache in
             Optimum's layout (inputs ``past_key_values.{i}.key`` ..., outputs ``present.{i}.key``
-            ...), verified at past lengths 0 and 7; see :mod:`serfswap.export_decoder`.
+            ...), verified at past lengths 0 and 7; see :mod:`serfswap.export.decoder`.
+            ``"text2text-generation-with-past"`` (T5, BART, Marian...) and
+            ``"automatic-speech-recognition-with-past"`` (Whisper): an encoder-decoder as
+            Optimum's three files in the folder ``path`` (encoder, decoder, decoder with past;
+            config.json, generation_config.json), each verified; returns a
+            :class:`~serfswap.export.seq2seq.Seq2SeqExportReport`. See
+            :mod:`serfswap.export.seq2seq`.
         exporter: ``"auto"`` (default): torch's dynamo exporter, and where each of its shape
             plans fails, the TorchScript exporter with the same plans, checks and
             verification (the report's ``exporter`` and ``exporter_note`` say which wrote the
@@ -979,6 +988,15 @@ def export_onnx(
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
+    if task in SEQ2SEQ_TASKS:  # three files in a folder (export/seq2seq.py)
+        from .seq2seq import export_seq2seq
+
+        return export_seq2seq(
+            model, path, example_inputs, task=task, convert_activations=convert_activations,
+            dynamic=dynamic, exporter=exporter, opset=opset, decomposition=decomposition,
+            dtype=dtype, verify=verify, atol=atol, rtol=rtol, external_data=external_data,
+            functions=functions,
+        )  # fmt: skip
     req = _prepare(
         model, path, example_inputs, dynamic=dynamic, convert_activations=convert_activations,
         opset=opset, decomposition=decomposition, dtype=dtype, external_data=external_data,
