@@ -41,9 +41,10 @@ def check_opset(opset: object) -> int:
 # cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
-# Tasks of export_onnx (see serfswap.export.decoder and serfswap.export.seq2seq)
-TASKS = ("default", "text-generation-with-past", "text2text-generation-with-past",
-         "automatic-speech-recognition-with-past")  # fmt: skip
+# Tasks of export_onnx (see serfswap.export.decoder and serfswap.export.seq2seq); the seq2seq
+# ones write a folder of three files (Optimum's layout), the others one file
+SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
+TASKS = ("default", "text-generation-with-past", *SEQ2SEQ_TASKS)
 
 
 # Recovery -------------------------------------------------------------------------------------

@@ -91,3 +91,34 @@ def test_main_export_feature_extraction_bert_matches_torch(tmp_path: Path) -> No
         want = model(**batch).last_hidden_state
     got = ort_model(**batch).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_optimum_loads_serfswaps_seq2seq_folder_and_generates_torchs_tokens(
+    tmp_path: Path,
+) -> None:
+    """serfswap's own seq2seq export (transformers 4's cache API here), loaded by Optimum's
+    ORTModelForSeq2SeqLM as it loads its own: with the cache (decoder_with_past_model.onnx)
+    and the same greedy tokens as torch, for a padded batch of two."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    with torch.no_grad():  # wider than T5's initialiser: tokens that vary from step to step
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.3)
+    model = serfswap.convert(model).eval()
+    report = serfswap.export_onnx(model, tmp_path / "onnx", task="text2text-generation-with-past")
+    assert report.verified and report.serf_nodes == 6  # one per layer's FFN, in each file
+    ort_model = ort_models.ORTModelForSeq2SeqLM.from_pretrained(tmp_path / "onnx", use_cache=True)
+    assert ort_model.decoder_with_past is not None and ort_model.can_use_cache
+    ids = torch.tensor([[5, 17, 42, 8, 9, 33, 12], [11, 3, 64, 27, 50, 4, 4]])
+    mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    settings = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    got = ort_model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert want.shape == (2, 13) and len(set(want[:, 1:].ravel().tolist())) > 2
+    assert torch.equal(got, want)

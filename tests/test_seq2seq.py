@@ -8,8 +8,8 @@ those of the torch model's ``generate(do_sample=False)`` for a batch of two inpu
 lengths (padding), and the logits of every step (the cache at every past length) those of torch
 run on the same decoder prefix without a cache. A random model may repeat one token forever,
 where a wrong cache goes unseen in the tokens; the logits catch it. The weights are drawn wider
-than the configs' initialisers so that the tokens vary. T5 runs in the main job (about a minute
-of export on 2 cores); the other five are ``slow``.
+than the configs' initialisers so that the tokens vary (``WIDTH``). T5 runs in the main job
+(about a minute of export on 2 cores); the other five are ``slow``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ import pytest
 import torch
 
 import serfswap
+from serfswap.cli.main import main
 from serfswap.errors import TaskError
 from serfswap.onnx_ops import check_graph
 from serfswap.runtime import generate
 from serfswap.runtime.seq2seq import generate_seq2seq, load
+
+from .test_generate import save_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
@@ -55,6 +58,9 @@ CONFIGS: dict[str, Callable[[], Any]] = {
         begin_suppress_tokens=[5, 7], suppress_tokens=[9],
     ),
 }  # fmt: skip
+# the weights' standard deviation at which each model's greedy tokens vary (measured: at the
+# configs' own 0.02 most repeat one token, T5 at 1.0 too)
+WIDTH = {"t5": 0.3, "bart": 1.0, "marian": 0.02, "pegasus": 1.0, "mbart": 1.0, "whisper": 1.0}
 AUTO = {"whisper": "AutoModelForSpeechSeq2Seq"}
 TASK = {"whisper": "automatic-speech-recognition-with-past"}
 MAIN_JOB = ("t5",)
@@ -70,7 +76,7 @@ def serf_seq2seq(kind: str) -> torch.nn.Module:
     with torch.no_grad():  # wider than the initialisers: tokens that vary from step to step
         for name, parameter in model.named_parameters():
             if parameter.dim() > 1 and "embed_positions" not in name:
-                parameter.normal_(0.0, 0.3)
+                parameter.normal_(0.0, WIDTH[kind])
     return serfswap.convert(model).eval()
 
 
@@ -98,16 +104,25 @@ def torch_generate(model: torch.nn.Module, kind: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Any, Path]]:
-    """One export per architecture, shared by the tests of this module."""
+    """One export per architecture, shared by the tests of this module. T5's goes through the
+    command line, from a saved folder with a tokenizer (which export copies into the folder),
+    the others through the API."""
     done: dict[str, tuple[Any, Path]] = {}
 
     def get(kind: str) -> tuple[Any, Path]:
         if kind not in done:
             model = serf_seq2seq(kind)
-            folder = tmp_path_factory.mktemp(kind) / "onnx"
-            report = serfswap.export_onnx(model, folder, task=TASK.get(kind, TEXT2TEXT))
+            place = tmp_path_factory.mktemp(kind)
+            folder = place / "onnx"
+            if kind == "t5":
+                model.save_pretrained(place / "torch")
+                save_tokenizer(place / "torch")
+                argv = ["export", str(place / "torch"), str(folder), "--task", TEXT2TEXT]
+                assert main(argv) == 0
+            else:
+                report = serfswap.export_onnx(model, folder, task=TASK.get(kind, TEXT2TEXT))
+                assert report.verified and report.serf_nodes > 0
             done[kind] = model, folder
-            assert report.verified and report.serf_nodes > 0
         return done[kind]
 
     return get
@@ -119,7 +134,7 @@ KINDS = [k if k in MAIN_JOB else pytest.param(k, marks=pytest.mark.slow) for k i
 
 def check_folder(folder: Path, kind: str) -> None:
     """Optimum's files, names and axes; the exact Serf pattern in every file, none left."""
-    files = {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()} - {"tokenizer.json", "tokenizer_config.json"}
     assert files == {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
                      "config.json", "generation_config.json"}  # fmt: skip
     layers = 2
@@ -201,7 +216,10 @@ def test_seq2seq_step_logits_match_torch(kind: str, exported: Callable[[str], An
                 feed["past_key_values." + name.removeprefix("present.")] = value
         feed["input_ids"] = tokens[:, position + 1 : position + 2].numpy()
         sess = sessions.with_past
-    np.testing.assert_allclose(np.stack(steps, axis=1), want, atol=1e-4, rtol=1e-4)
+    # fp32's rounding grows with the logits: torch itself differs by 1.5e-4 between BART's
+    # logits (up to 17) at prefix lengths 1 and 13, where a wrong cache is off by units
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(np.stack(steps, axis=1), want, atol=1e-4 * scale, rtol=1e-4)
 
 
 def test_seq2seq_stops_at_eos_and_pads(exported: Callable[[str], Any]) -> None:
@@ -245,3 +263,75 @@ def test_wrong_model_for_the_task_writes_nothing(
         serfswap.export_onnx(make(), tmp_path / "out", task=task)
     assert says in str(caught.value) and "\n" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_generates_from_the_folder(
+    exported: Callable[[str], Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serfswap generate OUTDIR TEXT...``: the tokenizer that export copied into the folder,
+    a padded batch, torch's tokens decoded."""
+    model, folder = exported("t5")
+    assert (folder / "tokenizer.json").is_file()
+    capsys.readouterr()
+    texts = ["w5 w17 w42 w8 w9 w33 w12", "w11 w3 w64 w27"]
+    assert main(["generate", str(folder), "--max-new-tokens", str(NEW_TOKENS), *texts]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].sum(1).tolist() == [7, 4]  # padded, as IDS and MASK
+    with torch.no_grad():
+        tokens = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert printed == tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert all(line.strip() for line in printed)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(rate)
+        audio.writeframes(np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+@pytest.mark.slow
+def test_the_command_line_transcribes_wav_files_with_whisper(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serfswap export DIR OUT --task automatic-speech-recognition-with-past`` from a saved
+    Whisper folder (model, feature extractor, tokenizer), then ``serfswap generate OUT a.wav
+    b.wav``: the feature extractor's log-mel frames, torch's tokens decoded. The extractor is
+    sized to the small model: 1 s at 3200 Hz, hop 100 -> 32 frames of 8 mel bins."""
+    model = serf_seq2seq("whisper")
+    source = tmp_path / "whisper"
+    model.save_pretrained(source)
+    save_tokenizer(source)
+    rate = 3200
+    extractor = transformers.WhisperFeatureExtractor(
+        feature_size=8, sampling_rate=rate, hop_length=100, chunk_length=1, n_fft=128
+    )
+    extractor.save_pretrained(source)
+    out = tmp_path / "onnx"
+    task = "automatic-speech-recognition-with-past"
+    assert main(["export", str(source), str(out), "--task", task]) == 0
+    assert (out / "preprocessor_config.json").is_file()
+    waves = []
+    for index, seconds in enumerate((1.0, 0.6)):  # the second is padded by the extractor
+        time = np.arange(int(rate * seconds)) / rate
+        samples = 0.5 * np.sin(2 * np.pi * (220 + 300 * index) * time)
+        write_wav(tmp_path / f"{index}.wav", samples, rate)
+        pcm = np.round(samples * 32767).astype(np.int16)  # what the file holds
+        waves.append(pcm.astype(np.float32) / 32768.0)
+    capsys.readouterr()
+    wavs = [str(tmp_path / f"{index}.wav") for index in range(2)]
+    assert main(["generate", str(out), "--max-new-tokens", str(NEW_TOKENS), *wavs]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    features = extractor(waves, sampling_rate=rate, return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        tokens = transformers.GenerationMixin.generate(
+            model, input_features=features, max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert printed == tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert len(printed) == 2 and all(line.strip() for line in printed)

@@ -33,6 +33,7 @@ from ..options import (
     DEFAULT_OPSET,
     DTYPE_NAMES,
     EXPORTERS,
+    SEQ2SEQ_TASKS,
     TASKS,
     TOLERANCE,
     TRAIN_CHOICES,
@@ -672,7 +673,12 @@ def _check_export(args: argparse.Namespace) -> None:
     check_opset(args.opset)
     _shape_specs(args.input_shape)
     _check_model_arguments(args)
-    _output(args)
+    if args.task in SEQ2SEQ_TASKS:  # OUT is a folder of three files (Optimum's layout)
+        from ..io.paths import check_output_folder
+
+        check_output_folder(args.output, [args.model, args.weights])
+    else:
+        _output(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -699,6 +705,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         task=args.task,
         exporter=args.exporter,
     )
+    if args.task in SEQ2SEQ_TASKS and Path(args.model).is_dir():
+        from ..export.seq2seq import copy_preprocessor_files
+
+        copy_preprocessor_files(Path(args.model), Path(args.output))
     print(report)
     if report.leftovers and not args.convert:
         print("  hint: pass --convert to replace the activations that are left")
@@ -758,7 +768,10 @@ def _add_export(commands: Any) -> None:
                         "TorchScript's; dynamo or torchscript: that one only")  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default="default",
                         help="text-generation-with-past: a decoder with its KV cache, in "
-                        "Optimum's layout (see `serfswap generate`)")  # fmt: skip
+                        "Optimum's layout (see `serfswap generate`); "
+                        "text2text-generation-with-past (T5, BART, Marian...) and "
+                        "automatic-speech-recognition-with-past (Whisper): an encoder-decoder "
+                        "as Optimum's three files in the folder OUT")  # fmt: skip
     parser.set_defaults(func=cmd_export, check=_check_export)
 
 

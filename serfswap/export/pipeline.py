@@ -50,7 +50,8 @@ from ..options import (  # noqa: F401 (re-exported)
 )
 from ..rewrite.convert import REPORT_ATTR, convert
 from .decoder import WITH_PAST, DecoderWithPast, check_task, with_past
-from .seq2seq import SEQ2SEQ_TASKS, Seq2SeqExportReport, Seq2SeqPart
+from .seq2seq import SEQ2SEQ_TASKS, Seq2SeqExportReport
+from .seq2seq_parts import Seq2SeqPart
 
 _TWO_GB = 2 * 1024**3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

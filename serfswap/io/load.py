@@ -794,6 +794,8 @@ def load_model(
             auto = transformers.AutoModel
             if causal_lm is not False and _saved_as_causal_lm(config):
                 auto = transformers.AutoModelForCausalLM
+            elif causal_lm is not False and _seq2seq_lm_auto(config) is not None:
+                auto = _seq2seq_lm_auto(config)
             model = auto.from_pretrained(
                 path, attn_implementation="eager", trust_remote_code=trust_remote_code
             )
@@ -837,6 +839,23 @@ def _causal_lm_classes() -> set[str]:
 def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
     """Whether a folder's config.json names a causal-LM class."""
     return bool(_causal_lm_classes() & set(config.get("architectures") or []))
+
+
+def _seq2seq_lm_auto(config: dict[str, Any]) -> Any:
+    """The auto class of a folder saved from an encoder-decoder with its language-model head
+    (``T5ForConditionalGeneration``, ``WhisperForConditionalGeneration``...), else None: the
+    head is kept, as a causal LM's is, so that the model exports with a seq2seq task."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    saved = set(config.get("architectures") or [])
+    for mapping, auto in (
+        (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM"),
+        (modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, "AutoModelForSpeechSeq2Seq"),
+    ):
+        if saved & set(mapping.values()):
+            return getattr(transformers, auto)
+    return None
 
 
 def _keeps_lm_head(config: dict[str, Any], state: dict[str, torch.Tensor] | None) -> bool:

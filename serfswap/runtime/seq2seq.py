@@ -103,8 +103,11 @@ class Seq2SeqSessions:
         return "input_features" in {value.name for value in self.encoder.get_inputs()}
 
 
-def load(folder: str | os.PathLike[str], device: str = "cpu") -> Seq2SeqSessions:
-    """Sessions for a seq2seq export in ``folder``, with the ids of its ``config.json`` and
+def load(
+    folder: str | os.PathLike[str], device: str = "cpu", *, threads: int | None = None
+) -> Seq2SeqSessions:
+    """Sessions for a seq2seq export in ``folder`` (on ``device``, with ``threads`` intra-op
+    threads: :func:`serfswap.runtime.session`'s), with the ids of its ``config.json`` and
     ``generation_config.json`` (the latter wins where both name one)."""
     from .session import session
 
@@ -120,7 +123,10 @@ def load(folder: str | os.PathLike[str], device: str = "cpu") -> Seq2SeqSessions
     )
     start = config.get("decoder_start_token_id")
     return Seq2SeqSessions(
-        *(session(path / name, device) for name in (ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE)),
+        *(
+            session(path / name, device, threads=threads)
+            for name in (ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE)
+        ),
         decoder_start_token_id=start if start is not None else config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
