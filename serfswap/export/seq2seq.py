@@ -146,6 +146,7 @@ def export_seq2seq(
     functions), applied to each file.
     """
     from ..io.paths import check_output_folder
+    from ..modes import eval_mode
     from ..rewrite.convert import convert
     from .pipeline import export_onnx
 
@@ -156,18 +157,17 @@ def export_seq2seq(
     folder = check_output_folder(path)
     if convert_activations:
         model = convert(model)
-    model = model.eval()
-    shape = layout(model)
-    parts = {
-        ENCODER_FILE: EncoderPart(model, shape),
-        DECODER_FILE: DecoderPart(model, shape, with_past=False),
-        WITH_PAST_FILE: DecoderPart(model, shape, with_past=True),
-    }
     report = Seq2SeqExportReport(folder, task)
     staging = folder.parent / f".serfswap-{secrets.token_hex(8)}"
     try:
-        staging.mkdir(0o700)
-        with eager_attention(model):
+        staging.mkdir()  # the umask's mode: the folder itself moves into place
+        with eval_mode(model), eager_attention(model):
+            shape = layout(model)
+            parts = {
+                ENCODER_FILE: EncoderPart(model, shape),
+                DECODER_FILE: DecoderPart(model, shape, with_past=False),
+                WITH_PAST_FILE: DecoderPart(model, shape, with_past=True),
+            }
             for name, part in parts.items():
                 written = export_onnx(part, staging / name, exporter=exporter, **options)
                 written.dynamic_axes = name_encoder_axes(staging / name)
