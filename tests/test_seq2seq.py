@@ -337,3 +337,18 @@ def test_the_command_line_transcribes_wav_files_with_whisper(
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert printed == tokenizer.batch_decode(tokens, skip_special_tokens=True)
     assert len(printed) == 2 and all(line.strip() for line in printed)
+
+
+def test_the_command_line_refuses_a_decoder_with_a_seq2seq_task_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--task", TEXT2TEXT])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if not line.startswith("serfswap export: note")]
+    assert len(errors) == 1 and errors[0].startswith("serfswap export: error: task "), err
+    assert "gpt2 (GPT2LMHeadModel)" in errors[0] and "text-generation-with-past" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
