@@ -122,3 +122,45 @@ def test_optimum_loads_serfswaps_seq2seq_folder_and_generates_torchs_tokens(
     got = ort_model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert want.shape == (2, 13) and len(set(want[:, 1:].ravel().tolist())) > 2
     assert torch.equal(got, want)
+
+
+def test_optimum_loads_serfswaps_whisper_folder_and_generates_torchs_tokens(
+    tmp_path: Path,
+) -> None:
+    """The speech task's folder, loaded by ORTModelForSpeechSeq2Seq (Optimum's Whisper class):
+    the same logits as torch for a decoder prefix, and the same greedy tokens (the plain greedy
+    loop, GenerationMixin's: Whisper's own generate wants a real tokenizer's special ids)."""
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16, max_target_positions=64,
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    model = transformers.AutoModelForSpeechSeq2Seq.from_config(config)
+    with torch.no_grad():  # wider than Whisper's initialiser: tokens that vary
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 and "embed_positions" not in name:
+                parameter.normal_(0.0, 1.0)
+    model = serfswap.convert(model).eval()
+    task = "automatic-speech-recognition-with-past"
+    assert serfswap.export_onnx(model, tmp_path / "onnx", task=task).verified
+    ort_model = ort_models.ORTModelForSpeechSeq2Seq.from_pretrained(tmp_path / "onnx")
+    assert ort_model.can_use_cache
+    features = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    prefix = torch.tensor([[1, 5, 9], [1, 7, 3]])
+    with torch.no_grad():
+        want = model(input_features=features, decoder_input_ids=prefix).logits
+        tokens = transformers.GenerationMixin.generate(
+            model, input_features=features, max_new_tokens=8, do_sample=False
+        )
+    got = ort_model(input_features=features, decoder_input_ids=prefix).logits
+    # fp32's rounding grows with the logits (up to about 20 at these weights)
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
+    generated = transformers.GenerationMixin.generate(
+        ort_model, input_features=features, max_new_tokens=8, do_sample=False
+    )
+    assert len(set(tokens[:, 1:].ravel().tolist())) > 2
+    assert torch.equal(generated, tokens)
