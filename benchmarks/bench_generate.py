@@ -13,6 +13,9 @@ not counted; median over runs, the three interleaved run by run. CPU, 2 threads 
 
     python benchmarks/bench_generate.py                     # contexts 32, 128, 512
     python benchmarks/bench_generate.py --contexts 32 512 --runs 3 --new-tokens 8
+
+``--seq2seq``: the same for an encoder-decoder (a small T5) at decoder lengths 16, 64, 256;
+see ``bench_seq2seq.py``.
 """
 
 from __future__ import annotations
@@ -67,10 +70,18 @@ def per_token_ms(run: Callable[[int], object], new_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--contexts", type=int, nargs="+")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seq2seq", action="store_true", help="a small T5 (bench_seq2seq.py)")
     args = parser.parse_args()
+    if args.seq2seq:
+        import bench_seq2seq  # beside this file: the script's folder is on sys.path
+
+        args.contexts = args.contexts or [16, 64, 256]
+        bench_seq2seq.run(args, per_token_ms)
+        return
+    args.contexts = args.contexts or [32, 128, 512]
     torch.set_num_threads(THREADS)
     model = build_model()
     folder = Path(tempfile.mkdtemp(prefix="bench-generate-"))

@@ -63,6 +63,21 @@ def past_names(layers: int) -> list[str]:
     return [past_name(i, kind) for i in range(layers) for kind in KEY_VALUE]
 
 
+# An encoder-decoder's cache (Optimum's seq2seq layout): each layer's self-attention ("decoder")
+# and cross-attention ("encoder") key and value, ``past_key_values.{i}.decoder.key`` ...
+SEQ2SEQ_PARTS = ("decoder", "encoder")
+
+
+def seq2seq_past_names(layers: int) -> list[str]:
+    """The cache inputs of a ``layers``-layer encoder-decoder's decoder, in graph order.
+
+    >>> seq2seq_past_names(1)[:2]
+    ['past_key_values.0.decoder.key', 'past_key_values.0.decoder.value']
+    """
+    return [past_name(i, f"{part}.{kind}") for i in range(layers) for part in SEQ2SEQ_PARTS
+            for kind in KEY_VALUE]  # fmt: skip
+
+
 def is_past(name: str) -> bool:
     """Whether ``name`` is a cache input (``past_key_values.*``)."""
     return name.startswith(PAST + ".")
@@ -75,6 +90,15 @@ def present_for(past: str) -> str:
     'present.3.value'
     """
     return PRESENT + past.removeprefix(PAST)
+
+
+def past_for(present: str) -> str:
+    """The cache input that the output ``present`` feeds at the next step.
+
+    >>> past_for("present.3.decoder.value")
+    'past_key_values.3.decoder.value'
+    """
+    return PAST + present.removeprefix(PRESENT)
 
 
 _INDEX = re.compile(r"(?:(?<=\.)|^)(\d+)(?=\.|$)")  # a dotted part that is a number

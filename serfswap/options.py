@@ -44,11 +44,13 @@ def check_opset(opset: object) -> int:
 # cannot decompose (non-contiguous views in MaxViT and ViT-relpos, 5-D attention in Hiera).
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
-# Tasks of export_onnx: the model's forward without its KV cache, or a transformers decoder with
-# its cache in Optimum's layout (serfswap.export.decoder).
+# Tasks of export_onnx: the model's forward without its KV cache; a transformers decoder with
+# its cache in Optimum's layout (serfswap.export.decoder); an encoder-decoder as Optimum's folder
+# of three files, encoder, decoder and decoder with past (serfswap.export.seq2seq).
 DEFAULT_TASK = "default"
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
-TASKS = (DEFAULT_TASK, TEXT_GENERATION_WITH_PAST)
+SEQ2SEQ_TASKS = ("text2text-generation-with-past", "automatic-speech-recognition-with-past")
+TASKS = (DEFAULT_TASK, TEXT_GENERATION_WITH_PAST, *SEQ2SEQ_TASKS)
 
 
 # Recovery -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
@@ -13,6 +14,7 @@ from ..options import (
     DEFAULT_OPSET,
     DTYPE_NAMES,
     EXPORTERS,
+    SEQ2SEQ_TASKS,
     TASKS,
     TOLERANCE,
     check_opset,
@@ -45,7 +47,12 @@ def check(args: argparse.Namespace) -> None:
     check_opset(args.opset)
     _shape_specs(args.input_shape)
     check_model_arguments(args)
-    output_path(args)
+    if args.task in SEQ2SEQ_TASKS:  # OUT is a folder of three files (Optimum's layout)
+        from ..io.paths import check_output_folder
+
+        check_output_folder(args.output, [args.model, args.weights])
+    else:
+        output_path(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
         exporter=args.exporter,
     )
+    if args.task in SEQ2SEQ_TASKS and Path(args.model).is_dir():
+        from ..export.seq2seq import copy_preprocessor_files
+
+        copy_preprocessor_files(Path(args.model), Path(args.output))
     print(report)
     if report.leftovers and not args.convert:
         print("  hint: pass --convert to replace the activations that are left")
@@ -132,7 +143,10 @@ def add_command(commands: Any) -> None:
                         "TorchScript's; dynamo or torchscript: that one only")  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default="default",
                         help="text-generation-with-past: a decoder with its KV cache, in "
-                        "Optimum's layout (see `serfswap generate`)")  # fmt: skip
+                        "Optimum's layout (see `serfswap generate`); "
+                        "text2text-generation-with-past (T5, BART, Marian...) and "
+                        "automatic-speech-recognition-with-past (Whisper): an encoder-decoder "
+                        "as Optimum's three files in the folder OUT")  # fmt: skip
     parser.set_defaults(func=run, check=check)
 
 

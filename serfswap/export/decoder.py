@@ -82,7 +82,8 @@ def check_task(model: nn.Module, task: str) -> None:
             f"task {task!r} needs a transformers causal LM (decoder-only, with a KV cache); "
             f"got {_model_kind(model)}"
             + (
-                ": encoder-decoders are not supported yet, export without --task"
+                ": an encoder-decoder exports with --task text2text-generation-with-past "
+                "(automatic-speech-recognition-with-past for Whisper)"
                 if getattr(getattr(model, "config", None), "is_encoder_decoder", False)
                 else ""
             )
@@ -162,6 +163,15 @@ class DecoderWithPast(nn.Module):
             result[present_name(i, "key")] = layer.keys
             result[present_name(i, "value")] = layer.values
         return result
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return example_inputs(self)
+
+    def verification_inputs(self) -> list[dict[str, torch.Tensor]]:
+        return verification_inputs(self)
+
+    def dynamic_shapes(self) -> dict[str, Any]:
+        return dynamic_shapes(self)
 
 
 def _identifier(name: str) -> str:

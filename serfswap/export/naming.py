@@ -87,7 +87,8 @@ def name_axes(path: Path, seq_names: set[str]) -> dict[str, list[str]]:
     renames: dict[str, str] = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        past = is_past(value.name)  # a KV cache in Optimum's layout
+        # a KV cache in Optimum's layout; a seq2seq cross-attention cache's is the encoder's length
+        past = is_past(value.name) and ".encoder." not in value.name
         named = {0: True, 1: value.name in seq_names, 2: past}
         for index, role in ((0, BATCH), (1, SEQUENCE), (2, PAST_SEQUENCE)):
             if index < len(dims) and dims[index].dim_param and named[index]:

@@ -29,12 +29,12 @@ from ..io.paths import staged_output
 from ..modes import eval_mode
 from ..onnx_ops.decompositions import DEFAULT as DEFAULT_DECOMPOSITION
 from ..ops.serf import keep_custom_op
-from ..options import DEFAULT_DTYPE, DEFAULT_OPSET, DEFAULT_TASK
-from .decoder import verification_inputs
+from ..options import DEFAULT_DTYPE, DEFAULT_OPSET, DEFAULT_TASK, SEQ2SEQ_TASKS
 from .failures import AttemptFailed, one_line
 from .naming import output_names
 from .report import ExportReport
 from .request import Request, ShapePlan, prepare
+from .seq2seq import Seq2SeqExportReport
 from .switches import exportable_experts, without_kv_cache
 from .verification import compare, fresh_like
 from .writers import Written, write
@@ -107,7 +107,7 @@ def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
             fresh_sets = (
                 [fresh_like(req.inputs, shapes.grow(), req.seq_names)]
                 if req.decoder is None
-                else verification_inputs(req.decoder)  # past lengths 0 and 7
+                else req.decoder.verification_inputs()  # e.g. past lengths 0 and 7
             )
             for fresh in fresh_sets:  # the worst difference of each output over the sets
                 try:
@@ -169,7 +169,7 @@ def export_onnx(
     functions: bool = False,
     task: str = DEFAULT_TASK,
     exporter: str = "auto",
-) -> ExportReport:
+) -> ExportReport | Seq2SeqExportReport:
     """Export ``model`` to ONNX at ``path`` with every Serf as standard ops.
 
     Args:
@@ -196,6 +196,12 @@ def export_onnx(
             ``"text-generation-with-past"``: a transformers causal LM with its KV cache in
             Optimum's layout (inputs ``past_key_values.{i}.key`` ..., outputs ``present.{i}.key``
             ...), verified at past lengths 0 and 7; see :mod:`serfswap.export.decoder`.
+            ``"text2text-generation-with-past"`` (T5, BART, Marian...) and
+            ``"automatic-speech-recognition-with-past"`` (Whisper): an encoder-decoder as
+            Optimum's three files in the folder ``path`` (encoder, decoder, decoder with past;
+            config.json, generation_config.json), each verified; returns a
+            :class:`~serfswap.export.seq2seq.Seq2SeqExportReport`. See
+            :mod:`serfswap.export.seq2seq`.
         exporter: ``"auto"`` (default): torch's dynamo exporter, and where each of its shape
             plans fails, the TorchScript exporter with the same plans, checks and
             verification (the report's ``exporter`` and ``exporter_note`` say which wrote the
@@ -206,6 +212,15 @@ def export_onnx(
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
+    if task in SEQ2SEQ_TASKS:  # three files in a folder (export/seq2seq.py)
+        from .seq2seq import export_seq2seq
+
+        return export_seq2seq(
+            model, path, example_inputs, task=task, convert_activations=convert_activations,
+            dynamic=dynamic, exporter=exporter, opset=opset, decomposition=decomposition,
+            dtype=dtype, verify=verify, atol=atol, rtol=rtol, external_data=external_data,
+            functions=functions,
+        )  # fmt: skip
     req = prepare(
         model, path, example_inputs, dynamic=dynamic, convert_activations=convert_activations,
         opset=opset, decomposition=decomposition, dtype=dtype, external_data=external_data,

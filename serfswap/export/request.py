@@ -20,9 +20,8 @@ from ..onnx_ops.decompositions import DECOMPOSITIONS
 from ..options import EXPORTERS, TEXT_GENERATION_WITH_PAST, TOLERANCE, check_opset
 from ..rewrite.convert import REPORT_ATTR, convert
 from .decoder import DecoderWithPast, check_task, with_past
-from .decoder import dynamic_shapes as decoder_shapes
-from .decoder import example_inputs as decoder_example_inputs
 from .naming import named_inputs, sequence_inputs
+from .seq2seq_parts import Seq2SeqPart
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -78,7 +77,8 @@ class Request:
     rtol: float
     output_names: list[str] = field(default_factory=list)
     left_at_run_time: int = 0  # activations the model's conversion left running (its report)
-    decoder: DecoderWithPast | None = None  # text-generation-with-past: decoder.py
+    # text-generation-with-past (decoder.py), or one file of a seq2seq task (seq2seq.py)
+    decoder: DecoderWithPast | Seq2SeqPart | None = None
 
 
 def _check_options(
@@ -157,12 +157,14 @@ def prepare(
         model = convert(model, example_inputs=example_inputs)
     swap = model.__dict__.get(REPORT_ATTR)
     decoder = with_past(model) if task == TEXT_GENERATION_WITH_PAST else None
+    if isinstance(model, Seq2SeqPart):  # one file of a seq2seq task (seq2seq.py)
+        decoder = model
     if decoder is not None:  # the model with its cache as flat tensors (decoder.py)
         if example_inputs is not None or dynamic is False:
             raise ExportError(f"task {task!r} makes its own inputs, with dynamic shapes")
         if exporter == "torchscript":
             raise ExportError(f"task {task!r} is exported by the dynamo exporter only")
-        model, example_inputs = decoder, decoder_example_inputs(decoder)
+        model, example_inputs = decoder, decoder.example_inputs()
     inputs = named_inputs(model, example_inputs)
     dtype = options["dtype"]
     if dtype != "fp32":
@@ -170,7 +172,7 @@ def prepare(
         inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
     seq_names = sequence_inputs(inputs) - ({ATTENTION_MASK} if decoder else set())
     plans = (
-        [ShapePlan("dynamic", set(inputs), seq_names, decoder_shapes(decoder))]
+        [ShapePlan("dynamic", set(inputs), seq_names, decoder.dynamic_shapes())]
         if decoder is not None
         else _shape_plans(inputs, seq_names, dynamic)
     )

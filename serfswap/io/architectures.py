@@ -254,6 +254,23 @@ def saved_as_causal_lm(config: dict[str, Any]) -> bool:
     return bool(_causal_lm_classes() & set(config.get("architectures") or []))
 
 
+def seq2seq_lm_auto(config: dict[str, Any]) -> Any:
+    """The auto class of a folder saved from an encoder-decoder with its language-model head
+    (``T5ForConditionalGeneration``, ``WhisperForConditionalGeneration``...), else None: the
+    head is kept, as a causal LM's is, so that the model exports with a seq2seq task."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    saved = set(config.get("architectures") or [])
+    for mapping, auto in (
+        (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM"),
+        (modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, "AutoModelForSpeechSeq2Seq"),
+    ):
+        if saved & set(mapping.values()):
+            return getattr(transformers, auto)
+    return None
+
+
 def _keeps_lm_head(config: dict[str, Any], state: dict[str, torch.Tensor] | None) -> bool:
     """Whether ``--arch hf:DIR`` builds the language-model head: the folder was saved from a
     causal LM, and the weights (when given) are not exactly the bare model's (a state dict of

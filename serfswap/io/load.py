@@ -43,6 +43,7 @@ from .architectures import (
     hf_config,
     needs_remote_code,
     saved_as_causal_lm,
+    seq2seq_lm_auto,
 )
 from .checkpoint import FORMAT, read_checkpoint
 from .formats import (
@@ -134,6 +135,8 @@ def _load_folder(path: Path, request: _Request) -> Loaded:
         auto = transformers.AutoModel
         if request.causal_lm is not False and saved_as_causal_lm(config):
             auto = transformers.AutoModelForCausalLM
+        elif request.causal_lm is not False and seq2seq_lm_auto(config) is not None:
+            auto = seq2seq_lm_auto(config)
         model = auto.from_pretrained(
             path, attn_implementation="eager", trust_remote_code=request.trust_remote_code
         )

@@ -76,7 +76,10 @@ def generate(
 
     Args:
         session_or_path: an onnxruntime session or the path of a file exported with
-            ``task="text-generation-with-past"``.
+            ``task="text-generation-with-past"``; or a folder exported with a seq2seq task
+            (or :func:`serfswap.runtime.seq2seq.load`'s sessions), which
+            :func:`~serfswap.runtime.seq2seq.generate_seq2seq` runs: the encoder's inputs
+            (token ids, or Whisper's log-mel features) in, the decoder's tokens out.
         input_ids: (batch, length) token ids (numpy, torch or nested lists); rows of different
             lengths are left-padded, with ``attention_mask`` 0 on the padding.
         attention_mask: default: all ones.
@@ -84,6 +87,15 @@ def generate(
         eos_token_id: one id or several; a row stops at the first one it produces.
         pad_token_id: what a finished row is continued with; default: the (first) eos id.
     """
+    from .seq2seq import Seq2SeqSessions, generate_seq2seq
+
+    if isinstance(session_or_path, Seq2SeqSessions) or (
+        isinstance(session_or_path, str | os.PathLike) and os.path.isdir(session_or_path)
+    ):  # an encoder-decoder folder (seq2seq.py): input_ids may be Whisper's features
+        return generate_seq2seq(
+            session_or_path, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
     if type(max_new_tokens) is not int or max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     tokens = _as_int64(input_ids, INPUT_IDS)
