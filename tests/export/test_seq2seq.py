@@ -30,7 +30,6 @@ from serfswap.errors import TaskError
 from serfswap.onnx_ops import check_graph
 from serfswap.runtime import generate
 from serfswap.runtime.seq2seq import generate_seq2seq, load
-
 from tests.runtime.test_generate import save_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
