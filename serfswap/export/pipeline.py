@@ -212,20 +212,20 @@ def export_onnx(
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
+    options = dict(
+        opset=opset, dynamic=dynamic, dtype=dtype, decomposition=decomposition, verify=verify,
+        atol=atol, rtol=rtol, convert_activations=convert_activations,
+        external_data=external_data, functions=functions, exporter=exporter,
+    )  # fmt: skip
     if task in SEQ2SEQ_TASKS:  # three files in a folder (export/seq2seq.py)
         from .seq2seq import export_seq2seq
 
-        return export_seq2seq(
-            model, path, example_inputs, task=task, convert_activations=convert_activations,
-            dynamic=dynamic, exporter=exporter, opset=opset, decomposition=decomposition,
-            dtype=dtype, verify=verify, atol=atol, rtol=rtol, external_data=external_data,
-            functions=functions,
-        )  # fmt: skip
-    req = prepare(
-        model, path, example_inputs, dynamic=dynamic, convert_activations=convert_activations,
-        opset=opset, decomposition=decomposition, dtype=dtype, external_data=external_data,
-        functions=functions, verify=verify, atol=atol, rtol=rtol, task=task, exporter=exporter,
-    )  # fmt: skip
+        return export_seq2seq(model, path, example_inputs, task=task, **options)
+    return _export(prepare(model, path, example_inputs, task=task, **options))
+
+
+def _export(req: Request) -> ExportReport:
+    """The prepared request's export: the attempts, with the model in the switches they need."""
     # An exported program's module has no train/eval modes: its graph fixed them.
     mode = contextlib.nullcontext() if req.program is not None else eval_mode(req.model)
     # keep_custom_op: the tracer sees serfswap::serf, which the translation table maps to the
