@@ -27,7 +27,9 @@ _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}  # fmt: skip
 
 
-def _as_int64(value: Any, what: str) -> np.ndarray:
+def as_int64(value: Any, what: str) -> np.ndarray:
+    """Token ids (a tensor, array or list; one row or a batch) as an int64 (batch, length) array,
+    or one line saying what was given instead."""
     array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
     if array.ndim == 1:
         array = array[None, :]
@@ -98,8 +100,8 @@ def generate(
         )  # fmt: skip
     if type(max_new_tokens) is not int or max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    tokens = _as_int64(input_ids, INPUT_IDS)
-    mask = np.ones_like(tokens) if attention_mask is None else _as_int64(attention_mask, "mask")
+    tokens = as_int64(input_ids, INPUT_IDS)
+    mask = np.ones_like(tokens) if attention_mask is None else as_int64(attention_mask, "mask")
     if mask.shape != tokens.shape:
         raise InvalidArgumentError(f"attention_mask {mask.shape} != input_ids {tokens.shape}")
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..names import PRESENT, past_for
+from .generate import as_int64
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -134,18 +135,6 @@ def load(
     )
 
 
-def _ids(value: Any, what: str) -> np.ndarray:
-    array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or array.shape[1] == 0:
-        raise InvalidArgumentError(
-            f"{what} must be integer token ids of shape (batch, length), got {array.dtype} "
-            f"{array.shape}"
-        )
-    return array.astype(np.int64)
-
-
 def _features(value: Any, sessions: Seq2SeqSessions) -> np.ndarray:
     array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
     declared = sessions.encoder.get_inputs()[0].shape  # (batch, mel bins, frames)
@@ -170,8 +159,10 @@ def _encode(sessions: Seq2SeqSessions, inputs: Any, attention_mask: Any) -> dict
         features = _features(inputs, sessions)
         (hidden,) = sessions.encoder.run(["last_hidden_state"], {"input_features": features})
         return {"encoder_hidden_states": hidden}
-    ids = _ids(inputs, "input_ids")
-    mask = np.ones_like(ids) if attention_mask is None else _ids(attention_mask, "attention_mask")
+    ids = as_int64(inputs, "input_ids")
+    mask = (
+        np.ones_like(ids) if attention_mask is None else as_int64(attention_mask, "attention_mask")
+    )
     if mask.shape != ids.shape:
         raise InvalidArgumentError(f"attention_mask {mask.shape} != input_ids {ids.shape}")
     (hidden,) = sessions.encoder.run(
@@ -232,7 +223,7 @@ def generate_seq2seq(
             )
         tokens = np.full((batch, 1), start, dtype=np.int64)
     else:
-        tokens = _ids(decoder_input_ids, "decoder_input_ids")
+        tokens = as_int64(decoder_input_ids, "decoder_input_ids")
         tokens = np.repeat(tokens, batch, axis=0) if tokens.shape[0] == 1 else tokens
         if tokens.shape[0] != batch:
             raise InvalidArgumentError(f"decoder_input_ids has {tokens.shape[0]} rows for {batch}")
