@@ -1,6 +1,7 @@
 """A recovery run of a tiny LLaMA in its own process, for the FSDP tests (launched with torchrun).
 
-    python tests/support/fsdp_run.py OUT.safetensors --steps N [--fsdp] [--layer-weight W]
+    python tests/support/fsdp_run.py OUT.safetensors --steps N [--fsdp [--fsdp-bf16]
+                    [--activation-checkpointing]] [--layer-weight W]
                                      [--checkpoint-dir D --every K] [--resume] [--delay S]
 
 Teacher: a tiny LLaMA built from its config with a fixed seed (no download); data: a fixed list
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--layer-weight", type=float, default=0.0)
+    parser.add_argument("--fsdp-bf16", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--layer-weight", type=float, default=1.0)
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher, student = models()
     result = serfswap.recover(
         student, teacher, SlowBatches(batches(), args.delay), steps=args.steps, lr=1e-3,
-        fsdp=args.fsdp, layer_weight=args.layer_weight, checkpoint_dir=args.checkpoint_dir,
+        fsdp=args.fsdp, fsdp_bf16=args.fsdp_bf16,
+        activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.every, resume=args.resume, progress=False,
     )  # fmt: skip
     rank = int(os.environ.get("RANK", "0"))
