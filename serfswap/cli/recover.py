@@ -52,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     # One command's script, step by step: load, read the data, convert, recover, write, clean
     # up; each step is a call or two, in the order the user sees them printed.
-    import torch
-
-    from ..io.checkpoint import save_checkpoint
     from ..recovery.loop import recover
     from ..rewrite.convert import convert
 
@@ -83,13 +80,37 @@ def _recover(args: argparse.Namespace) -> int:
     result = recover(student, teacher, batches.train, steps=args.steps,
                      eval_data=batches.held_out, options=options)  # fmt: skip
     print(result)
-    save_checkpoint(student.to(torch.device("cpu")), args.out, arch=arch)
+    if not _write(student, args.out, arch):
+        return 0  # a rank of a sharded run other than 0, which writes OUT and tidies up
     print(f"wrote {args.out}")
     if result.checkpoint is not None:
         _checkpoints_done(checkpoint_dir(args, args.out), keep=args.keep_checkpoints)
     if options.plot is not None:
         print(f"wrote {options.plot}")
     return 0
+
+
+def _write(student: Any, out: Path, arch: dict[str, Any] | None) -> bool:
+    """Write OUT; False on the ranks of a sharded (``--fsdp``) run other than 0. A sharded
+    student is gathered one parameter at a time (every rank takes part) into the one file
+    rank 0 writes; then the process group that recover() left open for it is closed."""
+    import torch
+    import torch.distributed as dist
+
+    from ..io.checkpoint import save_checkpoint
+
+    if not (dist.is_available() and dist.is_initialized()):
+        save_checkpoint(student.to(torch.device("cpu")), out, arch=arch)
+        return True
+    from ..recovery.fsdp import full_state_dict
+
+    try:
+        tensors = full_state_dict(student)
+        if tensors is not None:
+            save_checkpoint(student, out, arch=arch, tensors=tensors)
+    finally:
+        dist.destroy_process_group()
+    return tensors is not None
 
 
 def _teacher(loaded: Any) -> Any:
