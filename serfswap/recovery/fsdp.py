@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..options import RecoveryOptions
 from . import distributed
 from . import state as trainstate
 
@@ -79,6 +80,18 @@ def shard(
             checkpoint(block)
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def shard_run(student: nn.Module, teacher: nn.Module, world: distributed.World,
+              device: torch.device, opts: RecoveryOptions) -> bool:  # fmt: skip
+    """Shard the student and the teacher when ``opts.fsdp`` asks for it and there are ranks
+    to shard over (one process runs unsharded); whether they were."""
+    if not (opts.fsdp and world.size > 1):
+        return False
+    shard(student, world, device, bf16=opts.fsdp_bf16,
+          checkpointing=opts.activation_checkpointing)  # fmt: skip
+    shard(teacher, world, device, bf16=opts.fsdp_bf16)  # no backward to checkpoint
+    return True
 
 
 def local_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:

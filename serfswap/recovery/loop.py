@@ -176,11 +176,7 @@ class _Trainer:
             student, teacher, device, opts, world)  # fmt: skip
         # Under FSDP the parameters are replaced by their shards: sharded before the optimizer
         # is made, so that it holds (and its moments are) the shards.
-        self.sharded = opts.fsdp and world.size > 1
-        if self.sharded:
-            for model in (student, teacher):  # the teacher has no backward to checkpoint
-                recompute = opts.activation_checkpointing and model is student
-                fsdp.shard(model, world, device, bf16=opts.fsdp_bf16, checkpointing=recompute)
+        self.sharded = fsdp.shard_run(student, teacher, world, device, opts)
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
