@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -278,7 +279,8 @@ def _checkpoints_done(checkpoints: Path, *, keep: bool) -> None:
 
 
 def _device(name: str) -> torch.device:
-    """--device as a torch.device; "auto" is CUDA when torch sees it."""
+    """--device as a torch.device; "auto" is CUDA when torch sees it (under torchrun, the GPU
+    of the process's LOCAL_RANK)."""
     import torch
 
     if name == "auto":
@@ -288,11 +290,16 @@ def _device(name: str) -> torch.device:
             f"--device {name}: torch sees no CUDA device here", option="--device"
         )
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise InvalidArgumentError(
             f"--device {name}: not a device (cpu, cuda:N)", option="--device"
         ) from None
+    # Under torchrun each process of a machine takes its own GPU, the one of its LOCAL_RANK.
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _tokenizer_dir(args: argparse.Namespace) -> Path:

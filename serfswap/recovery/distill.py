@@ -111,7 +111,7 @@ def _mse_cosine(student: Tensor, teacher: Tensor) -> Tensor:
     """Rows of ``student`` towards rows of ``teacher``: MSE over the teacher's variance (scale
     free) plus one minus the mean cosine (direction, which is what embeddings are used by)."""
     s, t = student.float(), teacher.float()
-    mse = F.mse_loss(s, t) / t.var().clamp_min(1e-8)
+    mse = F.mse_loss(s, t) / _variance(t).clamp_min(1e-8)
     return mse + 1 - F.cosine_similarity(s, t, dim=-1).mean()
 
 
@@ -216,7 +216,8 @@ class LayerTaps:
 def _variance(t: Tensor) -> Tensor:
     """The variance of ``t`` over the whole global batch: under torchrun each rank holds a
     slice, and the ranks' sums and sums of squares are added up, so that every rank scales its
-    layer loss alike and the ranks together follow the single-process run."""
+    MSE terms (layer matching, hidden states) alike and the ranks together follow the
+    single-process run."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
