@@ -151,19 +151,20 @@ def recover(
 def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
     """With ``train="converted"``, every parameter outside the converted modules frozen, for
     the run only: the student gets its ``requires_grad`` flags and its modes back after."""
-    params = list(student.parameters())
-    saved = [p.requires_grad for p in params]
+    # By name, not by holding the parameters: FSDP replaces them by their shards, and a list
+    # of them would keep the whole unsharded student alive on every rank for the run.
+    saved = {name: p.requires_grad for name, p in student.named_parameters()}
     if opts.train == "converted":
         keep = {id(p) for name in converted_parents(student)
                 for p in student.get_submodule(name).parameters()}  # fmt: skip
-        for p in params:
+        for p in student.parameters():
             p.requires_grad_(p.requires_grad and id(p) in keep)
     try:
         with modes(student):
             yield
     finally:
-        for p, flag in zip(params, saved, strict=True):
-            p.requires_grad_(flag)
+        for name, p in student.named_parameters():
+            p.requires_grad_(saved[name])
 
 
 class _Trainer:

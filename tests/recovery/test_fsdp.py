@@ -62,6 +62,14 @@ def test_blocks_are_the_repeated_layers() -> None:
     assert fsdp.blocks(teacher) == list(teacher.model.layers)
 
 
+def test_the_fsdp_options_need_fsdp() -> None:
+    for name in ("fsdp_bf16", "activation_checkpointing"):
+        with pytest.raises(serfswap.InvalidArgumentError, match="needs fsdp=True") as caught:
+            serfswap.RecoveryOptions(**{name: True})
+        assert caught.value.option == name
+    assert serfswap.RecoveryOptions(fsdp=True, fsdp_bf16=True, activation_checkpointing=True)
+
+
 def test_fsdp_over_two_ranks_follows_the_single_process_run(tmp_path: Path) -> None:
     """Same global batches, same weights (within float summation order; layer matching on,
     its variance taken over the global batch), and each rank holds half the parameters,
