@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     result = serfswap.recover(
         student, teacher, SlowBatches(batches(), args.delay), steps=args.steps, lr=1e-3,
         fsdp=args.fsdp, fsdp_bf16=args.fsdp_bf16,
-        activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.every, resume=args.resume, progress=False,
+        activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.every, resume=args.resume,
+        progress=False,
     )  # fmt: skip
     rank = int(os.environ.get("RANK", "0"))
     state = fsdp.full_state_dict(student)  # every rank takes part in the gathers
