@@ -56,6 +56,7 @@ def recover(*args: str, torchrun: bool = False) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # two recover commands, one of them two processes: 20-30 s here
 def test_torchrun_fsdp_recover_writes_the_single_process_checkpoint(
     llama: tuple[Path, Path], tmp_path: Path
 ) -> None:
