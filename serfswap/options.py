@@ -90,6 +90,9 @@ class RecoveryOptions:
     finished run there to more ``steps``), ``log`` (a JSON-lines file, one line per step),
     ``plot`` (a PNG of the curves; needs matplotlib), ``progress`` (a tqdm bar, when tqdm is
     installed; the slow steps before it are logged at INFO on the ``serfswap`` logger).
+    Scale (``serfswap.recovery.fsdp``): ``fsdp`` (under torchrun, the student and the teacher
+    sharded over the ranks per block with FSDP2), ``fsdp_bf16`` (bfloat16 parameters in the
+    passes, float32 reductions), ``activation_checkpointing`` (per block, with ``fsdp``).
     """
 
     # The length of a run where none is given (the demo's), and the share of it between
@@ -170,6 +173,24 @@ class RecoveryOptions:
         ),
     )
     progress: bool = True
+    fsdp: bool = field(
+        default=False,
+        metadata=_cli(
+            "under torchrun, shard the student (weights, gradients, AdamW moments) and the "
+            "teacher over the ranks per block with FSDP2, instead of a whole copy on each"
+        ),
+    )
+    fsdp_bf16: bool = field(
+        default=False,
+        metadata=_cli(
+            "with --fsdp: bfloat16 parameters in the forward and backward, float32 gradient "
+            "reductions and master weights"
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_cli("with --fsdp: recompute each block's activations in the backward"),
+    )
 
     @staticmethod
     def every(steps: int) -> int:
@@ -190,6 +211,8 @@ class RecoveryOptions:
         for name in ("bn_batches", "eval_every", "checkpoint_every"):
             self._check(name, getattr(self, name) >= 0, "must be >= 0")
         self._check("keep", self.keep >= 1, "keep at least one checkpoint")
+        for name in ("fsdp_bf16", "activation_checkpointing"):
+            self._check(name, self.fsdp or not getattr(self, name), "needs fsdp=True")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise InvalidArgumentError(
                 "checkpoint_every and resume need a checkpoint_dir", option="checkpoint_dir"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -52,9 +53,6 @@ def run(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     # One command's script, step by step: load, read the data, convert, recover, write, clean
     # up; each step is a call or two, in the order the user sees them printed.
-    import torch
-
-    from ..io.checkpoint import save_checkpoint
     from ..recovery.loop import recover
     from ..rewrite.convert import convert
 
@@ -83,13 +81,37 @@ def _recover(args: argparse.Namespace) -> int:
     result = recover(student, teacher, batches.train, steps=args.steps,
                      eval_data=batches.held_out, options=options)  # fmt: skip
     print(result)
-    save_checkpoint(student.to(torch.device("cpu")), args.out, arch=arch)
+    if not _write(student, args.out, arch):
+        return 0  # a rank of a sharded run other than 0, which writes OUT and tidies up
     print(f"wrote {args.out}")
     if result.checkpoint is not None:
         _checkpoints_done(checkpoint_dir(args, args.out), keep=args.keep_checkpoints)
     if options.plot is not None:
         print(f"wrote {options.plot}")
     return 0
+
+
+def _write(student: Any, out: Path, arch: dict[str, Any] | None) -> bool:
+    """Write OUT; False on the ranks of a sharded (``--fsdp``) run other than 0. A sharded
+    student is gathered one parameter at a time (every rank takes part) into the one file
+    rank 0 writes; then the process group that recover() left open for it is closed."""
+    import torch
+    import torch.distributed as dist
+
+    from ..io.checkpoint import save_checkpoint
+
+    if not (dist.is_available() and dist.is_initialized()):
+        save_checkpoint(student.to(torch.device("cpu")), out, arch=arch)
+        return True
+    from ..recovery.fsdp import full_state_dict
+
+    try:
+        tensors = full_state_dict(student)
+        if tensors is not None:
+            save_checkpoint(student, out, arch=arch, tensors=tensors)
+    finally:
+        dist.destroy_process_group()
+    return tensors is not None
 
 
 def _teacher(loaded: Any) -> Any:
@@ -257,7 +279,8 @@ def _checkpoints_done(checkpoints: Path, *, keep: bool) -> None:
 
 
 def _device(name: str) -> torch.device:
-    """--device as a torch.device; "auto" is CUDA when torch sees it."""
+    """--device as a torch.device; "auto" is CUDA when torch sees it (under torchrun, the GPU
+    of the process's LOCAL_RANK)."""
     import torch
 
     if name == "auto":
@@ -267,11 +290,16 @@ def _device(name: str) -> torch.device:
             f"--device {name}: torch sees no CUDA device here", option="--device"
         )
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise InvalidArgumentError(
             f"--device {name}: not a device (cpu, cuda:N)", option="--device"
         ) from None
+    # Under torchrun each process of a machine takes its own GPU, the one of its LOCAL_RANK.
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _tokenizer_dir(args: argparse.Namespace) -> Path:

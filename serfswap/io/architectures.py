@@ -236,6 +236,8 @@ def describe(model: nn.Module) -> dict[str, Any] | None:
         # The config before convert() said "serf" in it: the checkpoint's swap redoes that.
         config_dict = config_before(config, model.__dict__.get(REPORT_ATTR))
         kind = type(model)
+        # FSDP2 (fully_shard) swaps a sharded module's class for a subclass: describe its own.
+        kind = kind.__mro__[getattr(kind, "_orig_cls_mro_index", 0)]
         lm = kind.__module__.startswith("transformers.") and kind.__name__ in _causal_lm_classes()
         head = {"head": CAUSAL_LM} if lm else {}
         return {"kind": "hf", "config": config_dict, **head}

@@ -32,6 +32,7 @@ def save_checkpoint(
     *,
     arch: dict[str, Any] | None = None,
     metadata: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model`` as a serfswap checkpoint: its weights, with the architecture (``arch``,
     by default :func:`describe`'s) and the swap as safetensors metadata; no pickled code.
@@ -40,11 +41,12 @@ def save_checkpoint(
     Written with safetensors' ``save_model``, which stores a tensor shared by several names
     (tied embeddings) once, under one of them. The file is staged beside ``path`` and renamed
     over it: never half-written. ``metadata`` adds entries of the caller's (the demo records
-    how it trained).
+    how it trained). ``tensors``: the weights to write in place of ``model``'s own (the
+    gathered state of a sharded model, ``serfswap.recovery.fsdp.full_state_dict``).
 
     >>> serfswap.save_checkpoint(serfswap.convert(model), "serf.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import _remove_duplicate_names, save_file, save_model
 
     arch = arch if arch is not None else describe(model)
     if arch is None:
@@ -63,7 +65,14 @@ def save_checkpoint(
         "swap": json.dumps(conversion_options(model)),
     }
     with staged_output(check_output_path(path)) as staged:
-        save_model(model, str(staged), metadata=entries)
+        if tensors is None:
+            save_model(model, str(staged), metadata=entries)
+        else:  # as save_model writes a state dict: a tensor shared by several names once
+            kept = dict(tensors)
+            for names in _remove_duplicate_names(kept).values():
+                for name in names:
+                    del kept[name]
+            save_file({k: v.contiguous() for k, v in kept.items()}, str(staged), entries)
         _canonical_header(staged)
         # safetensors creates files readable by their owner only; give the usual permissions.
         umask = os.umask(0)

@@ -111,7 +111,7 @@ def _mse_cosine(student: Tensor, teacher: Tensor) -> Tensor:
     """Rows of ``student`` towards rows of ``teacher``: MSE over the teacher's variance (scale
     free) plus one minus the mean cosine (direction, which is what embeddings are used by)."""
     s, t = student.float(), teacher.float()
-    mse = F.mse_loss(s, t) / t.var().clamp_min(1e-8)
+    mse = F.mse_loss(s, t) / _variance(t).clamp_min(1e-8)
     return mse + 1 - F.cosine_similarity(s, t, dim=-1).mean()
 
 
@@ -203,7 +203,7 @@ class LayerTaps:
         for name, student_out in self.outputs["student"].items():
             teacher_out = self.outputs["teacher"].get(name)
             if teacher_out is not None and teacher_out.shape == student_out.shape:
-                scale = teacher_out.float().var().clamp_min(1e-8)
+                scale = _variance(teacher_out.detach().float()).clamp_min(1e-8)
                 terms.append(F.mse_loss(student_out.float(), teacher_out.float()) / scale)
         self.outputs = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean() if terms else None
@@ -211,6 +211,22 @@ class LayerTaps:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _variance(t: Tensor) -> Tensor:
+    """The variance of ``t`` over the whole global batch: under torchrun each rank holds a
+    slice, and the ranks' sums and sums of squares are added up, so that every rank scales its
+    MSE terms (layer matching, hidden states) alike and the ranks together follow the
+    single-process run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t.var()
+    t = t.double()
+    stats = torch.stack([t.sum(), (t * t).sum(), t.new_tensor(t.numel())])
+    dist.all_reduce(stats)
+    total, squares, n = stats.unbind()
+    return ((squares - total * total / n) / (n - 1)).float()
 
 
 def converted_parents(model: nn.Module) -> list[str]:

@@ -7,7 +7,8 @@ outputs of the modules whose activations were converted (forward hooks on both m
 normalised by the teacher's variance). Batches that carry labels add the task loss. AdamW,
 linear warmup then cosine decay, gradient clipping. The pieces it compares live in
 ``distill.py``; checkpoints and the run state they hold in ``state.py``; the learning-rate and
-blend schedule in ``schedule.py``; ``torchrun`` support in ``distributed.py``.
+blend schedule in ``schedule.py``; ``torchrun`` support in ``distributed.py``, and sharding
+(``fsdp=True``) with its checkpoints in ``fsdp.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..options import (  # noqa: F401 (the choices are re-exported)
     TRAIN_CHOICES,
     RecoveryOptions,
 )
-from . import distributed
+from . import distributed, fsdp
 from . import log as curves
 from . import state as trainstate
 from .distill import (
@@ -66,6 +67,9 @@ class RecoveryResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
     checkpoint: Path | None = None
+    # Bytes this process held at the end of the last step, of the trainable parameters, their
+    # gradients and the optimizer's state: its shards under FSDP (see fsdp.local_bytes).
+    local_bytes: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         keys = sorted(set(self.before) | set(self.after))
@@ -114,6 +118,10 @@ def recover(
     to 0), while the weights, AdamW moments, RNG states and data position carry on. Without
     ``resume``, a finished run in ``checkpoint_dir`` is replaced by the new one; an unfinished
     one is refused.
+
+    With ``fsdp=True`` under ``torchrun`` the student and the teacher are sharded in place and
+    stay so, with the process group (see :mod:`serfswap.recovery.fsdp`): gather the student
+    with ``fsdp.full_state_dict(student)`` on every rank, then destroy the group.
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
@@ -128,30 +136,35 @@ def recover(
         curves.require_matplotlib()
     device = next(student.parameters()).device
     world = distributed.join(device)
+    sharded = False
     try:
         with eval_mode(teacher), _frozen(student, opts):
-            return _Run(student, teacher, data, steps, device, opts, world).run(eval_data)
+            run = _Run(student, teacher, data, steps, device, opts, world)
+            sharded = run.trainer.sharded
+            return run.run(eval_data)
     finally:
-        distributed.leave(world)
+        if not sharded:  # the shards live on the group: the caller gathers them, then leaves
+            distributed.leave(world)
 
 
 @contextlib.contextmanager
 def _frozen(student: nn.Module, opts: RecoveryOptions) -> Iterator[None]:
     """With ``train="converted"``, every parameter outside the converted modules frozen, for
     the run only: the student gets its ``requires_grad`` flags and its modes back after."""
-    params = list(student.parameters())
-    saved = [p.requires_grad for p in params]
+    # By name, not by holding the parameters: FSDP replaces them by their shards, and a list
+    # of them would keep the whole unsharded student alive on every rank for the run.
+    saved = {name: p.requires_grad for name, p in student.named_parameters()}
     if opts.train == "converted":
         keep = {id(p) for name in converted_parents(student)
                 for p in student.get_submodule(name).parameters()}  # fmt: skip
-        for p in params:
+        for p in student.parameters():
             p.requires_grad_(p.requires_grad and id(p) in keep)
     try:
         with modes(student):
             yield
     finally:
-        for p, flag in zip(params, saved, strict=True):
-            p.requires_grad_(flag)
+        for name, p in student.named_parameters():
+            p.requires_grad_(saved[name])
 
 
 class _Trainer:
@@ -162,6 +175,9 @@ class _Trainer:
                  opts: RecoveryOptions, world: distributed.World) -> None:  # fmt: skip
         self.student, self.teacher, self.device, self.opts, self.world = (
             student, teacher, device, opts, world)  # fmt: skip
+        # Under FSDP the parameters are replaced by their shards: sharded before the optimizer
+        # is made, so that it holds (and its moments are) the shards.
+        self.sharded = fsdp.shard_run(student, teacher, world, device, opts)
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
@@ -174,18 +190,26 @@ class _Trainer:
     ) -> trainstate.RunState:
         """``state`` with the optimizer's, the schedule's and the RNGs' states: a checkpoint."""
         scheduler, segments = self.schedule.state()
-        return replace(state, optimizer=self.optimizer.state_dict(), scheduler=scheduler,
-                       segments=segments, rng=rngs)  # fmt: skip
+        # A sharded run's optimizer state is in its shards (fsdp.save_shards), not in state.pt.
+        optimizer = {} if self.sharded else self.optimizer.state_dict()
+        return replace(state, optimizer=optimizer, scheduler=scheduler, segments=segments,
+                       rng=rngs)  # fmt: skip
 
-    def restore(self, state: trainstate.RunState) -> None:
-        """Back to where the checkpoint ``state`` stood (this process's RNG state included)."""
-        self.optimizer.load_state_dict(state.optimizer)
+    def restore(self, state: trainstate.RunState, path: Path) -> None:
+        """Back to where the checkpoint ``state`` (at ``path``) stood: this process's RNG state
+        included; the weights too when the checkpoint is sharded (written by an FSDP run, at
+        any number of ranks)."""
+        if trainstate.sharded(path):
+            fsdp.load_shards(path, self.student, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         self.schedule.restore(state.scheduler, state.segments)
         trainstate.set_rng_state(state.rng[self.world.rank % len(state.rng)])
 
     def wrap(self) -> nn.Module:
-        """The student, or under torchrun the student in DistributedDataParallel."""
-        if self.world.size == 1:
+        """The student, or under torchrun the student in DistributedDataParallel (or the
+        student itself when it is sharded)."""
+        if self.world.size == 1 or self.sharded:
             return self.student
         from torch.nn.parallel import DistributedDataParallel
 
@@ -251,6 +275,7 @@ class _Run:
         batches = _cycle(self.data)
         resumed = _prepare(self, batches, eval_batches)
         self._loop(batches, eval_batches)
+        held = fsdp.local_bytes(self.trainer.params, self.trainer.optimizer)
         after = self.trainer.evaluate(eval_batches) if eval_batches else {}
         state = self.state
         if self.opts.plot is not None and self.world.main:
@@ -258,7 +283,7 @@ class _Run:
             curves.plot(state.history, evals, Path(self.opts.plot))
         return RecoveryResult(self.steps, time.perf_counter() - start, state.before, after,
                               state.history, state.evals, resumed,
-                              self.last_checkpoint)  # fmt: skip
+                              self.last_checkpoint, held)  # fmt: skip
 
     def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
         """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
@@ -357,8 +382,11 @@ def _resume(run: _Run) -> int | None:
         if run.opts.resume:  # e.g. the checkpoints of a finished run were removed
             run.say(f"no checkpoint in {run.folder} to resume from: starting at step 0")
         return None
-    saved = trainstate.load(path, run.trainer.student, steps=run.steps)
-    run.trainer.restore(saved)
+    if trainstate.sharded(path):  # the weights are loaded with the optimizer's shards
+        saved = trainstate.read_checked(path, run.steps)
+    else:
+        saved = trainstate.load(path, run.trainer.student, steps=run.steps)
+    run.trainer.restore(saved, path)
     # The record carries on; the snapshots are in the optimizer and the schedule now.
     run.state = replace(saved, steps=run.steps, optimizer={}, scheduler={}, rng=[])
     run.last_checkpoint = path
@@ -386,6 +414,12 @@ def _checkpoint(run: _Run) -> None:
     """Write a checkpoint of the run as it stands (the main process writes; all gather their
     RNG states for it and wait until it is written)."""
     rngs = distributed.gather(trainstate.rng_state(), run.world)
+    if run.trainer.sharded and run.folder is not None:  # every rank writes its shards
+        snapshot = run.trainer.snapshot(run.state, rngs)
+        run.last_checkpoint = fsdp.save_shards(run.folder, run.trainer.student,
+                                               run.trainer.optimizer, snapshot, run.opts.keep,
+                                               run.world)  # fmt: skip
+        return
     if run.world.main and run.folder is not None:
         snapshot = run.trainer.snapshot(run.state, rngs)
         run.last_checkpoint = trainstate.save(run.folder, run.trainer.student, snapshot,

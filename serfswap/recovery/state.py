@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``step-NNNNNNNN`` holding ``model.safetensors`` (the student's
 weights and buffers) and ``state.pt`` (a :class:`RunState`: step, history, optimizer, schedule,
-RNG states; the one schema, which the same class writes and reads). It is
+RNG states; the one schema, which the same class writes and reads); a sharded (FSDP) run writes
+``shards/`` instead of ``model.safetensors`` (``torch.distributed.checkpoint``: each rank its
+shard of the weights and of the optimizer's state, see ``fsdp.py``). It is
 written into a hidden temporary folder beside it, flushed to disk, and renamed into place: a
 rename is atomic, so a run killed mid-write leaves a temporary folder that is never read, never
 a half-written ``step-*``. The last ``keep`` checkpoints are kept.
@@ -100,7 +102,8 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
-        if match and (entry / "state.pt").is_file() and (entry / "model.safetensors").is_file():
+        weights = (entry / "model.safetensors").is_file() or sharded(entry)
+        if match and (entry / "state.pt").is_file() and weights:
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -110,16 +113,31 @@ def save(folder: Path, model: nn.Module, state: RunState, keep: int) -> Path:
     ``keep``."""
     from safetensors.torch import save_model
 
-    step = state.step
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{state.step:08d}-", dir=folder))
     try:
         save_model(model, str(tmp / "model.safetensors"))  # shared tensors saved once
+        with open(tmp / "model.safetensors", "rb") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit(tmp, folder, state, keep)
+
+
+def sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds its weights as a sharded (FSDP) run writes them."""
+    return (path / "shards" / ".metadata").is_file()
+
+
+def commit(tmp: Path, folder: Path, state: RunState, keep: int) -> Path:
+    """Add ``state.pt`` to the temporary folder ``tmp`` that holds the weights, rename it into
+    place as the checkpoint of ``state.step``, then drop all but the newest ``keep``."""
+    final = folder / f"step-{state.step:08d}"
+    try:
         torch.save(state.to_dict(), tmp / "state.pt")
-        for path in (tmp / "model.safetensors", tmp / "state.pt"):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+        with open(tmp / "state.pt", "rb") as handle:
+            os.fsync(handle.fileno())
         if final.exists():  # a checkpoint of the same step from an earlier, longer-lived run
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -140,6 +158,17 @@ def load(path: Path, model: nn.Module, steps: int) -> RunState:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    state = read_checked(path, steps)
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+    except (SafetensorError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit this model ({exc})") from None
+    return state
+
+
+def read_checked(path: Path, steps: int) -> RunState:
+    """The state of checkpoint ``path`` when a run of ``steps`` may continue from it (see
+    :func:`load`)."""
     state = _read(path)
     done, planned = state.step, state.steps
     if steps < planned:
@@ -153,10 +182,6 @@ def load(path: Path, model: nn.Module, steps: int) -> RunState:
             f"{path} belongs to a run of {planned} steps, not {steps}, stopped at step {done}: "
             f"finish it first (resume with --steps {planned}), then extend it to more steps"
         )
-    try:
-        load_model(model, str(path / "model.safetensors"), strict=True)
-    except (SafetensorError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit this model ({exc})") from None
     return state
 
 

@@ -1,0 +1,106 @@
+"""A recovery run of a tiny LLaMA in its own process, for the FSDP tests (launched with torchrun).
+
+    python tests/support/fsdp_run.py OUT.safetensors --steps N [--fsdp [--fsdp-bf16]
+                    [--activation-checkpointing]] [--layer-weight W]
+                                     [--checkpoint-dir D --every K] [--resume] [--delay S]
+
+Teacher: a tiny LLaMA built from its config with a fixed seed (no download); data: a fixed list
+of global batches of token ids, so that every run sees the same batches in the same order. Every
+rank gathers the student (``fsdp.full_state_dict``) and rank 0 writes it to OUT as a serfswap
+checkpoint; each rank writes the bytes it held (``RecoveryResult.local_bytes``) to
+OUT.rankN.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+
+import serfswap
+from serfswap.recovery import fsdp
+
+VOCAB = 96
+
+
+class SlowBatches:
+    """The batches, each ``delay`` seconds late (a slow loader: a test can kill the run between
+    two checkpoints)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], delay: float) -> None:
+        self.batches, self.delay = batches, delay
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def config() -> Any:
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        initializer_range=0.2,
+    )  # fmt: skip
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(config()).eval()
+    return teacher, serfswap.convert(teacher)
+
+
+def batches(n: int = 5, size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Global batches without padding: every rank's slice has as many tokens, so the mean of
+    the ranks' losses is the loss of the whole batch."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (size, 12), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--fsdp-bf16", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--layer-weight", type=float, default=1.0)
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    teacher, student = models()
+    result = serfswap.recover(
+        student, teacher, SlowBatches(batches(), args.delay), steps=args.steps, lr=1e-3,
+        fsdp=args.fsdp, fsdp_bf16=args.fsdp_bf16,
+        activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.every, resume=args.resume,
+        progress=False,
+    )  # fmt: skip
+    rank = int(os.environ.get("RANK", "0"))
+    state = fsdp.full_state_dict(student)  # every rank takes part in the gathers
+    if rank == 0:
+        serfswap.save_checkpoint(student, args.out, tensors=state)
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        layer = [r["layer"] for r in result.history if "layer" in r]
+        json.dump({"local_bytes": result.local_bytes, "layer": layer}, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"done: {len(result.history)} steps, resumed from {result.resumed_from}")
+
+
+if __name__ == "__main__":
+    main()
