@@ -79,6 +79,7 @@ class Request:
     output_names: list[str] = field(default_factory=list)
     left_at_run_time: int = 0  # activations the model's conversion left running (its report)
     decoder: DecoderWithPast | None = None  # text-generation-with-past: decoder.py
+    quantize: str | None = None  # export_onnx(quantize=): serfswap/export/quantize.py
 
 
 def _check_options(
