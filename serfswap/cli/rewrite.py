@@ -13,8 +13,7 @@ import argparse
 from typing import Any
 
 from ..onnx_ops.decompositions import DECOMPOSITIONS, TARGETS
-
-QUANTIZE_CHOICES = ("int8", "int8-per-tensor")  # the home of the names: serfswap.export.quantize
+from ..options import QUANTIZE
 
 
 def _target_help() -> str:
@@ -30,7 +29,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=list(TARGETS), help=_target_help())
     parser.add_argument(
         "--quantize",
-        choices=QUANTIZE_CHOICES,
+        choices=list(QUANTIZE),
         help="write the file dynamically quantised with onnxruntime: int8 weights per channel "
         "(int8) or per tensor; its accuracy against the fp32 export is printed",
     )

@@ -31,9 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportFailedError, InvalidChoiceError
-
-# The modes: name -> per-channel weights.
-QUANTIZE: dict[str, bool] = {"int8": True, "int8-per-tensor": False}
+from ..options import QUANTIZE
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -172,4 +170,4 @@ def quantize_staged(staged: Path, mode: str, inputs: list[dict[str, Any]], repor
     report.size_bytes = sum(f.stat().st_size for f in staged.parent.iterdir())
 
 
-__all__ = ["QUANTIZE", "Quantized", "check_quantize", "measure", "quantize_file", "quantize_staged"]
+__all__ = ["Quantized", "check_quantize", "measure", "quantize_file", "quantize_staged"]
