@@ -259,7 +259,6 @@ def _export(req: Request) -> ExportReport:
         output = _run_once(req.model, req.inputs, positional=req.program is not None)
         req.output_names = output_names(req.model, output)
         report = _attempts(req)
-    report.target = target
     if experts:
         note = "mixture-of-experts computed as batched_mm: grouped_mm has no ONNX form"
         report.exporter_note = "; ".join(filter(None, [report.exporter_note, note]))
