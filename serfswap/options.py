@@ -20,6 +20,9 @@ DEFAULT_DTYPE = "fp32"
 DTYPE_NAMES = ("fp32", "fp16")  # export.request.DTYPES maps them to torch dtypes
 # Default tolerances of the verification, per export dtype: measured on the zoo, with margin.
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}  # (atol, rtol)
+# export_onnx(quantize=) / --quantize: each mode -> per-channel int8 weights (serfswap/export/
+# quantize.py says why per-channel is the default).
+QUANTIZE = {"int8": True, "int8-per-tensor": False}
 # The opsets the exporter writes as asked, measured on torch 2.14 + onnxruntime 1.32: 18 is the
 # lowest it implements; below, it converts down after export and quietly keeps 18 where that
 # fails (17 failed on timm's test_resnet, 16 and lower on a Linear+GELU), and 26 fails to

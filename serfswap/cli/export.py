@@ -27,6 +27,7 @@ from .loading import (
     output_path,
     progress,
 )
+from .rewrite import add_speed_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         dynamic=False if args.static else (True if args.dynamic else None),
         dtype=args.dtype,
         decomposition=args.decomposition,
+        target=args.target,
+        quantize=args.quantize,
         verify=not args.no_verify,
         atol=args.atol,
         rtol=args.rtol,
@@ -107,10 +110,10 @@ def add_command(commands: Any) -> None:
     parser.add_argument(
         "--decomposition",
         choices=list(DECOMPOSITIONS),
-        default=DEFAULT_DECOMPOSITION,
         help="; ".join(f"{d.name}: {'/'.join(d.ops)}, {d.use}" for d in DECOMPOSITIONS.values())
-        + f" (default: {DEFAULT_DECOMPOSITION})",
+        + f" (default: --target's, else {DEFAULT_DECOMPOSITION})",
     )
+    add_speed_arguments(parser)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="default: %(default)s")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE)
     shapes = parser.add_mutually_exclusive_group()

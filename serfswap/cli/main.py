@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import SerfswapError, first_line
-from . import convert, demo, env, export, generate, inspect, recover
+from . import convert, demo, env, export, generate, inspect, recover, rewrite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for command in (inspect, convert, export, recover, demo, env, generate):
+    for command in (inspect, convert, export, recover, demo, env, generate, rewrite):
         command.add_command(commands)
     for sub in commands.choices.values():  # `serfswap export ... --debug` works too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -27,11 +27,12 @@ from torch import nn
 from ..errors import ExportError, ExportFailedError, ExportMismatchError, first_line
 from ..io.paths import staged_output
 from ..modes import eval_mode
-from ..onnx_ops.decompositions import DEFAULT as DEFAULT_DECOMPOSITION
+from ..onnx_ops.decompositions import choose
 from ..ops.serf import keep_custom_op
 from ..options import DEFAULT_DTYPE, DEFAULT_OPSET, DEFAULT_TASK, SEQ2SEQ_TASKS
 from .failures import AttemptFailed, one_line
 from .naming import output_names
+from .quantize import check_quantize, quantize_staged
 from .report import ExportReport
 from .request import Request, ShapePlan, prepare
 from .seq2seq import Seq2SeqExportReport
@@ -103,12 +104,12 @@ def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
         report.exporter = exporter
         if written.deprecation:
             report.exporter_note = f"torch deprecates it: {written.deprecation}"
+        fresh_sets = (
+            [fresh_like(req.inputs, shapes.grow(), req.seq_names)]
+            if req.decoder is None
+            else req.decoder.verification_inputs()  # e.g. past lengths 0 and 7
+        )
         if req.verify:
-            fresh_sets = (
-                [fresh_like(req.inputs, shapes.grow(), req.seq_names)]
-                if req.decoder is None
-                else req.decoder.verification_inputs()  # e.g. past lengths 0 and 7
-            )
             for fresh in fresh_sets:  # the worst difference of each output over the sets
                 try:
                     abs_diff, rel_diff = compare(
@@ -120,6 +121,8 @@ def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
                 for mine, new in ((report.max_abs_diff, abs_diff), (report.max_rel_diff, rel_diff)):
                     mine.update({k: max(v, mine.get(k, 0.0)) for k, v in new.items()})
             report.verified = True
+        if req.quantize is not None:  # the verified fp32 file becomes its int8 quantisation
+            quantize_staged(staged, req.quantize, fresh_sets, report)
     return report
 
 
@@ -160,7 +163,9 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool | None = None,
     dtype: str = DEFAULT_DTYPE,
-    decomposition: str = DEFAULT_DECOMPOSITION,
+    decomposition: str | None = None,
+    target: str | None = None,
+    quantize: str | None = None,
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
@@ -180,8 +185,14 @@ def export_onnx(
             sequence, then static shapes, and the report's ``fallback`` says why. ``True``:
             dynamic or an error. ``False``: static shapes.
         dtype: ``"fp32"`` or ``"fp16"`` (Serf itself stays float32 inside the fp16 graph).
-        decomposition: ``"softplus"`` (Softplus, Erf, Mul) or ``"exp-log"`` (Exp, Add, Log,
-            Erf, Mul: faster on onnxruntime's CPU).
+        decomposition: ``"softplus"`` (Softplus, Erf, Mul; the default) or ``"exp-log"``
+            (Exp, Add, Log, Erf, Mul: faster on onnxruntime's CPU).
+        target: ``"cpu"`` or ``"cuda"``: where the file will run; picks the faster exact
+            decomposition there (``exp-log`` on CPU, ``softplus`` on CUDA) when
+            ``decomposition`` is not given (:data:`serfswap.onnx_ops.decompositions.TARGETS`).
+        quantize: ``"int8"``: write the file dynamically quantised (int8 weights, per channel;
+            ``"int8-per-tensor"``), measured against the verified fp32 export
+            (:mod:`serfswap.export.quantize`).
         verify: check with onnxruntime against torch on fresh inputs of another batch size
             (:func:`verify_onnx`).
         atol, rtol: verification tolerances (default: 1e-4 for fp32, 2e-2 for fp16).
@@ -212,16 +223,25 @@ def export_onnx(
         An :class:`ExportReport`. Raises :class:`ExportMismatchError` when verification fails;
         nothing is written then.
     """
+    try:
+        decomposition = choose(decomposition, target)
+    except ValueError as exc:
+        raise ExportError(str(exc), option="target" if target else "decomposition") from None
+    check_quantize(quantize)
     options = dict(
         opset=opset, dynamic=dynamic, dtype=dtype, decomposition=decomposition, verify=verify,
         atol=atol, rtol=rtol, convert_activations=convert_activations,
         external_data=external_data, functions=functions, exporter=exporter,
     )  # fmt: skip
     if task in SEQ2SEQ_TASKS:  # three files in a folder (export/seq2seq.py)
+        if quantize is not None:
+            raise ExportError(f"quantize= is for one-file exports, not task {task!r} yet")
         from .seq2seq import export_seq2seq
 
         return export_seq2seq(model, path, example_inputs, task=task, **options)
-    return _export(prepare(model, path, example_inputs, task=task, **options))
+    report = _export(prepare(model, path, example_inputs, task=task, quantize=quantize, **options))
+    report.target = target
+    return report
 
 
 def _export(req: Request) -> ExportReport:

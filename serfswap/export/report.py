@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..names import summarise
 from ..onnx_ops.decompositions import PATTERNS
+
+if TYPE_CHECKING:
+    from .quantize import Quantized
 
 
 @dataclass
@@ -34,6 +38,8 @@ class ExportReport:
     exporter: str = "dynamo"  # the torch exporter that wrote the file
     exporter_note: str | None = None  # why not the dynamo exporter; torch's deprecation notice
     left_at_run_time: int = 0  # activations the conversion was to replace that still run
+    target: str | None = None  # where the decomposition was chosen to run (target=)
+    quantization: Quantized | None = None  # quantize=: its accuracy against fp32
 
     def __str__(self) -> str:
         lines = [
@@ -43,6 +49,7 @@ class ExportReport:
             f"  Serf: {self.serf_nodes} as {self.decomposition} "
             f"({' -> '.join(PATTERNS[self.decomposition])})"
             + (" in calls of the local function serfswap.Serf" if self.functions else "")
+            + (f" (the faster on {self.target})" if self.target else "")
             + "; "
             + (
                 "original activations left: "
@@ -70,6 +77,8 @@ class ExportReport:
             )
         if self.fallback:
             lines.append(f"  shapes: {self.fallback}")
+        if self.quantization is not None:
+            lines.append(str(self.quantization))
         if self.verified:
             worst = max(self.max_abs_diff.values(), default=0.0)
             lines.append(f"  verified with onnxruntime on fresh inputs: max abs diff {worst:.2e}")

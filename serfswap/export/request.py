@@ -79,6 +79,7 @@ class Request:
     left_at_run_time: int = 0  # activations the model's conversion left running (its report)
     # text-generation-with-past (decoder.py), or one file of a seq2seq task (seq2seq.py)
     decoder: DecoderWithPast | Seq2SeqPart | None = None
+    quantize: str | None = None  # export_onnx(quantize=): serfswap/export/quantize.py
 
 
 def _check_options(

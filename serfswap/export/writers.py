@@ -36,13 +36,17 @@ class Written:
 
 def write(req: Request, exporter: str, shapes: ShapePlan, staged: Path) -> Written:
     """Export ``req`` with ``shapes`` to ``staged`` with serfswap's metadata, the dynamic axes
-    named and (``functions``) every Serf folded into a function call."""
+    named, no intermediate shape annotations, and (``functions``) every Serf folded into a
+    function call."""
+    from ..onnx_ops.value_info import strip_value_info_file
+
     if exporter == "torchscript":
         note = _export_torchscript(req, shapes, staged)
     else:
         note = None
         _export_dynamo(req, shapes, staged)
     axes = name_axes(staged, req.seq_names)
+    strip_value_info_file(staged)  # why: serfswap/onnx_ops/value_info.py
     if req.functions:
         _fold_into_functions(staged)
     return Written(axes, note)
