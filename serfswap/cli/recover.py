@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError, SerfswapError
 from ..options import RecoveryOptions
+from ..recovery.stream import DEFAULT_HELD_OUT as STREAM_HELD_OUT
 from .loading import (
     add_model_arguments,
     add_swap_arguments,
@@ -129,10 +130,15 @@ def _teacher(loaded: Any) -> Any:
 
 def _batches(args: argparse.Namespace, teacher: Any) -> Any:
     """--data as training and held-out batches: images with the model's transforms, or text
-    with its tokenizer."""
+    with its tokenizer (streamed from JSON lines, Parquet, Arrow, a datasets folder)."""
     from ..recovery import data as recovery_data
+    from ..recovery import stream
 
     source = Path(args.data)
+    if stream.is_stream(source):
+        return stream.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
+                            args.max_length, text_field=args.text_field,
+                            trust_remote_code=args.trust_remote_code)  # fmt: skip
     if source.is_dir():
         return recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
     return recovery_data.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
@@ -148,7 +154,7 @@ def check(args: argparse.Namespace) -> None:
     _check_recover_numbers(args)
     check_model_arguments(args)
     out = output_path(args, args.data, args.tokenizer)
-    _check_data(args.data)
+    _check_data(args.data, args.text_field)
     checkpoints = checkpoint_dir(args, out)
     _check_unfinished(checkpoints, resume=args.resume)
     if args.plot == "":
@@ -191,12 +197,18 @@ def checkpoint_dir(args: argparse.Namespace, out: Path) -> Path:
     return Path(args.checkpoint_dir or beside(out, ".checkpoints", "--checkpoint-dir"))
 
 
-def _check_data(spec: str) -> Path:
-    """--data: an image folder or a text file; a single image is neither (it would be read as
-    text), and is refused saying what --data takes."""
+def _check_data(spec: str, text_field: str = "text") -> Path:
+    """--data: an image folder, a text file, or text to stream (JSON lines, Parquet, Arrow, a
+    datasets folder, a folder of those; all but JSON lines need pyarrow, checked here); a single
+    image is none (it would be read as text), and is refused saying what --data takes."""
     from ..io.paths import check_input_path, is_image
+    from ..recovery import stream
 
     source = check_input_path(spec)
+    if not text_field:
+        raise InvalidArgumentError("--text-field is empty", option="--text-field")
+    if stream.is_stream(source) and stream.needs_pyarrow(source):
+        stream.require_pyarrow(source)
     if source.is_file() and is_image(source):
         raise InvalidArgumentError(
             f"--data {spec} is an image file; --data takes a folder of images (class "
@@ -250,9 +262,12 @@ def _check_recover_numbers(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(
             "--max-length must be >= 1 and --checkpoint-every >= 0", option="--max-length"
         )
-    if args.batch_size < 1 or not 0 < args.held_out < 1:
+    held = args.held_out
+    if args.batch_size < 1 or not (0 < held < 1 or (held >= 1 and float(held).is_integer())):
         raise InvalidArgumentError(
-            "--batch-size must be >= 1 and --held-out between 0 and 1", option="--batch-size"
+            "--batch-size must be >= 1 and --held-out a share between 0 and 1 or a count of "
+            "examples from 1 up",
+            option="--batch-size",
         )
     if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
         raise InvalidArgumentError(
@@ -344,8 +359,9 @@ def add_command(commands: Any) -> None:
         "recover",
         help="convert, then fine-tune with the original as teacher; write a checkpoint",
         description="Convert MODEL to Serf and recover its quality by distillation from the "
-        "unconverted MODEL, on an image folder (timm models; the model's own transforms) or a "
-        "text file with one example per line (HuggingFace models; the model's tokenizer). "
+        "unconverted MODEL, on an image folder (timm models; the model's own transforms), a "
+        "text file with one example per line, or text streamed from JSON lines, Parquet, Arrow "
+        "files or a datasets folder (HuggingFace models; the model's tokenizer). "
         "A share of the data is held out for the before/after figures. Checkpoints are written "
         "as the run goes: --resume continues a killed run to exactly the weights it would have "
         "had, or extends a finished one (kept with --keep-checkpoints) to more --steps; they "
@@ -354,7 +370,10 @@ def add_command(commands: Any) -> None:
     )
     add_model_arguments(parser)
     add_swap_arguments(parser)
-    parser.add_argument("--data", required=True, help="an image folder or a text file")
+    parser.add_argument("--data", required=True,
+                        help="an image folder, a text file (one example a line), or text to "
+                        "stream: .jsonl, .parquet, .arrow, a datasets folder, a folder of "
+                        "those")  # fmt: skip
     parser.add_argument("--steps", type=int, required=True,
                         help="optimiser steps in all; with --resume, more than a finished run's "
                         "extends it")  # fmt: skip
@@ -363,8 +382,13 @@ def add_command(commands: Any) -> None:
         "--batch-size", type=int, default=32, help="examples per step (default: %(default)s)"
     )
     parser.add_argument(
-        "--held-out", type=float, default=0.1, help="share held out (default: %(default)s)"
-    )
+        "--held-out", type=float, default=0.1,
+        help="share held out, or from 1 up a count of examples; a streamed file holds out its "
+        f"first N examples (a share: {STREAM_HELD_OUT}) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--text-field", default="text",
+                        help="the field (JSON lines) or column (Parquet, Arrow, datasets) that "
+                        "holds the text (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
     )

@@ -1,4 +1,5 @@
-"""Recovery data from files, for ``serfswap recover``: an image folder or a text file.
+"""Recovery data from files, for ``serfswap recover``: an image folder or a text file (JSON
+lines, Parquet, Arrow and ``datasets`` folders are streamed by ``stream.py``).
 
 Recovery needs no labels, only inputs the teacher can be asked about, so both readers yield
 inputs only: image tensors prepared with the model's own timm transforms (from its
@@ -35,12 +36,13 @@ class RecoveryData:
 
 
 def split(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices for training and held-out examples: a seeded shuffle, at least one of each."""
+    """Indices for training and held-out examples: a seeded shuffle, at least one of each;
+    ``held_out`` is a share of ``n``, or from 1 up a count of examples."""
     if n < 2:
         raise InvalidArgumentError(f"need at least 2 examples to hold some out, found {n}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    k = min(n - 1, max(1, round(n * held_out)))
+    k = min(n - 1, max(1, round(held_out if held_out >= 1 else n * held_out)))
     return order[k:], order[:k]
 
 
@@ -112,25 +114,56 @@ def _inputs_only(items: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
 def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, seed: int,
           max_length: int, *, trust_remote_code: bool = False) -> RecoveryData:  # fmt: skip
     """A text file, one example per line (blank lines skipped), tokenised with the model's
-    own tokenizer into padded dict batches. A tokenizer that needs its folder's own code is
-    refused unless ``trust_remote_code`` (transformers would otherwise ask on stdin)."""
+    own tokenizer into padded dict batches."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    lines = [line for line in lines if line]
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    train, test = split(len(lines), held_out, seed)
+    random.Random(seed + 1).shuffle(train)  # a fixed order: resumable
+
+    def batches(indices: list[int], size: int) -> list[dict[str, torch.Tensor]]:
+        return [
+            tokenize(tokenizer, [lines[i] for i in indices[k : k + size]], max_length)
+            for k in range(0, len(indices), size)
+        ]
+
+    return RecoveryData(
+        batches(train, batch_size),
+        batches(test, held_out_batch(batch_size)),
+        f"{len(lines)} lines from {path} ({len(train)} train, {len(test)} held out)",
+    )
+
+
+def held_out_batch(batch_size: int) -> int:
+    """The size of the held-out batches: at least 64, as neighbours are looked for within a
+    batch (the nearest-neighbour agreement of embeddings)."""
+    return max(batch_size, 64)
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """One batch of ``texts`` as ``model(**batch)`` takes it: padded to the longest, cut at
+    ``max_length`` tokens."""
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt"))  # fmt: skip
+
+
+def load_tokenizer(tokenizer_dir: Path, *, trust_remote_code: bool = False) -> Any:
+    """The model's own tokenizer from ``tokenizer_dir``. A tokenizer that needs its folder's
+    own code is refused unless ``trust_remote_code`` (transformers would otherwise ask on
+    stdin)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise InvalidArgumentError(
             f"a text file needs transformers ({install_hint('hf')})"
         ) from None
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise InvalidArgumentError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    lines = [line for line in lines if line]
     check_tokenizer_folder(tokenizer_dir, _TRUST_HINT, trust_remote_code=trust_remote_code)
     never_ask()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_dir, trust_remote_code=trust_remote_code
-        )
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if not trust_remote_code and "trust_remote_code" in str(exc):
             raise InvalidArgumentError(
@@ -140,18 +173,3 @@ def texts(path: Path, tokenizer_dir: Path, batch_size: int, held_out: float, see
         raise InvalidArgumentError(
             f"no tokenizer in {tokenizer_dir} ({first_line(exc)}); pass --tokenizer DIR"
         ) from None
-    train, test = split(len(lines), held_out, seed)
-    random.Random(seed + 1).shuffle(train)  # a fixed order: resumable
-
-    def batches(indices: list[int], size: int) -> list[dict[str, torch.Tensor]]:
-        return [
-            dict(tokenizer([lines[i] for i in indices[k : k + size]], padding=True,
-                           truncation=True, max_length=max_length, return_tensors="pt"))
-            for k in range(0, len(indices), size)
-        ]  # fmt: skip
-
-    return RecoveryData(
-        batches(train, batch_size),
-        batches(test, max(batch_size, 64)),  # neighbours are looked for within a batch
-        f"{len(lines)} lines from {path} ({len(train)} train, {len(test)} held out)",
-    )

@@ -50,6 +50,7 @@ from .distill import (
     to_device,
 )
 from .schedule import Schedule
+from .stream import Seekable
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +358,10 @@ def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int 
             state.bn_drawn = reestimate_batchnorm(student, local, run.device)
     elif state.bn_drawn + state.step:
         drawn = state.bn_drawn + state.step
+        if state.data_position is not None and isinstance(run.data, Seekable):
+            run.say(f"seeking the data past the {drawn} batches drawn before the checkpoint")
+            run.data.seek(state.data_position)  # before the first draw from ``batches``
+            return resumed
         run.say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
                 "re-estimation's and the finished steps')")  # fmt: skip
         for _ in range(drawn):
@@ -413,6 +418,8 @@ def _extend(run: _Run, finished: int) -> None:
 def _checkpoint(run: _Run) -> None:
     """Write a checkpoint of the run as it stands (the main process writes; all gather their
     RNG states for it and wait until it is written)."""
+    if isinstance(run.data, Seekable):
+        run.state.data_position = run.data.data_position()
     rngs = distributed.gather(trainstate.rng_state(), run.world)
     if run.trainer.sharded and run.folder is not None:  # every rank writes its shards
         snapshot = run.trainer.snapshot(run.state, rngs)

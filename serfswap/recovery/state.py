@@ -53,6 +53,9 @@ class RunState:
     evals: list[dict[str, float]] = field(default_factory=list)
     before: dict[str, float] = field(default_factory=dict)
     bn_drawn: int = 0  # batches BatchNorm re-estimation drew from the stream before step 1
+    # Where seekable data (stream.Seekable) stood after the batches drawn: a resumed run seeks
+    # there instead of drawing them again. None for other data, and in older checkpoints.
+    data_position: dict[str, int] | None = None
     # [start, end) of each planned segment of the learning-rate schedule (see schedule.py);
     # absent from checkpoints written before extensions: one segment, the whole run.
     segments: list[tuple[int, int]] = field(default_factory=list)
