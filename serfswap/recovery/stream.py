@@ -306,11 +306,8 @@ def _check_field(path: Path, field: str, names: list[str]) -> None:
 
 def require_pyarrow(path: Path) -> None:
     """A clear error, with the install hint, when reading ``path`` needs pyarrow and it is not
-    installed (found without importing it: the CLI checks --data before loading anything)."""
-    import importlib.util
-
-    if importlib.util.find_spec("pyarrow") is None:
-        _pyarrow(path)
+    installed (the CLI checks --data before loading the model)."""
+    _pyarrow(path)
 
 
 def _pyarrow(path: Path) -> tuple[Any, Any]:
@@ -343,7 +340,7 @@ def _files(source: Path) -> tuple[list[Path], list[Path] | None]:
     found = _folder_files(source)
     if not found:
         raise InvalidArgumentError(
-            f"{source}: no .jsonl, .json, .parquet or .arrow file, and not a datasets folder"
+            f"{source}: no .jsonl, .parquet or .arrow file, and not a datasets folder"
         )
     return found, None
 
@@ -353,8 +350,11 @@ def _is_dataset(folder: Path) -> bool:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """The files of a known kind directly in ``folder``, by name."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in KINDS)
+    """The files of a known kind directly in ``folder``, by name; ``.json`` files are not
+    taken from a folder (a model's or an image folder's own ``config.json``, ``labels.json``
+    are not text to train on; name them ``.jsonl``)."""
+    kinds = set(KINDS) - {".json"}
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in kinds)
 
 
 def _read_json(path: Path) -> Any:
