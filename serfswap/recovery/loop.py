@@ -342,7 +342,9 @@ def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int 
     A resumed run skips what the finished part drew from ``batches``, so it reaches the
     same batch even when each pass over ``data`` differs (a DataLoader with a seeded
     generator shuffles anew on each pass: a second stream for BatchNorm would advance that
-    generator on a fresh run and not on a resumed one)."""
+    generator on a fresh run and not on a resumed one). Data that can seek (``stream.Seekable``:
+    a streamed corpus) is sought to the position the checkpoint holds instead: nothing is read
+    again."""
     resumed = _resume(run)  # replaces run.state with the checkpoint's
     opts, state, student = run.opts, run.state, run.trainer.student
     if resumed is None:
