@@ -137,7 +137,7 @@ def _batches(args: argparse.Namespace, teacher: Any) -> Any:
     source = Path(args.data)
     if stream.is_stream(source):
         return stream.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
-                            args.max_length, text_field=args.text_field,
+                            args.max_length, text_field=args.text_field, pack=args.pack,
                             trust_remote_code=args.trust_remote_code)  # fmt: skip
     if source.is_dir():
         return recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
@@ -154,7 +154,7 @@ def check(args: argparse.Namespace) -> None:
     _check_recover_numbers(args)
     check_model_arguments(args)
     out = output_path(args, args.data, args.tokenizer)
-    _check_data(args.data, args.text_field)
+    _check_data(args.data, args.text_field, pack=args.pack)
     checkpoints = checkpoint_dir(args, out)
     _check_unfinished(checkpoints, resume=args.resume)
     if args.plot == "":
@@ -197,7 +197,7 @@ def checkpoint_dir(args: argparse.Namespace, out: Path) -> Path:
     return Path(args.checkpoint_dir or beside(out, ".checkpoints", "--checkpoint-dir"))
 
 
-def _check_data(spec: str, text_field: str = "text") -> Path:
+def _check_data(spec: str, text_field: str = "text", *, pack: bool = False) -> Path:
     """--data: an image folder, a text file, or text to stream (JSON lines, Parquet, Arrow, a
     datasets folder, a folder of those; all but JSON lines need pyarrow, checked here); a single
     image is none (it would be read as text), and is refused saying what --data takes."""
@@ -209,6 +209,11 @@ def _check_data(spec: str, text_field: str = "text") -> Path:
         raise InvalidArgumentError("--text-field is empty", option="--text-field")
     if stream.is_stream(source) and stream.needs_pyarrow(source):
         stream.require_pyarrow(source)
+    if pack and not stream.is_stream(source):
+        raise InvalidArgumentError(
+            "--pack packs streamed text (JSON lines, Parquet, Arrow, a datasets folder)",
+            option="--pack",
+        )
     if source.is_file() and is_image(source):
         raise InvalidArgumentError(
             f"--data {spec} is an image file; --data takes a folder of images (class "
@@ -389,6 +394,9 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--text-field", default="text",
                         help="the field (JSON lines) or column (Parquet, Arrow, datasets) that "
                         "holds the text (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pack", action="store_true",
+                        help="streamed text in rows of exactly --max-length tokens, the examples "
+                        "end to end with EOS after each (causal LMs; no padding)")  # fmt: skip
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
     )

@@ -18,6 +18,7 @@ Under ``torchrun`` every rank reads the same stream and cuts its slice of each g
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,10 @@ _DATASET = "state.json"  # Dataset.save_to_disk
 _DATASET_DICT = "dataset_dict.json"  # DatasetDict.save_to_disk
 _HELD_OUT_SPLITS = ("validation", "test")
 _READ_ROWS = 1024  # rows pyarrow decodes at a time from a Parquet file
-_START = {"pass": 0, "file": 0, "row": 0, "offset": 0}  # a position: see data_position
+_READ_BYTES = 1 << 16  # and the bytes it reads from the file at a time
+# A position (see data_position); "token": how many tokens of the example at the position a
+# packed stream has handed out already (0 unpacked).
+_START = {"pass": 0, "file": 0, "row": 0, "offset": 0, "token": 0}
 
 
 @runtime_checkable
@@ -68,18 +72,21 @@ def needs_pyarrow(source: Path) -> bool:
 
 
 def texts(source: Path, tokenizer_dir: Path, batch_size: int, held_out: float,
-          max_length: int, *, text_field: str = "text",
+          max_length: int, *, text_field: str = "text", pack: bool = False,
           trust_remote_code: bool = False) -> RecoveryData:  # fmt: skip
     """``source`` as training and held-out batches: a :class:`TextStream` over its training
     examples, and the held-out examples tokenised (the first ``held_out`` of the stream when it
     is a count from 1 up, :data:`DEFAULT_HELD_OUT` when it is a share, or of a ``datasets``
-    folder's validation/test split)."""
+    folder's validation/test split). ``pack``: training rows of exactly ``max_length`` tokens,
+    the examples end to end (causal LMs; see :meth:`TextStream._packed`); the held-out
+    examples stay whole, padded."""
     from .data import RecoveryData, held_out_batch, load_tokenizer, tokenize
 
     train_files, held_files = _files(source)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     count = int(held_out) if held_out >= 1 else DEFAULT_HELD_OUT
-    stream = TextStream(train_files, tokenizer, batch_size, max_length, text_field=text_field)
+    stream = TextStream(train_files, tokenizer, batch_size, max_length, text_field=text_field,
+                        pack=pack)  # fmt: skip
     if held_files is not None:
         held = [text for text, _ in _take(_examples(held_files, text_field, _START), count)]
         if not held:
@@ -95,7 +102,8 @@ def texts(source: Path, tokenizer_dir: Path, batch_size: int, held_out: float,
     return RecoveryData(
         stream, batches,
         f"text streamed from {len(train_files)} {kinds} file(s) in {source}, field "
-        f"{text_field!r} ({len(held)} first examples {where} held out)",
+        f"{text_field!r}{', packed' if pack else ''} ({len(held)} first examples {where} held "
+        "out)",
     )  # fmt: skip
 
 
@@ -106,9 +114,15 @@ class TextStream:
     starts the next pass. :meth:`data_position` and :meth:`seek` make it :class:`Seekable`."""
 
     def __init__(self, files: list[Path], tokenizer: Any, batch_size: int, max_length: int, *,
-                 text_field: str = "text") -> None:  # fmt: skip
+                 text_field: str = "text", pack: bool = False) -> None:  # fmt: skip
         if not files:
             raise InvalidArgumentError("a text stream needs at least one file")
+        if pack and getattr(tokenizer, "eos_token_id", None) is None:
+            raise InvalidArgumentError(
+                "packing separates the examples with the tokenizer's EOS token, and this "
+                "tokenizer has none"
+            )
+        self.pack = pack
         self.files, self.tokenizer, self.text_field = list(files), tokenizer, text_field
         self.batch_size, self.max_length = batch_size, max_length
         self._start = dict(_START)  # where each pass begins: after the held-out examples
@@ -155,7 +169,7 @@ class TextStream:
             began = self._position
             fresh = began == {**self._start, "pass": began["pass"]}
             drawn = False
-            for batch in self._batches():
+            for batch in self._packed() if self.pack else self._batches():
                 drawn = True
                 yield batch
             self._position = {**self._start, "pass": began["pass"] + 1}
@@ -180,6 +194,39 @@ class TextStream:
             self._position = after
             yield batch
 
+    def _packed(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Rows of exactly ``max_length`` tokens: the examples' tokens, each followed by EOS,
+        end to end (an example may run on into the next row, or batch); no padding. The
+        position is the example the next batch begins in, and how many of its tokens were
+        handed out before. The tokens at the end of a pass that do not fill a batch are left."""
+        import torch
+
+        rows, need = self.batch_size, self.batch_size * self.max_length
+        eos = [self.tokenizer.eos_token_id]
+        # The examples whose tokens are not all handed out: (position before, tokens handed
+        # out already, the tokens left), oldest first.
+        queue: deque[tuple[dict[str, int], int, list[int]]] = deque()
+        before, skip = {**self._position, "token": 0}, self._position["token"]
+        available = 0
+        for text, after in _examples(self.files, self.text_field, before):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+            queue.append((before, skip, ids[skip:]))
+            available += len(ids) - skip
+            before, skip = after, 0
+            while available >= need:
+                flat: list[int] = []
+                while len(flat) < need:
+                    where, done, left = queue.popleft()
+                    take = min(need - len(flat), len(left))
+                    flat.extend(left[:take])
+                    if take < len(left):
+                        queue.appendleft((where, done + take, left[take:]))
+                available -= need
+                self._position = ({**queue[0][0], "token": queue[0][1]} if queue
+                                  else dict(before))  # fmt: skip
+                packed = torch.tensor(flat).view(rows, self.max_length)
+                yield {"input_ids": packed, "attention_mask": torch.ones_like(packed)}
+
 
 def _take(examples: Iterator[Any], n: int) -> Iterator[Any]:
     for _, item in zip(range(n), examples, strict=False):
@@ -201,7 +248,8 @@ def _examples(files: list[Path], field: str, start: dict[str, int]
                     f"{path}: row {at}: {field!r} holds {type(value).__name__}, not text "
                     "(--text-field names the field that holds the text)"
                 )
-            yield value, {"pass": start["pass"], "file": index, "row": at, "offset": byte}
+            yield value, {"pass": start["pass"], "file": index, "row": at, "offset": byte,
+                          "token": 0}  # fmt: skip
 
 
 def _rows(path: Path, field: str, row: int, offset: int) -> Iterator[tuple[Any, int, int]]:
@@ -249,7 +297,9 @@ def _parquet_rows(path: Path, field: str, row: int) -> Iterator[tuple[Any, int, 
     """The text column only; the row groups before ``row`` are skipped by their metadata."""
     _, parquet = _pyarrow(path)
     try:
-        handle = parquet.ParquetFile(str(path))
+        # Page by page, in this thread: pyarrow's defaults (pre-buffering, threads reading
+        # ahead) hold a whole column chunk, or several row groups, in memory.
+        handle = parquet.ParquetFile(str(path), pre_buffer=False, buffer_size=_READ_BYTES)
     except Exception as exc:  # pyarrow's ArrowInvalid, OSError
         raise InvalidArgumentError(f"{path}: not a Parquet file ({exc})") from None
     with handle:
@@ -261,7 +311,9 @@ def _parquet_rows(path: Path, field: str, row: int) -> Iterator[tuple[Any, int, 
         if group == meta.num_row_groups:
             return
         groups = list(range(group, meta.num_row_groups))
-        for batch in handle.iter_batches(_READ_ROWS, row_groups=groups, columns=[field]):
+        batches = handle.iter_batches(_READ_ROWS, row_groups=groups, columns=[field],
+                                      use_threads=False)  # fmt: skip
+        for batch in batches:
             values = batch.column(0).to_pylist()
             for k in range(max(0, row - first), len(values)):
                 yield values[k], first + k + 1, 0
