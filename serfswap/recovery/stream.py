@@ -146,8 +146,9 @@ class TextStream:
         return taken
 
     def data_position(self) -> dict[str, int]:
-        """Where the next batch starts: the pass, the file's index, the row in it, and the byte
-        offset of that row (JSON lines; 0 for the others). Plain ints: a checkpoint holds it."""
+        """Where the next batch starts: the pass, the file's index, the row in it, the byte
+        offset of that row (JSON lines; 0 for the others), and, packed, the tokens of that
+        row's example handed out already. Plain ints: a checkpoint holds it."""
         return dict(self._position)
 
     def seek(self, position: dict[str, int]) -> None:
