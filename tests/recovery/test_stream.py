@@ -232,7 +232,9 @@ def test_malformed_parquet_and_arrow_files_are_refused_clearly(
         stream.texts(tmp_path / "ds", tokenizer_dir, 4, 1, MAX)
     with pytest.raises(serfswap.InvalidArgumentError, match="outside this stream"):
         stream.TextStream([path], tok, 4, MAX).seek({"pass": 0, "file": 3, "row": 0,
-                                                     "offset": 0})  # fmt: skip
+                                                     "offset": 0, "token": 0})  # fmt: skip
+    with pytest.raises(serfswap.InvalidArgumentError, match="not a stream position"):
+        stream.TextStream([path], tok, 4, MAX).seek({"pass": 0})
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +273,13 @@ def test_recovery_from_a_stream_resumes_bit_exactly_by_seeking(
     position = trainstate._read(folder / "step-00000004").data_position
     # Step 4 drew the first batch of the second pass: the rows 2 to 5 (two are held out).
     offset = len(b"".join(path.read_bytes().splitlines(keepends=True)[:6]))
-    assert position == {"pass": 1, "file": 0, "row": 6, "offset": offset if kind == "jsonl" else 0}
+    assert position == {
+        "pass": 1,
+        "file": 0,
+        "row": 6,
+        "offset": offset if kind == "jsonl" else 0,
+        "token": 0,
+    }
     shutil.rmtree(folder / "step-00000005")
     resumed = copy.deepcopy(converted)
     with caplog.at_level(logging.INFO, logger="serfswap"):
