@@ -129,14 +129,15 @@ def _teacher(loaded: Any) -> Any:
 
 def _batches(args: argparse.Namespace, teacher: Any) -> Any:
     """--data as training and held-out batches: images with the model's transforms, or text
-    with its tokenizer."""
+    with its tokenizer (packed into full rows for a causal LM: no step spent on padding)."""
     from ..recovery import data as recovery_data
+    from ..recovery.lm import is_causal_lm
 
     source = Path(args.data)
     if source.is_dir():
         return recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
     return recovery_data.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
-                               args.seed, args.max_length,
+                               args.seed, args.max_length, pack=is_causal_lm(teacher),
                                trust_remote_code=args.trust_remote_code)  # fmt: skip
 
 
