@@ -97,12 +97,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
     from serfswap.recovery.data import pack_tokens
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     train_text, held_text = corpus()
     tokenizer = byte_tokenizer()
@@ -145,7 +146,7 @@ def main() -> None:
     (args.out / "held_out.txt").write_text("\n".join(held_text) + "\n", encoding="utf-8")
     print(
         f"held-out perplexity {ppl:.3f} per byte; wrote {args.out} in "
-        f"{time.perf_counter() - start:.0f} s (torch {torch.__version__}, 2 threads)"
+        f"{time.perf_counter() - start:.0f} s (torch {torch.__version__}, {args.threads} threads)"
     )
 
 
