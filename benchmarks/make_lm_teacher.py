@@ -9,12 +9,12 @@ paragraphs are the held-out text, never trained on. Tokenizer: byte level (the 2
 ``serfswap recover DIR --data DIR/train.txt`` reads it. Model: ``LlamaConfig`` with 4 layers,
 hidden 128, 4 heads, SiLU MLP of 344, tied embeddings, 0.83 M parameters. Training: the training
 paragraphs packed into rows of 128 bytes (``serfswap.recovery.data.pack_tokens``, an EOS
-between paragraphs), batch 8, 300 steps, AdamW at 3e-3 with 5% warmup and cosine decay, seeded. It
-writes DIR (``config.json``, ``model.safetensors``, the tokenizer), ``DIR/train.txt`` and
+between paragraphs), batch 8, 1200 steps (1.2 M bytes seen, about one pass), AdamW at 3e-3
+with 5% warmup and cosine decay, seeded, one thread (about 3 minutes of CPU time). It writes DIR (``config.json``, ``model.safetensors``, the tokenizer), ``DIR/train.txt`` and
 ``DIR/held_out.txt`` (one paragraph a line), and prints its time and held-out perplexity.
 
     python benchmarks/make_lm_teacher.py                 # ~/.cache/serfswap/lm-teacher
-    python benchmarks/make_lm_teacher.py --out DIR --steps 400
+    python benchmarks/make_lm_teacher.py --out DIR --steps 600 --threads 2
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def perplexity(model: torch.nn.Module, rows: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
