@@ -10,7 +10,8 @@ paragraphs are the held-out text, never trained on. Tokenizer: byte level (the 2
 hidden 128, 4 heads, SiLU MLP of 344, tied embeddings, 0.83 M parameters. Training: the training
 paragraphs packed into rows of 128 bytes (``serfswap.recovery.data.pack_tokens``, an EOS
 between paragraphs), batch 8, 1200 steps (1.2 M bytes seen, about one pass), AdamW at 3e-3
-with 5% warmup and cosine decay, seeded, one thread (about 3 minutes of CPU time). It writes DIR (``config.json``, ``model.safetensors``, the tokenizer), ``DIR/train.txt`` and
+with 5% warmup and cosine decay, seeded, one thread (about 3 minutes of CPU time). It writes
+DIR (``config.json``, ``model.safetensors``, the tokenizer), ``DIR/train.txt`` and
 ``DIR/held_out.txt`` (one paragraph a line), and prints its time and held-out perplexity.
 
     python benchmarks/make_lm_teacher.py                 # ~/.cache/serfswap/lm-teacher
