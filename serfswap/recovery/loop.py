@@ -4,7 +4,8 @@ The teacher is the original model, frozen and in eval mode; no labels are needed
 learns to reproduce the teacher's outputs (KL with temperature on logits, per real token for a
 causal LM's, see ``lm.py``; MSE plus cosine on hidden states, per real token and pooled, and on
 other outputs) and, with ``layer_weight``, the outputs of the modules whose activations were
-converted (forward hooks on both models, normalised by the teacher's variance). Batches that carry labels add the task loss. AdamW,
+converted (forward hooks on both models, normalised by the teacher's variance).
+Batches that carry labels add the task loss. AdamW,
 linear warmup then cosine decay, gradient clipping. The pieces it compares live in
 ``distill.py``; checkpoints and the run state they hold in ``state.py``; the learning-rate and
 blend schedule in ``schedule.py``; ``torchrun`` support in ``distributed.py``, and sharding
