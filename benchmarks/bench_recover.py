@@ -11,8 +11,17 @@ other modules (serfswap.demo.stdlib_sentences); mean cosine of the mean-pooled e
 the original's, and nearest-neighbour agreement. Target: mean cosine >= 0.99 after at most 500
 steps of batch 32, wall time reported.
 
+Decoder: the small LLaMA-architecture model (SiLU) that ``benchmarks/make_lm_teacher.py``
+trains on the standard library's docstrings (no pretrained LLaMA-like model installs offline),
+SiLU -> Serf, recovered on its training paragraphs packed into rows of 128 byte tokens, judged
+on the paragraphs of the modules it never saw: perplexity next to the original's and top-1
+next-token agreement, every fifth of the run (the curves). Target: perplexity within 2% of the
+original's and agreement >= 0.95.
+
     python benchmarks/bench_recover.py                  # vision ablations + text default
     python benchmarks/bench_recover.py --text-ablations # also the text ablations (slow)
+    python benchmarks/make_lm_teacher.py && python benchmarks/bench_recover.py --only decoder \
+        --decoder-runs default,"KL only"               # the decoder rows
 """
 
 from __future__ import annotations
@@ -113,20 +122,82 @@ def text(steps: int, ablations: bool) -> None:
         )
 
 
+DECODER_RUNS = {
+    "default": {},
+    "KL only": {"layer_weight": 0.0},
+    "T=1": {"temperature": 1.0},
+    "T=4": {"temperature": 4.0},
+    "lr 3e-4": {"lr": 3e-4},
+    "lr 1e-3": {"lr": 1e-3},
+}
+
+
+def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serfswap.recovery.data import pack_tokens, packed_batches
+
+    if not (teacher_dir / "config.json").exists():
+        raise SystemExit(f"no teacher in {teacher_dir}: run benchmarks/make_lm_teacher.py first")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+
+    def rows(name: str) -> torch.Tensor:
+        lines = (teacher_dir / name).read_text(encoding="utf-8").splitlines()
+        ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
+        return pack_tokens(ids, tokenizer.eos_token_id, 128)
+
+    train_rows, held_rows = rows("train.txt"), rows("held_out.txt")[:32]
+    train, held_out = packed_batches(train_rows, batch), packed_batches(held_rows, 16)
+    print(f"\ndecoder: {teacher_dir.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}"
+          f" M parameters, SiLU -> Serf), {len(train_rows)} packed training rows of 128 tokens, "
+          f"{held_rows.numel()} held-out tokens, {steps} steps of {batch} rows")  # fmt: skip
+    print(
+        "| run | perplexity after swap | after recovery | original | ratio | top-1 agreement"
+        " before/after | curve (step: ratio, agreement) | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in runs:
+        student = serfswap.convert(teacher)
+        r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
+                             progress=False, eval_every=max(1, steps // 5),
+                             **DECODER_RUNS[name])  # fmt: skip
+        curve = ", ".join(f"{e['step']}: {e['perplexity_ratio']:.3f} {e['agreement']:.3f}"
+                          for e in r.evals)  # fmt: skip
+        b, a = r.before, r.after
+        print(
+            f"| {name} | {b['perplexity']:.3f} | {a['perplexity']:.3f} | "
+            f"{a['original_perplexity']:.3f} | {a['perplexity_ratio']:.4f} | "
+            f"{b['agreement']:.3f} / {a['agreement']:.3f} | {curve} | {r.seconds:.0f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vision-steps", type=int, default=300)
     parser.add_argument("--text-steps", type=int, default=500)
     parser.add_argument("--text-ablations", action="store_true")
-    parser.add_argument("--only", choices=["vision", "text"])
+    parser.add_argument("--only", choices=["vision", "text", "decoder"])
+    parser.add_argument("--decoder-steps", type=int, default=200)
+    parser.add_argument("--decoder-batch", type=int, default=8)
+    parser.add_argument("--decoder-runs", default="default",
+                        help=f"comma-separated, of {', '.join(DECODER_RUNS)}")  # fmt: skip
+    parser.add_argument("--teacher", type=Path,
+                        default=Path.home() / ".cache" / "serfswap" / "lm-teacher")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    print(f"serfswap {serfswap.__version__}, torch {torch.__version__}, 2 threads, CPU")
-    if args.only != "text":
+    print(
+        f"serfswap {serfswap.__version__}, torch {torch.__version__}, {args.threads} threads, CPU"
+    )
+    if args.only in (None, "vision"):
         vision(args.vision_steps)
-    if args.only != "vision":
+    if args.only in (None, "text"):
         text(args.text_steps, args.text_ablations)
+    if args.only in (None, "decoder"):
+        decoder(args.decoder_steps, args.decoder_runs.split(","), args.teacher, args.decoder_batch)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -130,19 +130,23 @@ def _teacher(loaded: Any) -> Any:
 
 def _batches(args: argparse.Namespace, teacher: Any) -> Any:
     """--data as training and held-out batches: images with the model's transforms, or text
-    with its tokenizer (streamed from JSON lines, Parquet, Arrow, a datasets folder)."""
+    with its tokenizer: from a text file, or streamed from JSON lines, Parquet, Arrow, a
+    datasets folder; packed into full rows for a causal LM (or with --pack), so that no step is
+    spent on padding."""
     from ..recovery import data as recovery_data
     from ..recovery import stream
+    from ..recovery.lm import is_causal_lm
 
     source = Path(args.data)
+    pack = args.pack or is_causal_lm(teacher)
     if stream.is_stream(source):
         return stream.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
-                            args.max_length, text_field=args.text_field, pack=args.pack,
+                            args.max_length, text_field=args.text_field, pack=pack,
                             trust_remote_code=args.trust_remote_code)  # fmt: skip
     if source.is_dir():
         return recovery_data.images(source, teacher, args.batch_size, args.held_out, args.seed)
     return recovery_data.texts(source, _tokenizer_dir(args), args.batch_size, args.held_out,
-                               args.seed, args.max_length,
+                               args.seed, args.max_length, pack=pack,
                                trust_remote_code=args.trust_remote_code)  # fmt: skip
 
 
@@ -209,11 +213,8 @@ def _check_data(spec: str, text_field: str = "text", *, pack: bool = False) -> P
         raise InvalidArgumentError("--text-field is empty", option="--text-field")
     if stream.is_stream(source) and stream.needs_pyarrow(source):
         stream.require_pyarrow(source)
-    if pack and not stream.is_stream(source):
-        raise InvalidArgumentError(
-            "--pack packs streamed text (JSON lines, Parquet, Arrow, a datasets folder)",
-            option="--pack",
-        )
+    if pack and source.is_dir() and not stream.is_stream(source):
+        raise InvalidArgumentError("--pack packs text; --data is an image folder", option="--pack")
     if source.is_file() and is_image(source):
         raise InvalidArgumentError(
             f"--data {spec} is an image file; --data takes a folder of images (class "
@@ -395,8 +396,8 @@ def add_command(commands: Any) -> None:
                         help="the field (JSON lines) or column (Parquet, Arrow, datasets) that "
                         "holds the text (default: %(default)s)")  # fmt: skip
     parser.add_argument("--pack", action="store_true",
-                        help="streamed text in rows of exactly --max-length tokens, the examples "
-                        "end to end with EOS after each (causal LMs; no padding)")  # fmt: skip
+                        help="text in rows of exactly --max-length tokens, the examples end "
+                        "to end with EOS after each (no padding; always on for causal LMs)")  # fmt: skip
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
     )

@@ -18,6 +18,7 @@ from ..errors import InvalidArgumentError
 from ..modes import eval_mode, modes
 from ..ops.serf import Serf
 from ..rewrite.walk import converted_serfs, original_of, put, walk
+from .lm import input_ids_of, is_causal_lm, lm_metrics, lm_sums, token_kl
 
 # Batches -------------------------------------------------------------------------------------
 
@@ -83,6 +84,17 @@ def is_classifier(model: nn.Module, outs: dict[str, Tensor]) -> bool:
     return "tensor" in outs and getattr(model, "num_classes", 0) > 0
 
 
+def task_kind(model: nn.Module, outs: dict[str, Tensor]) -> str:
+    """What ``model`` (the teacher) is to recovery, from the model and its ``outs``:
+    ``"causal-lm"`` (:func:`~serfswap.recovery.lm.is_causal_lm`, with logits), distilled with
+    KL per real token and judged by perplexity and next-token agreement; ``"classifier"``
+    (:func:`is_classifier`), KL and top-1; ``"embedding"`` for the rest, MSE plus cosine and
+    nearest-neighbour agreement."""
+    if "logits" in outs and is_causal_lm(model):
+        return "causal-lm"
+    return "classifier" if is_classifier(model, outs) else "embedding"
+
+
 def embedding(outs: dict[str, Tensor], mask: Tensor | None) -> Tensor:
     """One vector per example: the masked mean of the tokens for hidden states (how
     sentence-transformers pools), the flattened output otherwise."""
@@ -135,11 +147,12 @@ def embedding_loss(
 
 
 def loss_kind(output_loss: str, teacher: nn.Module, teacher_out: dict[str, Tensor]) -> str:
-    """``"kl"`` or ``"mse-cosine"``: ``output_loss`` unless ``"auto"``, then KL for a
-    classifier's logits and MSE plus cosine for anything else. Chosen once per run."""
+    """``"kl"`` or ``"mse-cosine"``: ``output_loss`` unless ``"auto"``, then KL for logits (a
+    classifier's or a causal LM's, see :func:`task_kind`) and MSE plus cosine for anything
+    else. Chosen once per run."""
     if output_loss != "auto":
         return output_loss
-    return "kl" if is_classifier(teacher, teacher_out) else "mse-cosine"
+    return "mse-cosine" if task_kind(teacher, teacher_out) == "embedding" else "kl"
 
 
 def distillation_loss(
@@ -156,14 +169,18 @@ def distillation_loss(
     task_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of one step and its parts: ``output`` (``kind`` ``"kl"`` on the first output,
-    with ``temperature``; ``"mse-cosine"`` on every output, per real token by ``mask``) times
+    with ``temperature``, per real token by ``mask`` for per-token logits such as a causal
+    LM's; ``"mse-cosine"`` on every output, per real token by ``mask``) times
     ``output_weight``, plus ``layer_weight`` times ``layer`` (the matched layers' loss, from
     :class:`LayerTaps`) and, for KL with ``labels``, ``task_weight`` times cross-entropy.
 
     Returns the loss to back-propagate and the weighted parts as floats (the run's record)."""
     if kind == "kl":
         s_out, t_out = next(iter(student_out.values())), next(iter(teacher_out.values()))
-        loss = kl_loss(s_out, t_out, temperature)
+        if t_out.dim() == 3:  # [batch, positions, vocab]: a distribution per token
+            loss = token_kl(s_out, t_out, temperature, mask)
+        else:
+            loss = kl_loss(s_out, t_out, temperature)
     else:
         loss = embedding_loss(student_out, teacher_out, mask)
     loss = output_weight * loss
@@ -318,11 +335,31 @@ def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], dev
     ``agreement``: top-1 agreement for classifiers, nearest-neighbour agreement for embeddings
     (each example's nearest other example in the batch, by cosine, is the same for both
     models); ``cosine``: mean cosine of the outputs (of the pooled sentence embeddings for
-    hidden states); ``kl`` for classifiers; ``accuracy`` when batches carry labels.
+    hidden states); ``kl`` for classifiers; ``accuracy`` when batches carry labels. For a
+    causal LM (:func:`~serfswap.recovery.lm.is_causal_lm`) the figures its user judges it by,
+    over real tokens: ``perplexity``, ``original_perplexity`` and their ``perplexity_ratio``,
+    top-1 next-token ``agreement`` and ``kl`` (at T=1).
     """
     with eval_mode(student):
+        if is_causal_lm(teacher):
+            return _evaluate_lm(student, teacher, batches, device)
         sums, count = _sum_metrics(student, teacher, batches, device, temperature)
     return {k: v / count for k, v in sums.items()} if count else {}
+
+
+def _evaluate_lm(student: nn.Module, teacher: nn.Module, batches: Iterable[Any],
+                 device: torch.device) -> dict[str, float]:  # fmt: skip
+    """:func:`evaluate` for a causal LM: token counts summed over all batches, then the
+    figures (a perplexity is of all held-out tokens, not a mean of per-batch ones)."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        args, kwargs, _ = split_batch(to_device(batch, device))
+        s_out = outputs(student(*args, **kwargs))["logits"]
+        t_out = outputs(teacher(*args, **kwargs))["logits"]
+        found = lm_sums(s_out, t_out, input_ids_of(args, kwargs), kwargs.get("attention_mask"))
+        for key, value in found.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return lm_metrics(sums)
 
 
 def _sum_metrics(

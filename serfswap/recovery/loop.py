@@ -1,10 +1,11 @@
 """recover(): a short fine-tune, taught by the original model, that gives back what the swap took.
 
 The teacher is the original model, frozen and in eval mode; no labels are needed. The student
-learns to reproduce the teacher's outputs (KL with temperature on logits; MSE plus cosine on
-hidden states, per real token and pooled, and on other outputs) and, with ``layer_weight``, the
-outputs of the modules whose activations were converted (forward hooks on both models,
-normalised by the teacher's variance). Batches that carry labels add the task loss. AdamW,
+learns to reproduce the teacher's outputs (KL with temperature on logits, per real token for a
+causal LM's, see ``lm.py``; MSE plus cosine on hidden states, per real token and pooled, and on
+other outputs) and, with ``layer_weight``, the outputs of the modules whose activations were
+converted (forward hooks on both models, normalised by the teacher's variance).
+Batches that carry labels add the task loss. AdamW,
 linear warmup then cosine decay, gradient clipping. The pieces it compares live in
 ``distill.py``; checkpoints and the run state they hold in ``state.py``; the learning-rate and
 blend schedule in ``schedule.py``; ``torchrun`` support in ``distributed.py``, and sharding
@@ -33,7 +34,7 @@ from ..options import (  # noqa: F401 (the choices are re-exported)
     TRAIN_CHOICES,
     RecoveryOptions,
 )
-from . import distributed, fsdp
+from . import distributed, fsdp, lm
 from . import log as curves
 from . import state as trainstate
 from .distill import (
@@ -76,10 +77,12 @@ class RecoveryResult:
         keys = sorted(set(self.before) | set(self.after))
         resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
         lines = [f"serfswap recovery: {self.steps} steps in {self.seconds:.1f} s{resumed}"]
-        lines.append(f"  {'metric':<10} {'before':>9} {'after':>9}")
+        width = max([10, *map(len, keys)])
+        lines.append(f"  {'metric':<{width}} {'before':>9} {'after':>9}")
         for key in keys:
             b, a = self.before.get(key, math.nan), self.after.get(key, math.nan)
-            lines.append(f"  {key:<10} {b:>9.4f} {a:>9.4f}")
+            lines.append(f"  {key:<{width}} {b:>9.4f} {a:>9.4f}")
+        lines.extend(lm.summary(self.before, self.after))  # a causal LM's, in its user's terms
         return "\n".join(lines)
 
 
@@ -354,6 +357,8 @@ def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int 
             run.say(f"evaluating the converted model on {n} held-out "
                     f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
             state.before = run.trainer.evaluate(eval_batches)
+            if lm.describe(state.before):
+                run.say(f"before: {lm.describe(state.before)}")
         if opts.bn_batches and has_batchnorm(student):
             run.say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
             local = (distributed.shard(b, run.world) for b in _take(batches, opts.bn_batches))

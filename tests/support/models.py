@@ -25,3 +25,21 @@ def tiny_resnet(**kwargs: Any) -> nn.Module:
     """timm's ``test_resnet`` (timm's own tiny test architecture), random weights."""
     timm = pytest.importorskip("timm", reason="timm is in the [timm] extra")
     return timm.create_model("test_resnet", pretrained=False, **kwargs)
+
+
+# LLaMA at its smallest that still has every part (grouped-query attention, a SiLU MLP of odd
+# width): the causal LM of the recovery tests.
+TINY_LLAMA: dict[str, Any] = dict(
+    vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)  # fmt: skip
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A ``transformers.LlamaForCausalLM`` of TINY_LLAMA's sizes, seeded random weights."""
+    import torch
+
+    transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    return transformers.LlamaForCausalLM(config).eval()
