@@ -396,8 +396,8 @@ def add_command(commands: Any) -> None:
                         help="the field (JSON lines) or column (Parquet, Arrow, datasets) that "
                         "holds the text (default: %(default)s)")  # fmt: skip
     parser.add_argument("--pack", action="store_true",
-                        help="text in rows of exactly --max-length tokens, the examples end "
-                        "to end with EOS after each (no padding; always on for causal LMs)")  # fmt: skip
+                        help="text in rows of exactly --max-length tokens, the examples "
+                        "end to end, EOS after each (no padding; on for causal LMs)")  # fmt: skip
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per text example (default: %(default)s)"
     )
