@@ -138,7 +138,7 @@ def recover(
     world = distributed.join(device)
     sharded = False
     try:
-        with eval_mode(teacher), _frozen(student, opts):
+        with eval_mode(teacher), _frozen(student, opts), fsdp.teacher_precision(teacher, opts):
             run = _Run(student, teacher, data, steps, device, opts, world)
             sharded = run.trainer.sharded
             return run.run(eval_data)
