@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,12 +252,23 @@ def save_shards(
         tmp.mkdir()
     distributed.barrier(world)
     weights, moments = get_state_dict(model, optimizer)
-    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=tmp / "shards")
+    with _one_process_quiet():
+        dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=tmp / "shards")
     final = folder / f"step-{state.step:08d}"
     if world.main:
         final = trainstate.commit(tmp, folder, state, keep)
     distributed.barrier(world)
     return final
+
+
+def check_whole_checkpoint(path: Path, sharded: bool) -> None:
+    """Refuse to resume a sharded run from a checkpoint that holds the whole model (written by
+    a run without ``fsdp``): its optimizer state is not in shards."""
+    if sharded:
+        raise CheckpointError(
+            f"{path} was written by a run without fsdp: resume it without fsdp (--fsdp), or "
+            "on one process"
+        )
 
 
 def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -271,8 +283,19 @@ def load_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     weights, moments = get_state_dict(model, optimizer)
     loaded = {"model": weights, "optimizer": moments}
     try:
-        dcp.load(loaded, checkpoint_id=path / "shards")
+        with _one_process_quiet():
+            dcp.load(loaded, checkpoint_id=path / "shards")
     except Exception as exc:  # a damaged checkpoint, or another model's
         raise CheckpointError(f"{path}: the shards do not fit this model ({exc})") from None
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
                    optim_state_dict=loaded["optimizer"])  # fmt: skip
+
+
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """Without a process group (an FSDP run on one process, which writes and reads the same
+    sharded checkpoints as any other), torch.distributed.checkpoint warns that it assumes one
+    process: it is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
