@@ -62,13 +62,17 @@ def shard(
     *,
     bf16: bool = False,
     checkpointing: bool = False,
+    forward_only: bool = False,
 ) -> None:
     """Shard ``model`` in place over the ranks of ``world``: each block, then the root.
 
     ``bf16``: gather the parameters in bfloat16 for the forward and backward, with the
     gradients reduced and the shards (the optimizer's weights) kept in float32
     (``MixedPrecisionPolicy``). ``checkpointing``: recompute each block's activations in the
-    backward instead of keeping them (activation checkpointing, per block)."""
+    backward instead of keeping them (activation checkpointing, per block). ``forward_only``
+    (the teacher): the root resharded after each forward too; FSDP2 keeps a root gathered
+    after the forward for the backward that follows, which a teacher never runs, so its
+    embeddings and head would stay whole on every rank for the run."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -83,7 +87,7 @@ def shard(
 
             checkpoint(block)
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **kwargs, **({"reshard_after_forward": True} if forward_only else {}))
 
 
 def shard_run(student: nn.Module, teacher: nn.Module, world: distributed.World,
@@ -96,7 +100,7 @@ def shard_run(student: nn.Module, teacher: nn.Module, world: distributed.World,
     shard(student, world, device, bf16=opts.fsdp_bf16,
           checkpointing=opts.activation_checkpointing)  # fmt: skip
     if opts.teacher_dtype is None:
-        shard(teacher, world, device, bf16=opts.fsdp_bf16)  # no backward to checkpoint
+        shard(teacher, world, device, bf16=opts.fsdp_bf16, forward_only=True)
     return True
 
 

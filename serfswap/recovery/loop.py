@@ -120,8 +120,8 @@ def recover(
     one is refused.
 
     With ``fsdp=True`` under ``torchrun`` the student and the teacher are sharded in place and
-    stay so, with the process group (see :mod:`serfswap.recovery.fsdp`): gather the student
-    with ``fsdp.full_state_dict(student)`` on every rank, then destroy the group.
+    stay so, with the process group (see :mod:`serfswap.recovery.fsdp`): write the student
+    with ``fsdp.save_consolidated(student, path)`` on every rank, then destroy the group.
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")

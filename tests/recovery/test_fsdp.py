@@ -224,7 +224,7 @@ def test_a_teacher_kept_whole_in_bf16_stays_near_the_sharded_teacher_run(tmp_pat
     total = sum(p.numel() for p in teacher.parameters())
     for rank in (0, 1):
         assert held(whole, rank)["teacher"] == {"dtypes": ["torch.bfloat16"], "numel": total}
-        assert held(sharded, rank)["teacher"]["numel"] < 0.6 * total
+        assert 0.45 <= held(sharded, rank)["teacher"]["numel"] / total <= 0.55  # its shard
     a, b = weights(sharded), weights(whole)
     assert all(v.dtype == torch.float32 for v in b.values())
     for name, value in a.items():
