@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     rank = int(os.environ.get("RANK", "0"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    writes = consolidated_writes(student, Path(args.report).parent / f"out.{rank}")
+    writes = consolidated_writes(student, Path(args.report))
     if dist.is_initialized():
         dist.destroy_process_group()
     record = {"rank": rank, "params": sum(p.numel() for p in teacher.parameters()),
@@ -69,16 +69,22 @@ def _status(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def consolidated_writes(student: torch.nn.Module, out: Path) -> dict[str, int]:
+def consolidated_writes(student: torch.nn.Module, base: Path) -> dict[str, int]:
     """The bytes this process's resident memory rose by, at its peak, while writing the
-    consolidated file streaming, then gathered whole (in this order: memory the gathered way
-    frees may stay with the allocator). Both files must be the same bytes."""
+    consolidated file streaming, then gathered whole. Before each, the C allocator gives the
+    memory it holds free back (malloc_trim), so that the rise is what the write needs and not
+    what training left free. Rank 0's two files must be the same bytes."""
+    import ctypes
+
     import serfswap
     from serfswap.recovery import fsdp
 
     rose = {}
-    streamed, gathered = out.with_suffix(".streamed"), out.with_suffix(".gathered")
+    streamed = base.with_name(base.name + ".streamed.safetensors")
+    gathered = base.with_name(base.name + ".gathered.safetensors")
+    libc = ctypes.CDLL("libc.so.6")
     for kind in ("streamed", "gathered"):
+        libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) back to the current
         before = _status("VmRSS")
         if kind == "streamed":
@@ -89,7 +95,7 @@ def consolidated_writes(student: torch.nn.Module, out: Path) -> dict[str, int]:
                 serfswap.save_checkpoint(student, gathered, tensors=state)
             del state
         rose[f"write_{kind}"] = _status("VmHWM") - before
-    if streamed.exists():
+    if gathered.exists():
         assert streamed.read_bytes() == gathered.read_bytes(), "the two files differ"
     return rose
 
