@@ -266,3 +266,11 @@ def test_one_process_fsdp_checkpoint_resumes_on_two_ranks(tmp_path: Path) -> Non
     assert both.read_bytes() == Path(f"{both}.gathered.safetensors").read_bytes()
     stored = weights(both)
     assert "lm_head.weight" in stored and "model.embed_tokens.weight" not in stored
+
+
+def test_a_sharded_run_refuses_a_whole_models_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint of a run without fsdp holds the optimizer state whole in state.pt: a
+    sharded run says how to resume it instead of failing inside torch."""
+    fsdp.check_whole_checkpoint(tmp_path, sharded=False)  # one process: it loads as it is
+    with pytest.raises(serfswap.CheckpointError, match="written by a run without fsdp"):
+        fsdp.check_whole_checkpoint(tmp_path, sharded=True)
