@@ -61,6 +61,7 @@ TASKS = (DEFAULT_TASK, TEXT_GENERATION_WITH_PAST, *SEQ2SEQ_TASKS)
 OUTPUT_LOSSES = ("auto", "kl", "mse-cosine")
 TRAIN_CHOICES = ("all", "converted")
 AUTOCAST_CHOICES = (None, "bf16")
+TEACHER_DTYPES = (None, "bf16")  # None: the teacher as given (sharded with fsdp)
 
 
 def _cli(help: str, **argparse_keywords: Any) -> Any:
@@ -95,7 +96,9 @@ class RecoveryOptions:
     installed; the slow steps before it are logged at INFO on the ``serfswap`` logger).
     Scale (``serfswap.recovery.fsdp``): ``fsdp`` (under torchrun, the student and the teacher
     sharded over the ranks per block with FSDP2), ``fsdp_bf16`` (bfloat16 parameters in the
-    passes, float32 reductions), ``activation_checkpointing`` (per block, with ``fsdp``).
+    passes, float32 reductions), ``activation_checkpointing`` (per block, with ``fsdp``),
+    ``teacher_dtype`` (``"bf16"``: the teacher cast to bfloat16 in place and kept whole on each
+    process, not sharded; its outputs cast to float32 for the losses).
     """
 
     # The length of a run where none is given (the demo's), and the share of it between
@@ -194,6 +197,15 @@ class RecoveryOptions:
         default=False,
         metadata=_cli("with --fsdp: recompute each block's activations in the backward"),
     )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata=_cli(
+            "keep the teacher whole in bfloat16 on each process (its outputs cast to float32 "
+            "for the losses) instead of sharding it with --fsdp: 2 bytes a parameter per "
+            "process instead of 4 / ranks, and no gathers for its forward",
+            choices=[c for c in TEACHER_DTYPES if c],
+        ),
+    )
 
     @staticmethod
     def every(steps: int) -> int:
@@ -203,7 +215,7 @@ class RecoveryOptions:
 
     def __post_init__(self) -> None:
         choices = {"output_loss": OUTPUT_LOSSES, "train": TRAIN_CHOICES,
-                   "autocast": AUTOCAST_CHOICES}  # fmt: skip
+                   "autocast": AUTOCAST_CHOICES, "teacher_dtype": TEACHER_DTYPES}  # fmt: skip
         for name, allowed in choices.items():
             self._check(name, getattr(self, name) in allowed, f"use one of {allowed}")
         for name in ("warmup", "blend"):

@@ -94,8 +94,8 @@ def _recover(args: argparse.Namespace) -> int:
 
 def _write(student: Any, out: Path, arch: dict[str, Any] | None) -> bool:
     """Write OUT; False on the ranks of a sharded (``--fsdp``) run other than 0. A sharded
-    student is gathered one parameter at a time (every rank takes part) into the one file
-    rank 0 writes; then the process group that recover() left open for it is closed."""
+    student is gathered one tensor at a time (every rank takes part) into the one file rank 0
+    writes as it goes; then the process group that recover() left open for it is closed."""
     import torch
     import torch.distributed as dist
 
@@ -104,15 +104,12 @@ def _write(student: Any, out: Path, arch: dict[str, Any] | None) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         save_checkpoint(student.to(torch.device("cpu")), out, arch=arch)
         return True
-    from ..recovery.fsdp import full_state_dict
+    from ..recovery.fsdp import save_consolidated
 
     try:
-        tensors = full_state_dict(student)
-        if tensors is not None:
-            save_checkpoint(student, out, arch=arch, tensors=tensors)
+        return save_consolidated(student, out, arch=arch)
     finally:
         dist.destroy_process_group()
-    return tensors is not None
 
 
 def _teacher(loaded: Any) -> Any:

@@ -6,8 +6,10 @@ for real. Nothing in the file runs code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from .architectures import CAUSAL_LM, describe, needs_remote_code, rebuild
 from .formats import mismatch, safetensors_header, shapes_of, sniff
 from .paths import StrPath, check_input_path, check_output_path, staged_output
 from .remote_code import refuse_remote_code, without_remote_code
+from .safetensors_writer import Spec, Writer, file_order
 
 # The ``format`` entry of a checkpoint's metadata; a .safetensors file without it holds weights.
 FORMAT = "serfswap-checkpoint/1"
@@ -38,16 +41,41 @@ def save_checkpoint(
     by default :func:`describe`'s) and the swap as safetensors metadata; no pickled code.
     :func:`load_checkpoint` (and ``serfswap.io.load_model``, every CLI command) reads it back.
 
-    Written with safetensors' ``save_model``, which stores a tensor shared by several names
-    (tied embeddings) once, under one of them. The file is staged beside ``path`` and renamed
-    over it: never half-written. ``metadata`` adds entries of the caller's (the demo records
-    how it trained). ``tensors``: the weights to write in place of ``model``'s own (the
-    gathered state of a sharded model, ``serfswap.recovery.fsdp.full_state_dict``).
+    A tensor shared by several names (tied embeddings) is stored once, under one of them, as
+    safetensors' ``save_model`` does (see :func:`tied_names`). The file is staged beside
+    ``path`` and renamed over it: never half-written. ``metadata`` adds entries of the
+    caller's (the demo records how it trained). ``tensors``: the weights to write in place of
+    ``model``'s own. A sharded model is written by ``serfswap.recovery.fsdp.save_consolidated``,
+    a tensor at a time, to the same bytes.
 
     >>> serfswap.save_checkpoint(serfswap.convert(model), "serf.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import _remove_duplicate_names, save_file, save_model
+    from safetensors.torch import _remove_duplicate_names
 
+    entries = checkpoint_metadata(model, arch, metadata)
+    state = dict(tensors) if tensors is not None else model.state_dict()
+    # Ties found by storage, as save_model finds them (state_dict() detaches each name anew).
+    dropped = {name: kept for kept, names in _remove_duplicate_names(state).items()
+               for name in names}  # fmt: skip
+    kept = {name: value for name, value in state.items() if name not in dropped}
+    specs = {name: (value.dtype, tuple(value.shape)) for name, value in kept.items()}
+    with checkpoint_writer(path, specs, entries, dropped) as writer:
+        for name in file_order(specs):
+            writer.write(name, kept[name])
+
+
+def tied_names(groups: list[set[str]]) -> dict[str, str]:
+    """For each group of names of one tensor, each name but the one stored -> the one stored:
+    the first in sorted order, as safetensors' ``save_model`` chooses it (which also records
+    the same pairs in the metadata)."""
+    return {name: min(group) for group in groups for name in group if name != min(group)}
+
+
+def checkpoint_metadata(
+    model: nn.Module, arch: dict[str, Any] | None, metadata: dict[str, str] | None
+) -> dict[str, str]:
+    """A checkpoint's metadata: the caller's entries, the format, the architecture (``arch``,
+    by default :func:`describe`'s) and the swap."""
     arch = arch if arch is not None else describe(model)
     if arch is None:
         raise InvalidArgumentError(
@@ -57,41 +85,34 @@ def save_checkpoint(
     # A config that came with remote-code keys (at any depth: a pickled model's sub-config)
     # is written without them: the checkpoint rebuilds transformers' own classes only.
     arch = without_remote_code(arch)
-    entries = {
+    return {
         **(metadata or {}),
         "format": FORMAT,
         "serfswap_version": __version__,
         "arch": json.dumps(arch),
         "swap": json.dumps(conversion_options(model)),
     }
+
+
+@contextlib.contextmanager
+def checkpoint_writer(
+    path: StrPath, specs: dict[str, Spec], entries: dict[str, str], dropped: dict[str, str]
+) -> Iterator[Writer]:
+    """A :class:`~serfswap.io.safetensors_writer.Writer` of the checkpoint file ``path``, for
+    tensors of ``specs`` (name -> dtype, shape) and the metadata ``entries``, with the tied
+    names ``dropped`` recorded as save_model records them (under the caller's entries). Each
+    tensor is written as it comes, in :func:`file_order`; the file is staged and renamed into
+    place once all are: never half-written."""
     with staged_output(check_output_path(path)) as staged:
-        if tensors is None:
-            save_model(model, str(staged), metadata=entries)
-        else:  # as save_model writes a state dict: a tensor shared by several names once
-            kept = dict(tensors)
-            for names in _remove_duplicate_names(kept).values():
-                for name in names:
-                    del kept[name]
-            save_file({k: v.contiguous() for k, v in kept.items()}, str(staged), entries)
-        _canonical_header(staged)
-        # safetensors creates files readable by their owner only; give the usual permissions.
+        with staged.open("wb") as file:
+            writer = Writer(file, specs, {**dropped, **entries})
+            yield writer
+            writer.finish()
+        # The permissions safetensors' own writer would leave are the owner's only; give the
+        # usual ones.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staged, 0o666 & ~umask)
-
-
-def _canonical_header(path: Path) -> None:
-    """Rewrite the safetensors header with its keys sorted: safetensors writes metadata in the
-    order of a randomly seeded hash map, so the same checkpoint would differ byte for byte
-    between runs. Same entries, same length: the tensor data does not move."""
-    with path.open("r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        encoded = text.encode()
-        if len(encoded) <= size:  # always, for a permutation; else leave the file as written
-            f.seek(8)
-            f.write(encoded.ljust(size, b" "))
 
 
 def _field(metadata: dict[str, str], key: str, path: Path) -> dict[str, Any]:

@@ -124,8 +124,8 @@ def recover(
     one is refused.
 
     With ``fsdp=True`` under ``torchrun`` the student and the teacher are sharded in place and
-    stay so, with the process group (see :mod:`serfswap.recovery.fsdp`): gather the student
-    with ``fsdp.full_state_dict(student)`` on every rank, then destroy the group.
+    stay so, with the process group (see :mod:`serfswap.recovery.fsdp`): write the student
+    with ``fsdp.save_consolidated(student, path)`` on every rank, then destroy the group.
     """
     if steps < 1:
         raise InvalidArgumentError(f"steps={steps}: need at least one step")
@@ -142,7 +142,7 @@ def recover(
     world = distributed.join(device)
     sharded = False
     try:
-        with eval_mode(teacher), _frozen(student, opts):
+        with eval_mode(teacher), _frozen(student, opts), fsdp.teacher_precision(teacher, opts):
             run = _Run(student, teacher, data, steps, device, opts, world)
             sharded = run.trainer.sharded
             return run.run(eval_data)
@@ -194,15 +194,18 @@ class _Trainer:
     ) -> trainstate.RunState:
         """``state`` with the optimizer's, the schedule's and the RNGs' states: a checkpoint."""
         scheduler, segments = self.schedule.state()
-        # A sharded run's optimizer state is in its shards (fsdp.save_shards), not in state.pt.
-        optimizer = {} if self.sharded else self.optimizer.state_dict()
+        # An FSDP run's optimizer state is in its shards (fsdp.save_shards), not in state.pt:
+        # at one process too, so that a run of any size resumes from it.
+        optimizer = {} if self.opts.fsdp else self.optimizer.state_dict()
         return replace(state, optimizer=optimizer, scheduler=scheduler, segments=segments,
                        rng=rngs)  # fmt: skip
 
     def restore(self, state: trainstate.RunState, path: Path) -> None:
         """Back to where the checkpoint ``state`` (at ``path``) stood: this process's RNG state
         included; the weights too when the checkpoint is sharded (written by an FSDP run, at
-        any number of ranks)."""
+        any number of ranks). At another number of ranks than the checkpoint's N, rank r takes
+        rank r mod N's RNG state: every rank starts from one seed and draws alike, so the
+        states are the same (see docs/scaling.md)."""
         if trainstate.sharded(path):
             fsdp.load_shards(path, self.student, self.optimizer)
         else:
@@ -397,6 +400,7 @@ def _resume(run: _Run) -> int | None:
     if trainstate.sharded(path):  # the weights are loaded with the optimizer's shards
         saved = trainstate.read_checked(path, run.steps)
     else:
+        fsdp.check_whole_checkpoint(path, run.trainer.sharded)
         saved = trainstate.load(path, run.trainer.student, steps=run.steps)
     run.trainer.restore(saved, path)
     # The record carries on; the snapshots are in the optimizer and the schedule now.
@@ -428,7 +432,7 @@ def _checkpoint(run: _Run) -> None:
     if isinstance(run.data, Seekable):
         run.state.data_position = run.data.data_position()
     rngs = distributed.gather(trainstate.rng_state(), run.world)
-    if run.trainer.sharded and run.folder is not None:  # every rank writes its shards
+    if run.opts.fsdp and run.folder is not None:  # every rank writes its shards
         snapshot = run.trainer.snapshot(run.state, rngs)
         run.last_checkpoint = fsdp.save_shards(run.folder, run.trainer.student,
                                                run.trainer.optimizer, snapshot, run.opts.keep,

@@ -1,14 +1,16 @@
 """A recovery run of a tiny LLaMA in its own process, for the FSDP tests (launched with torchrun).
 
     python tests/support/fsdp_run.py OUT.safetensors --steps N [--fsdp [--fsdp-bf16]
-                    [--activation-checkpointing]] [--layer-weight W]
-                                     [--checkpoint-dir D --every K] [--resume] [--delay S]
+                    [--activation-checkpointing]] [--teacher-dtype bf16] [--layer-weight W]
+                    [--checkpoint-dir D --every K] [--resume] [--delay S] [--tied] [--gathered]
 
 Teacher: a tiny LLaMA built from its config with a fixed seed (no download); data: a fixed list
 of global batches of token ids, so that every run sees the same batches in the same order. Every
-rank gathers the student (``fsdp.full_state_dict``) and rank 0 writes it to OUT as a serfswap
-checkpoint; each rank writes the bytes it held (``RecoveryResult.local_bytes``) to
-OUT.rankN.json.
+rank takes part in writing the student to OUT (``fsdp.save_consolidated``: rank 0 writes it a
+tensor at a time); with ``--gathered`` also to OUT.gathered.safetensors the other way
+(``fsdp.full_state_dict`` into rank 0's memory, then ``save_checkpoint``). Each rank writes the
+bytes it held (``RecoveryResult.local_bytes``), its losses and its teacher's parameters' dtype
+and local size to OUT.rankN.json. ``--tied``: the LM head tied to the token embeddings.
 """
 
 from __future__ import annotations
@@ -43,17 +45,17 @@ class SlowBatches:
             yield batch
 
 
-def config() -> Any:
+def config(tied: bool = False) -> Any:
     return transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        initializer_range=0.2,
+        initializer_range=0.2, tie_word_embeddings=tied,
     )  # fmt: skip
 
 
-def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+def models(tied: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config()).eval()
+    teacher = transformers.LlamaForCausalLM(config(tied)).eval()
     return teacher, serfswap.convert(teacher)
 
 
@@ -80,23 +82,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--teacher-dtype")
+    parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--gathered", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    teacher, student = models()
+    teacher, student = models(args.tied)
     result = serfswap.recover(
         student, teacher, SlowBatches(batches(), args.delay), steps=args.steps, lr=1e-3,
         fsdp=args.fsdp, fsdp_bf16=args.fsdp_bf16,
         activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.every, resume=args.resume,
-        progress=False,
+        teacher_dtype=args.teacher_dtype, progress=False,
     )  # fmt: skip
     rank = int(os.environ.get("RANK", "0"))
-    state = fsdp.full_state_dict(student)  # every rank takes part in the gathers
-    if rank == 0:
-        serfswap.save_checkpoint(student, args.out, tensors=state)
+    assert fsdp.save_consolidated(student, args.out) == (rank == 0)  # every rank takes part
+    if args.gathered:
+        state = fsdp.full_state_dict(student)
+        if rank == 0:
+            serfswap.save_checkpoint(student, f"{args.out}.gathered.safetensors", tensors=state)
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         layer = [r["layer"] for r in result.history if "layer" in r]
-        json.dump({"local_bytes": result.local_bytes, "layer": layer}, f)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in teacher.parameters()]
+        json.dump({"local_bytes": result.local_bytes, "layer": layer,
+                   "loss": [r["loss"] for r in result.history],
+                   "teacher": {"dtypes": sorted({str(p.dtype) for p in local}),
+                               "numel": sum(p.numel() for p in local)}}, f)  # fmt: skip
     if dist.is_initialized():
         dist.destroy_process_group()
     print(f"done: {len(result.history)} steps, resumed from {result.resumed_from}")
