@@ -98,7 +98,7 @@ def _inspect(req: Request, staged: Path, wrote: Written) -> ExportReport:
 def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
     """Write, inspect and verify one exporter's shape plan in a staging folder; in place on
     success."""
-    with staged_output(req.path) as staged:
+    with staged_output(req.path, side_file=f"{req.path.name}.data") as staged:
         written = write(req, exporter, shapes, staged)
         report = _inspect(req, staged, written)
         report.exporter = exporter
