@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     import serfswap
     from serfswap.export.request import weight_bytes
 
-    model = _llama(args.vocab, args.hidden)
+    model = _llama(args.vocab[0], args.hidden)
     if args.save:  # the folder the --cli runs read
         model.save_pretrained(args.save)
         return
