@@ -3,8 +3,8 @@
 The fast tests force the layout on tiny models (``external_data=True``): the side file's name,
 a stale one from an earlier export, the TorchScript exporter's one-file-per-tensor weights
 gathered into one side file, a KV-cache decoder generating from its side file. The ``large``
-test exports a LLaMA of 2.2 GB (fp32) for both tasks; it runs only with ``-m large`` (about 3
-minutes and 6 GB of memory on 2 cores: see docs/export.md).
+test exports a LLaMA of 2.2 GB (fp32) for both tasks; it runs only with ``-m large`` (about 6
+minutes and 5.3 GB of memory on 2 busy cores: see docs/export.md).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_a_llama_over_2_gb_exports_with_its_weights_in_a_side_file(
     them), exported for both tasks: one side file, the graph alone under 1 MB, onnx.checker on
     the path, verified against torch, and the KV-cache file generating torch's tokens."""
     if "large" not in request.config.option.markexpr:
-        pytest.skip("a 2.2 GB model (about 3 minutes, 6 GB of memory): run with -m large")
+        pytest.skip("a 2.2 GB model (about 6 minutes, 5.3 GB of memory): run with -m large")
     model = _llama(vocab_size=131072, hidden_size=2048, intermediate_size=256,
                    num_attention_heads=16, num_key_value_heads=4)  # fmt: skip
     assert weight_bytes(model) > PROTOBUF_LIMIT
