@@ -62,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = example_inputs(args.input_shape)
     loaded = load(args)
-    if args.convert:
+    if args.convert:  # in place: the command owns the model, and a copy holds its weights twice
+        from ..rewrite.convert import convert
+
         needs_module(loaded, "export --convert")
+        loaded.model = convert(loaded.model, inplace=True, example_inputs=inputs)
     progress(args, f"exporting to {args.output} and verifying it with onnxruntime ...")
     report = export_onnx(
         loaded.model,
@@ -78,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         atol=args.atol,
         rtol=args.rtol,
-        convert_activations=args.convert,
         functions=args.functions,
         task=args.task,
         exporter=args.exporter,

@@ -98,7 +98,7 @@ def _inspect(req: Request, staged: Path, wrote: Written) -> ExportReport:
 def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
     """Write, inspect and verify one exporter's shape plan in a staging folder; in place on
     success."""
-    with staged_output(req.path) as staged:
+    with staged_output(req.path, side_file=f"{req.path.name}.data") as staged:
         written = write(req, exporter, shapes, staged)
         report = _inspect(req, staged, written)
         report.exporter = exporter
@@ -199,7 +199,8 @@ def export_onnx(
         convert_activations: convert the model's activations to Serf first (a copy); without
             it, a model is exported as it is and the report counts what is left.
         external_data: weights in a side file ``<path>.data``; default: only above 2 GB, the
-            protobuf limit.
+            protobuf limit (``False`` is refused there). Keep the two files together; a side
+            file an earlier export left at ``path`` goes when the new file has none.
         functions: emit each Serf as one call of the model-local ONNX function
             ``serfswap.Serf`` (body: the decomposition), for readable graphs and single-node
             pattern matching; onnxruntime inlines it at load.

@@ -24,6 +24,13 @@ from .naming import named_inputs, sequence_inputs
 from .seq2seq_parts import Seq2SeqPart
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Protobuf's limit on one message: an ONNX file with its weights inside cannot pass it.
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters: what an ONNX file of it holds as weights."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @dataclass
@@ -104,6 +111,18 @@ def _check_options(
         raise InvalidArgumentError(f"dynamic= takes True, False or None, got {dynamic!r}")
 
 
+def _check_one_file(model: nn.Module, external_data: bool | None) -> None:
+    """``external_data=False`` (weights inside the ONNX file) only for weights under 2 GB:
+    refused before the export, not after it, in protobuf's words."""
+    if external_data is False and weight_bytes(model) > PROTOBUF_LIMIT:
+        raise ExportError(
+            f"external_data=False, but the weights are {weight_bytes(model) / 1e9:.2f} GB: over "
+            "protobuf's 2 GB, one ONNX file cannot hold them; leave external_data at None (a "
+            "side file above 2 GB)",
+            option="external_data",
+        )
+
+
 def _shape_plans(
     inputs: dict[str, torch.Tensor], seq_names: set[str], dynamic: bool | None
 ) -> list[ShapePlan]:
@@ -171,6 +190,7 @@ def prepare(
     if dtype != "fp32":
         model = copy.deepcopy(model).to(DTYPES[dtype])
         inputs = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
+    _check_one_file(model, options["external_data"])
     seq_names = sequence_inputs(inputs) - ({ATTENTION_MASK} if decoder else set())
     plans = (
         [ShapePlan("dynamic", set(inputs), seq_names, decoder.dynamic_shapes())]

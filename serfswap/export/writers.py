@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,9 +21,10 @@ from ..names import BATCH, SEQUENCE
 from ..ops.serf import aten_for_onnx
 from .failures import AttemptFailed, one_line
 from .naming import leaves, name_axes
-from .request import Request, ShapePlan
+from .request import PROTOBUF_LIMIT, Request, ShapePlan, weight_bytes
 
-_TWO_GB = 2 * 1024**3
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass
@@ -63,8 +65,9 @@ def _metadata(req: Request) -> dict[str, str]:
 
 def _needs_side_file(req: Request) -> bool:
     """Weights in a side file: as asked, else only above protobuf's 2 GB limit."""
-    size = sum(p.numel() * p.element_size() for p in req.model.parameters())
-    return size > _TWO_GB if req.external_data is None else req.external_data
+    if req.external_data is None:
+        return weight_bytes(req.model) > PROTOBUF_LIMIT
+    return req.external_data
 
 
 def _export_dynamo(req: Request, shapes: ShapePlan, staged: Path) -> None:
@@ -170,20 +173,49 @@ def _export_torchscript(req: Request, shapes: ShapePlan, staged: Path) -> str | 
             )  # fmt: skip
         except Exception as exc:  # the exporter's many kinds: one line of ours
             raise AttemptFailed(f"the TorchScript exporter: {one_line(exc)}", exc) from None
-    proto = onnx.load(str(staged))  # with any side files it wrote, rewritten as ours
+    proto = onnx.load(str(staged), load_external_data=False)  # the weights stay in their files
     proto.metadata_props.extend(
         onnx.StringStringEntryProto(key=k, value=v) for k, v in _metadata(req).items()
     )
-    for other in staged.parent.iterdir():
-        if other != staged:
-            other.unlink()
-    side = _needs_side_file(req)
-    onnx.save(proto, str(staged), save_as_external_data=side, all_tensors_to_one_file=True,
-              location=f"{staged.name}.data")  # fmt: skip
+    _weights_as_ours(proto, staged, side=_needs_side_file(req))
+    onnx.save(proto, str(staged))
     notices = (
         str(w.message) for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)
     )
     return next((n.splitlines()[0] for n in notices if "remov" in n or "deprecat" in n), None)
+
+
+# Tensors smaller than this stay inside the ONNX file, as the dynamo exporter (onnx_ir) keeps them.
+_INLINE_BELOW = 256
+
+
+def _weights_as_ours(proto: onnx.ModelProto, staged: Path, *, side: bool) -> None:
+    """The TorchScript exporter's weights as serfswap writes them: inline, or (``side``) in one
+    side file ``<name>.data``. Above 2 GB the exporter writes a file per tensor; they move one
+    tensor at a time, so that the whole model is never in memory as one message."""
+    from onnx.external_data_helper import (
+        ExternalDataInfo,
+        load_external_data_for_tensor,
+        save_external_data,
+        set_external_data,
+        uses_external_data,
+    )
+
+    folder, location = staged.parent, f"{staged.name}.data"
+    read: set[str] = set()
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            where = ExternalDataInfo(tensor).location
+            if side and where == location:
+                continue  # in the side file already
+            read.add(where)
+            load_external_data_for_tensor(tensor, str(folder))
+        if side and len(tensor.raw_data) >= _INLINE_BELOW:
+            set_external_data(tensor, location)
+            save_external_data(tensor, str(folder))  # appended to the side file
+            tensor.ClearField("raw_data")
+    for name in read:  # every tensor they held is inline or in the side file now
+        (folder / name).unlink()
 
 
 def _fold_into_functions(path: Path) -> None:

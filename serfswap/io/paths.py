@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -115,10 +116,14 @@ def check_distinct_outputs(paths: Iterable[StrPath | None]) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(path: Path) -> Iterator[Path]:
+def staged_output(path: Path, *, side_file: str | None = None) -> Iterator[Path]:
     """A path to write ``path``'s file (and any side file beside it) in a fresh folder next to
-    the target; on success every file in it moves into place, on failure none does. The folder
-    is on the target's filesystem, so the moves are atomic renames."""
+    the target; on success every file in it moves into place (:func:`_move_into_place`), on
+    failure none does. The folder is on the target's filesystem, so the moves are atomic renames.
+
+    ``side_file``: the name of the side file the output may have (an ONNX file's weights,
+    ``<name>.data``); one that an earlier output left beside the target is removed when the new
+    output has none, so that no stale weights stay next to a file that does not read them."""
     # The name is chosen before the folder exists, so that a Ctrl-C or SIGTERM at any bytecode
     # (inside mkdtemp's Python code, after its mkdir, was one: 1 run in 10 under load) finds it
     # in the finally. A short name of its own: any legal name of the target stays legal inside.
@@ -130,11 +135,29 @@ def staged_output(path: Path) -> Iterator[Path]:
             staging = None
             raise
         yield staging / path.name
-        for staged_file in staging.iterdir():
-            os.replace(staged_file, path.parent / staged_file.name)
+        _move_into_place(staging, path, side_file)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, path: Path, side_file: str | None) -> None:
+    """Every file of ``staging`` beside ``path``, ``path`` itself last (its side file is in
+    place before the file that reads it), and a stale ``side_file`` removed; SIGINT and SIGTERM
+    are held back meanwhile, so that an interrupt lands before or after the renames, never
+    between two of them (a new ONNX file beside the old weights)."""
+    held = hasattr(signal, "pthread_sigmask")  # POSIX
+    if held:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        staged = sorted(staging.iterdir(), key=lambda f: f.name == path.name)
+        for staged_file in staged:
+            os.replace(staged_file, path.parent / staged_file.name)
+        if side_file is not None and all(f.name != side_file for f in staged):
+            (path.parent / side_file).unlink(missing_ok=True)
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 # What a file is, from its first bytes: enough to say "that is an ONNX file" or "that is an

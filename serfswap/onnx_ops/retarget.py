@@ -256,7 +256,7 @@ def retarget_file(
         raise ExportError(f"cannot read {source} as ONNX: {exc}") from None
     result = retarget(model, decomposition, str(source.parent))
     strip_value_info(model)  # any left would describe values that are gone
-    with staged_output(destination) as staged:
+    with staged_output(destination, side_file=f"{destination.name}.data") as staged:
         large = model.ByteSize() > _TWO_GB
         onnx.save(model, str(staged), save_as_external_data=large,
                   location=f"{staged.name}.data")  # fmt: skip
