@@ -250,8 +250,9 @@ def export_onnx(
 
         return export_seq2seq(model, path, example_inputs, task=task, **options)
     report = _export(
-        prepare(model, path, example_inputs, task=task, quantize=quantize, optimize=optimize,
-                **options)  # fmt: skip
+        prepare(
+            model, path, example_inputs, task=task, quantize=quantize, optimize=optimize, **options
+        )
     )
     report.target = target
     return report

@@ -110,8 +110,9 @@ def _new_mask(
         helper.make_node("Unsqueeze", [f"{prefix}_3d", f"{prefix}_axis2"], [f"{prefix}_4d"]),
         helper.make_node("Expand", [f"{prefix}_4d", f"{prefix}_ones4"], [f"{prefix}_expanded"]),
         helper.make_node("Sub", [f"{prefix}_one", f"{prefix}_expanded"], [f"{prefix}_inverted"]),
-        helper.make_node("Cast", [f"{prefix}_inverted"], [f"{prefix}_padding"],
-                         to=onnx.TensorProto.BOOL),  # fmt: skip
+        helper.make_node(
+            "Cast", [f"{prefix}_inverted"], [f"{prefix}_padding"], to=onnx.TensorProto.BOOL
+        ),
         helper.make_node(
             "Where", [f"{prefix}_padding", f"{prefix}_fill", f"{prefix}_zero"], [prefix]
         ),
