@@ -8,6 +8,8 @@ all interleaved run by run in one process, medians reported:
   (``optimum-cli onnxruntime optimize -O2``);
 * the original exported by serfswap;
 * the Serf model exported by serfswap, with each decomposition;
+* with ``--optimize``: serfswap's original and ``exp-log`` files exported with ``optimize=True``
+  (onnxruntime's transformer optimizer: fused Attention, SkipLayerNormalization...);
 * with ``--int8``: each of them dynamically quantised by onnxruntime (per-channel int8 weights,
   :func:`serfswap.export.quantize.quantize_file`), with its accuracy against its own fp32 file
   (embedding cosine for feature extraction, top-1 agreement for classifiers).
@@ -106,8 +108,11 @@ def optimum_files(optimum: str, original: nn.Module, name: str, workdir: Path) -
     return files
 
 
-def export_files(name: str, original: nn.Module, workdir: Path, optimum: str | None) -> dict:
-    """Every fp32 file of the comparison, by label."""
+def export_files(
+    name: str, original: nn.Module, workdir: Path, optimum: str | None, optimize: bool = False
+) -> dict:
+    """Every fp32 file of the comparison, by label; ``optimize``: also serfswap's original and
+    exp-log files through ``export_onnx(optimize=True)`` (onnxruntime's transformer optimizer)."""
     converted = serfswap.convert(original)
     files = optimum_files(optimum, original, name, workdir) if optimum else {}
     files["original, serfswap"] = workdir / f"{name}-original.onnx"
@@ -116,6 +121,13 @@ def export_files(name: str, original: nn.Module, workdir: Path, optimum: str | N
         files[f"serf {decomposition}, serfswap"] = workdir / f"{name}-serf-{decomposition}.onnx"
         serfswap.export_onnx(converted, files[f"serf {decomposition}, serfswap"],
                              decomposition=decomposition)  # fmt: skip
+    if optimize:
+        for label, model, decomposition in (("original", original, None),
+                                            ("serf exp-log", converted, "exp-log")):  # fmt: skip
+            path = workdir / f"{name}-{label.replace(' ', '-')}-optimized.onnx"
+            report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
+            print(f"{name}, {label}: {report.optimization}")
+            files[f"{label}, serfswap --optimize"] = path
     return files
 
 
@@ -134,7 +146,7 @@ def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
 def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
     torch.manual_seed(0)
     original = MODELS[name]().eval()
-    files = export_files(name, original, workdir, args.optimum)
+    files = export_files(name, original, workdir, args.optimum, args.optimize)
     if args.int8:
         for label in list(files):
             quantized = (
@@ -250,6 +262,9 @@ def main() -> None:
     parser.add_argument("--optimum", metavar="PYTHON",
                         help="the python of a virtual environment with optimum-onnx")  # fmt: skip
     parser.add_argument("--int8", action="store_true", help="also every file quantised")
+    parser.add_argument(
+        "--optimize", action="store_true", help="also serfswap's files with export --optimize"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="time per op type, and onnxruntime's unary ops"
     )
