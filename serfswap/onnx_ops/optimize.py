@@ -32,6 +32,7 @@ from ..errors import ExportFailedError
 from .attention_mask import classic_attention_mask
 
 MODEL_TYPES = ("bert", "gpt2")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops, the fused ones
 
 
 @dataclass
@@ -81,7 +82,12 @@ def optimize_model_proto(
     except Exception as exc:  # the optimizer raises plain exceptions of many kinds
         raise ExportFailedError(f"onnxruntime's transformer optimizer failed: {exc}") from None
     fused = {k: v for k, v in result.get_fused_operator_statistics().items() if v}
-    return result.model, Optimized(model_type, fused, rewritten)
+    model = result.model
+    domains = {o.domain for o in model.opset_import}
+    if MS_DOMAIN not in domains and any(n.domain == MS_DOMAIN for n in model.graph.node):
+        # as the optimizer's own save does: onnx's shape inference (the quantiser's) needs it
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return model, Optimized(model_type, fused, rewritten)
 
 
 def optimize_file(
