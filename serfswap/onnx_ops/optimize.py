@@ -15,9 +15,9 @@ Choices made here:
   default turns the mask into the count of ones, which is right only for padding at the end;
 * ``opt_level=0``: only the optimizer's Python fusions are written to the file; onnxruntime's
   own graph optimisations still run at session load, for the CPU the file runs on;
-* the model type: ``bert`` for encoders, ``gpt2`` for decoders (their layer-norm fusions;
-  onnxruntime 1.32 fuses no attention of a transformers 5 decoder exported by torch's dynamo
-  exporter: its GPT-2 patterns are of the TorchScript export of transformers' older GPT-2).
+* the model type ``bert``, decoders included (:func:`settings_for` says why): onnxruntime 1.32
+  fuses no attention of a transformers 5 decoder exported by torch's dynamo exporter (its GPT-2
+  patterns are of the TorchScript export of transformers' older GPT-2), only its norms.
 """
 
 from __future__ import annotations
@@ -108,14 +108,14 @@ def optimize_file(
 
 def settings_for(model: object) -> tuple[str, int, int]:
     """The optimizer's model type, head count and width for a torch model: from a transformers
-    config where there is one (0: found from the graph), ``gpt2`` for decoders."""
+    config where there is one (0: found from the graph). The model type is ``bert`` for
+    decoders too: onnxruntime 1.32's ``gpt2`` type fuses no more in their dynamo graphs (the
+    same norms, no attention) and fails on transformers 5's GPT-2 (``IndexError`` in its
+    Gemm post-processing, a Gemm without bias)."""
     config = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    decoder = bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(
-        ("ForCausalLM", "LMHeadModel")
-    )
-    return ("gpt2" if decoder else "bert"), int(heads or 0), int(hidden or 0)
+    return "bert", int(heads or 0), int(hidden or 0)
 
 
 __all__ = ["MODEL_TYPES", "Optimized", "optimize_file", "optimize_model_proto", "settings_for"]

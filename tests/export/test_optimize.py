@@ -33,10 +33,14 @@ def tiny_bert() -> torch.nn.Module:
     return serfswap.convert(model).eval()
 
 
-def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2,
+def tiny_decoder(kind: str) -> torch.nn.Module:
+    config = (
+        transformers.LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+        if kind == "llama"
+        else transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=LAYERS, n_head=4)
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return serfswap.convert(model).eval()
@@ -131,19 +135,22 @@ def test_padded_check_catches_a_mask_for_right_padding_only(
 
 
 @pytest.mark.slow
-def test_causal_masks_are_left_alone_and_the_decoder_still_optimizes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "norm"), [("llama", "SkipSimplifiedLayerNormalization"),
+                                            ("gpt2", "SkipLayerNormalization")])  # fmt: skip
+def test_causal_masks_are_left_alone_and_the_decoder_still_optimizes(
+    kind: str, norm: str, tmp_path: Path
+) -> None:
     """A causal mask is not padding only: the rewrite leaves it; onnxruntime 1.32 then fuses
-    the decoder's RMSNorms (not its attention), Serf kept, verified."""
+    the decoder's norms (not its attention), Serf kept, verified."""
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_decoder(kind)
     plain, fused = tmp_path / "plain.onnx", tmp_path / "fused.onnx"
     serfswap.export_onnx(model, plain, target="cpu")
     assert classic_attention_mask(onnx.load(str(plain))) == 0
     report = serfswap.export_onnx(model, fused, target="cpu", optimize=True)
     assert report.verified and report.optimization is not None
-    assert report.optimization.model_type == "gpt2"
     assert report.optimization.masks_rewritten == 0
-    assert report.optimization.fused.get("SkipSimplifiedLayerNormalization", 0) >= LAYERS
+    assert report.optimization.fused.get(norm, 0) >= LAYERS
     assert "Attention" not in report.optimization.fused
     assert check_graph(onnx.load(str(fused))).serf == {"exp-log": LAYERS}
     assert_matches_torch(model, fused)
