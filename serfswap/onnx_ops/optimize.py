@@ -1,10 +1,12 @@
 """``export_onnx(..., optimize=True)``: onnxruntime's transformer optimizer run on the exported
 file, its Serf decompositions kept, checked against the file it came from.
 
-Why: onnxruntime fuses each attention layer into its ``Attention`` op (and Add + LayerNorm into
-``SkipLayerNormalization``, bias + GELU into ``BiasGelu``) only when the graph matches its
-patterns, which it does not do at session load. The dynamo export's attention mask matched none
-of them; :func:`serfswap.onnx_ops.attention_mask.classic_attention_mask` rewrites it first.
+Why: onnxruntime fuses each attention layer into its ``Attention`` op (and bias + GELU into
+``BiasGelu``, an RMSNorm's ops into ``SimplifiedLayerNormalization``) only when the graph
+matches its patterns, and not at session load. Add + LayerNorm into ``SkipLayerNormalization``
+is left out: on onnxruntime's CPU it cost more than the attention fusion gained. The dynamo
+export's attention mask matched none of them;
+:func:`serfswap.onnx_ops.attention_mask.classic_attention_mask` rewrites it first.
 
 What comes out is onnxruntime's own format: the fused ops are in its ``com.microsoft`` domain,
 which no other runtime reads, so this is an option and never the default.
@@ -73,6 +75,10 @@ def optimize_model_proto(
     rewritten = classic_attention_mask(model)
     options = FusionOptions(model_type)
     options.use_raw_attention_mask(True)  # padding anywhere, not only at the end
+    # SkipLayerNormalization cost more than the Attention fusion gains on onnxruntime's CPU
+    # (MiniLM, batch 8: Attention alone 0.91x the unfused file, with SkipLayerNormalization
+    # 1.02x; Serf exp-log 1.03x against 1.08x: benchmarks/RESULTS.md, issue #30)
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     _quiet_optimizer()
     try:
         result = optimize_model(

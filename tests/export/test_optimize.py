@@ -95,7 +95,7 @@ def test_bert_optimized_fuses_every_attention_layer(tmp_path: Path) -> None:
     assert "fused Attention x2" in str(report) and "onnxruntime only" in str(report)
     found = ops(path)
     assert found["Attention"] == LAYERS and found["Softmax"] == 0  # attention is one op
-    assert found["SkipLayerNormalization"] == 2 * LAYERS
+    assert found["SkipLayerNormalization"] == 0  # slower on onnxruntime's CPU: left out
     proto = onnx.load(str(path))
     assert check_graph(proto).serf == {"exp-log": LAYERS}  # Serf survives the fusions
     assert {p.key: p.value for p in proto.metadata_props}["serfswap.optimized"] == "bert"
@@ -135,13 +135,13 @@ def test_padded_check_catches_a_mask_for_right_padding_only(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "norm"), [("llama", "SkipSimplifiedLayerNormalization"),
-                                            ("gpt2", "SkipLayerNormalization")])  # fmt: skip
+@pytest.mark.parametrize(("kind", "norm"), [("llama", "SimplifiedLayerNormalization"),
+                                            ("gpt2", "LayerNormalization")])  # fmt: skip
 def test_causal_masks_are_left_alone_and_the_decoder_still_optimizes(
     kind: str, norm: str, tmp_path: Path
 ) -> None:
     """A causal mask is not padding only: the rewrite leaves it; onnxruntime 1.32 then fuses
-    the decoder's norms (not its attention), Serf kept, verified."""
+    the decoder's norms at most (LLaMA's RMSNorms; not its attention), Serf kept, verified."""
     torch.manual_seed(0)
     model = tiny_decoder(kind)
     plain, fused = tmp_path / "plain.onnx", tmp_path / "fused.onnx"
