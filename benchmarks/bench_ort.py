@@ -8,6 +8,8 @@ all interleaved run by run in one process, medians reported:
   (``optimum-cli onnxruntime optimize -O2``);
 * the original exported by serfswap;
 * the Serf model exported by serfswap, with each decomposition;
+* with ``--optimize``: serfswap's original and ``exp-log`` files exported with ``optimize=True``
+  (onnxruntime's transformer optimizer: fused Attention, SkipLayerNormalization...);
 * with ``--int8``: each of them dynamically quantised by onnxruntime (per-channel int8 weights,
   :func:`serfswap.export.quantize.quantize_file`), with its accuracy against its own fp32 file
   (embedding cosine for feature extraction, top-1 agreement for classifiers).
@@ -106,8 +108,11 @@ def optimum_files(optimum: str, original: nn.Module, name: str, workdir: Path) -
     return files
 
 
-def export_files(name: str, original: nn.Module, workdir: Path, optimum: str | None) -> dict:
-    """Every fp32 file of the comparison, by label."""
+def export_files(
+    name: str, original: nn.Module, workdir: Path, optimum: str | None, optimize: bool = False
+) -> dict:
+    """Every fp32 file of the comparison, by label; ``optimize``: also serfswap's original and
+    exp-log files through ``export_onnx(optimize=True)`` (onnxruntime's transformer optimizer)."""
     converted = serfswap.convert(original)
     files = optimum_files(optimum, original, name, workdir) if optimum else {}
     files["original, serfswap"] = workdir / f"{name}-original.onnx"
@@ -116,7 +121,36 @@ def export_files(name: str, original: nn.Module, workdir: Path, optimum: str | N
         files[f"serf {decomposition}, serfswap"] = workdir / f"{name}-serf-{decomposition}.onnx"
         serfswap.export_onnx(converted, files[f"serf {decomposition}, serfswap"],
                              decomposition=decomposition)  # fmt: skip
+    if optimize:
+        for label, model, decomposition in (("original", original, None),
+                                            ("serf exp-log", converted, "exp-log")):  # fmt: skip
+            path = workdir / f"{name}-{label.replace(' ', '-')}-optimized.onnx"
+            report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
+            print(f"{name}, {label}: {report.optimization}")
+            files[f"{label}, serfswap --optimize"] = path
     return files
+
+
+def add_static(files: dict, original: nn.Module, workdir: Path, batches: int = 4) -> None:
+    """Each fp32 file statically quantised by onnxruntime (QDQ, per-channel int8 weights, uint8
+    activations), calibrated on ``batches`` random input batches: a speed measurement (random
+    calibration data says nothing of accuracy on real data)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self, sess: object) -> None:
+            sets = [feeds_for(original, {"f": sess}, 2)["f"] for _ in range(batches)]
+            self.sets = iter(sets)
+
+        def get_next(self) -> dict | None:
+            return next(self.sets, None)
+
+    for label in [k for k in files if "Optimum" not in k and "--optimize" not in k]:
+        quantized = workdir / f"{files[label].stem}-static.onnx"
+        reader = Batches(session(files[label], "cpu"))
+        quantize_static(files[label], quantized, reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True)  # fmt: skip
+        files[f"{label}, int8 static"] = quantized
 
 
 def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
@@ -134,9 +168,11 @@ def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
 def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
     torch.manual_seed(0)
     original = MODELS[name]().eval()
-    files = export_files(name, original, workdir, args.optimum)
+    files = export_files(name, original, workdir, args.optimum, args.optimize)
+    if args.int8_static:
+        add_static(files, original, workdir)
     if args.int8:
-        for label in list(files):
+        for label in [k for k in files if not is_int8(k)]:
             quantized = (
                 workdir / f"{files[label].stem}-{label.split(',')[0].replace(' ', '-')}-int8.onnx"
             )
@@ -158,18 +194,19 @@ def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
     medians = {label: statistics.median(values) for label, values in times.items()}
     best = {
         precision: min(m for label, m in medians.items()
-                       if label.startswith("original") and label.endswith(", int8") == int8)
-        for precision, int8 in (("fp32", False), ("int8", True)) if args.int8 or not int8
+                       if label.startswith("original") and is_int8(label) == int8)
+        for precision, int8 in (("fp32", False), ("int8", True))
+        if args.int8 or args.int8_static or not int8
     }  # fmt: skip
     print(f"\n{name}, batch {args.batch}" + (", sequence 128" if "input_ids" in
                                               next(iter(feeds.values())) else ""))  # fmt: skip
     print("| file | median ms | / best original | int8 vs its fp32 |")
     print("|---|---|---|---|")
     for label, med in medians.items():
-        int8 = label.endswith(", int8")
+        int8 = is_int8(label)
         accuracy = ""
         if int8:
-            fp32_label = label.removesuffix(", int8")
+            fp32_label = label.removesuffix(", int8").removesuffix(", int8 static")
             names = [o.name for o in sessions[label].get_outputs()]
             mask = feeds[label].get("attention_mask")
             got = measure(names, [outputs[fp32_label]], [outputs[label]], [mask])
@@ -180,6 +217,10 @@ def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
         fp32 = {label: files[label] for label in ("original, serfswap", "serf exp-log, serfswap")}
         by_label = {label: op_times(path, feeds[label]) for label, path in fp32.items()}
         print_profile(args.batch, *by_label.values())
+
+
+def is_int8(label: str) -> bool:
+    return label.endswith((", int8", ", int8 static"))
 
 
 def op_times(path: Path, feeds: dict, runs: int = 10) -> dict[str, float]:
@@ -250,6 +291,14 @@ def main() -> None:
     parser.add_argument("--optimum", metavar="PYTHON",
                         help="the python of a virtual environment with optimum-onnx")  # fmt: skip
     parser.add_argument("--int8", action="store_true", help="also every file quantised")
+    parser.add_argument(
+        "--int8-static",
+        action="store_true",
+        help="also serfswap's files statically quantised (QDQ), calibrated on random inputs",
+    )
+    parser.add_argument(
+        "--optimize", action="store_true", help="also serfswap's files with export --optimize"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="time per op type, and onnxruntime's unary ops"
     )

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         decomposition=args.decomposition,
         target=args.target,
         quantize=args.quantize,
+        optimize=args.optimize,
         verify=not args.no_verify,
         atol=args.atol,
         rtol=args.rtol,

@@ -25,13 +25,19 @@ def _target_help() -> str:
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--target`` and ``--quantize``, for the export command."""
+    """``--target``, ``--quantize`` and ``--optimize``, for the export command."""
     parser.add_argument("--target", choices=list(TARGETS), help=_target_help())
     parser.add_argument(
         "--quantize",
         choices=list(QUANTIZE),
         help="write the file dynamically quantised with onnxruntime: int8 weights per channel "
         "(int8) or per tensor; its accuracy against the fp32 export is printed",
+    )
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="run onnxruntime's transformer optimizer on the file (fused Attention, "
+        "SkipLayerNormalization...; for onnxruntime only), Serf kept, verified",
     )
 
 

@@ -32,6 +32,7 @@ from ..ops.serf import keep_custom_op
 from ..options import DEFAULT_DTYPE, DEFAULT_OPSET, DEFAULT_TASK, SEQ2SEQ_TASKS
 from .failures import AttemptFailed, one_line
 from .naming import output_names
+from .optimize import optimize_staged
 from .quantize import check_quantize, quantize_staged
 from .report import ExportReport
 from .request import Request, ShapePlan, prepare
@@ -109,6 +110,8 @@ def _attempt(req: Request, exporter: str, shapes: ShapePlan) -> ExportReport:
             if req.decoder is None
             else req.decoder.verification_inputs()  # e.g. past lengths 0 and 7
         )
+        if req.optimize:  # the verification below runs on the optimized file
+            report.optimization = optimize_staged(req, staged, report.serf_nodes)
         if req.verify:
             for fresh in fresh_sets:  # the worst difference of each output over the sets
                 try:
@@ -166,6 +169,7 @@ def export_onnx(
     decomposition: str | None = None,
     target: str | None = None,
     quantize: str | None = None,
+    optimize: bool = False,
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
@@ -193,6 +197,11 @@ def export_onnx(
         quantize: ``"int8"``: write the file dynamically quantised (int8 weights, per channel;
             ``"int8-per-tensor"``), measured against the verified fp32 export
             (:mod:`serfswap.export.quantize`).
+        optimize: run onnxruntime's transformer optimizer on the file (its ``Attention``,
+            ``SkipLayerNormalization``... in onnxruntime's ``com.microsoft`` domain: the file is
+            then for onnxruntime only), the attention mask first rewritten into a form it
+            fuses; Serf kept, the file checked against the unoptimized one on padded masks and
+            verified against torch (:mod:`serfswap.export.optimize`).
         verify: check with onnxruntime against torch on fresh inputs of another batch size
             (:func:`verify_onnx`).
         atol, rtol: verification tolerances (default: 1e-4 for fp32, 2e-2 for fp16).
@@ -235,12 +244,17 @@ def export_onnx(
         external_data=external_data, functions=functions, exporter=exporter,
     )  # fmt: skip
     if task in SEQ2SEQ_TASKS:  # three files in a folder (export/seq2seq.py)
-        if quantize is not None:
-            raise ExportError(f"quantize= is for one-file exports, not task {task!r} yet")
+        if quantize is not None or optimize:
+            what = "quantize=" if quantize is not None else "optimize="
+            raise ExportError(f"{what} is for one-file exports, not task {task!r} yet")
         from .seq2seq import export_seq2seq
 
         return export_seq2seq(model, path, example_inputs, task=task, **options)
-    report = _export(prepare(model, path, example_inputs, task=task, quantize=quantize, **options))
+    report = _export(
+        prepare(
+            model, path, example_inputs, task=task, quantize=quantize, optimize=optimize, **options
+        )
+    )
     report.target = target
     return report
 

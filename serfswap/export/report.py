@@ -11,6 +11,7 @@ from ..names import summarise
 from ..onnx_ops.decompositions import PATTERNS
 
 if TYPE_CHECKING:
+    from ..onnx_ops.optimize import Optimized
     from .quantize import Quantized
 
 
@@ -40,6 +41,7 @@ class ExportReport:
     left_at_run_time: int = 0  # activations the conversion was to replace that still run
     target: str | None = None  # where the decomposition was chosen to run (target=)
     quantization: Quantized | None = None  # quantize=: its accuracy against fp32
+    optimization: Optimized | None = None  # optimize=: what onnxruntime's optimizer fused
 
     def __str__(self) -> str:
         lines = [
@@ -77,6 +79,8 @@ class ExportReport:
             )
         if self.fallback:
             lines.append(f"  shapes: {self.fallback}")
+        if self.optimization is not None:
+            lines.append(str(self.optimization))
         if self.quantization is not None:
             lines.append(str(self.quantization))
         if self.verified:

@@ -87,6 +87,7 @@ class Request:
     # text-generation-with-past (decoder.py), or one file of a seq2seq task (seq2seq.py)
     decoder: DecoderWithPast | Seq2SeqPart | None = None
     quantize: str | None = None  # export_onnx(quantize=): serfswap/export/quantize.py
+    optimize: bool = False  # export_onnx(optimize=): serfswap/export/optimize.py
 
 
 def _check_options(

@@ -55,16 +55,27 @@ def _session(path: Path) -> Any:
 
 
 def compare_files(
-    reference: Path, candidate: Path, *, atol: float | None = None, rtol: float | None = None
+    reference: Path,
+    candidate: Path,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    padded: bool = False,
 ) -> dict[str, float]:
     """The largest absolute difference of each output of ``candidate`` against ``reference``
     on the same random inputs; :class:`ExportMismatchError` beyond the tolerance (fp32's by
-    default: ``atol`` times each output's largest magnitude when above 1, plus ``rtol``)."""
+    default: ``atol`` times each output's largest magnitude when above 1, plus ``rtol``).
+    ``padded``: an ``attention_mask`` with padding at the end of one row and at the start of
+    another (:func:`serfswap.onnx_ops.attention_mask.padded_feed`) instead of ones."""
     default_atol, default_rtol = TOLERANCE["fp32"]
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     want_sess, got_sess = _session(reference), _session(candidate)
     feed = random_feed(want_sess)
+    if padded:
+        from .attention_mask import padded_feed
+
+        feed = padded_feed(feed)
     try:
         want = want_sess.run(None, feed)
         got = got_sess.run(None, feed)
