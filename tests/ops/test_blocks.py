@@ -1,0 +1,88 @@
+"""serfswap.ops.blocks: every element once, the pool threads taking part, errors raised."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from serfswap.ops.blocks import SERIAL_BLOCK, THREADED_BLOCK, run_blocks
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _waiting_for_a_helper(out: torch.Tensor, ran_on: set[int]):
+    """A kernel factory whose kernels write 1 into their blocks; the caller's first block waits
+    until a pool thread has done one, so that the pool's part is tested, not left to timing."""
+    caller = threading.get_ident()
+    helper_done = threading.Event()
+
+    def make_kernel(block: int):
+        def kernel(begin: int, end: int) -> None:
+            me = threading.get_ident()
+            if me == caller:
+                assert helper_done.wait(timeout=60), "no pool thread took a block"
+            out[begin:end] += 1  # in place: needs inference mode for an inference tensor
+            ran_on.add(me)
+            if me != caller:
+                helper_done.set()
+
+        return kernel
+
+    return make_kernel
+
+
+def test_every_element_once_on_caller_and_pool(two_threads: None) -> None:
+    n = 5 * THREADED_BLOCK + 7
+    out = torch.zeros(n)
+    ran_on: set[int] = set()
+    run_blocks(n, _waiting_for_a_helper(out, ran_on))
+    assert torch.equal(out, torch.ones(n))
+    assert len(ran_on) == 2
+
+
+def test_pool_threads_share_the_callers_inference_mode(two_threads: None) -> None:
+    """An output made under inference_mode may be written only under it, in every thread."""
+    n = 4 * THREADED_BLOCK
+    ran_on: set[int] = set()
+    with torch.inference_mode():
+        out = torch.zeros(n)
+        run_blocks(n, _waiting_for_a_helper(out, ran_on))
+    assert torch.equal(out, torch.ones(n)) and len(ran_on) == 2
+
+
+def test_one_thread_runs_big_blocks_inline() -> None:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spans: list[tuple[int, int, int]] = []
+    try:
+        run_blocks(
+            SERIAL_BLOCK + 3,
+            lambda block: lambda b, e: spans.append((threading.get_ident(), b, e)),
+        )
+    finally:
+        torch.set_num_threads(saved)
+    me = threading.get_ident()
+    assert spans == [(me, 0, SERIAL_BLOCK), (me, SERIAL_BLOCK, SERIAL_BLOCK + 3)]
+
+
+def test_an_error_in_any_thread_is_raised_and_the_pool_still_works(two_threads: None) -> None:
+    def make_kernel(block: int):
+        def kernel(begin: int, end: int) -> None:
+            if begin == 2 * THREADED_BLOCK:
+                raise ValueError("block 2 failed")
+
+        return kernel
+
+    with pytest.raises(ValueError, match="block 2 failed"):
+        run_blocks(6 * THREADED_BLOCK, make_kernel)
+    out = torch.zeros(3 * THREADED_BLOCK)
+    run_blocks(out.numel(), lambda block: lambda b, e: out[b:e].fill_(1))
+    assert torch.equal(out, torch.ones_like(out))
