@@ -19,20 +19,19 @@ def two_threads():
 
 
 def _waiting_for_a_helper(out: torch.Tensor, ran_on: set[int]):
-    """A kernel factory whose kernels write 1 into their blocks; the caller's first block waits
-    until a pool thread has done one, so that the pool's part is tested, not left to timing."""
+    """A kernel factory whose kernels add 1 to their blocks; the first block of the caller and
+    of a pool thread each wait until the other has started one, so that both take part whatever
+    the timing (needs at least two blocks)."""
     caller = threading.get_ident()
-    helper_done = threading.Event()
+    started = {True: threading.Event(), False: threading.Event()}  # keyed by "is the caller"
 
     def make_kernel(block: int):
         def kernel(begin: int, end: int) -> None:
-            me = threading.get_ident()
-            if me == caller:
-                assert helper_done.wait(timeout=60), "no pool thread took a block"
+            mine = threading.get_ident() == caller
+            started[mine].set()
+            assert started[not mine].wait(timeout=60), "the caller and a pool thread did not meet"
             out[begin:end] += 1  # in place: needs inference mode for an inference tensor
-            ran_on.add(me)
-            if me != caller:
-                helper_done.set()
+            ran_on.add(threading.get_ident())
 
         return kernel
 
