@@ -13,14 +13,14 @@ inline in the thread that calls it, with no parallel region at all; ``torch.get_
 threads (the caller and pool threads) take blocks from one shared counter until none is left. A
 descheduled thread holds up only the block it has; the others take the rest, and nothing waits
 on a barrier but the caller, once, at the end. ATen releases the GIL inside each op, so Python
-holds it only for the calls (about 10% of each block on the CI machine), which bounds the
-speed-up to roughly ten threads. With one thread, blocks stay at 2^18 elements: no pool, no
-parallel region, and fewer Python calls.
+holds it only for the calls (about a seventh of each block's time on the CI machine), which
+bounds the speed-up to about seven threads (not measured beyond two cores). With one thread,
+blocks stay at 2^18 elements: no pool, no parallel region, and fewer Python calls.
 
 What was measured against it (benchmarks/RESULTS.md): the same blocks as whole-tensor passes
-(seven regions per call, but 1.6x slower on a quiet CPU: out of cache); a ``torch.compile``'d
-kernel (one region per call, but it needs a C++ compiler and Python headers where the user runs,
-and compiles on first use); a C++ extension (a build step for every user: not an option).
+(seven regions per call, but 1.6x slower: out of cache); a ``torch.compile``'d kernel (one
+region per call, but it needs a C++ compiler and Python headers where the user runs, and
+compiles on first use); a C++ extension (a build step for every user: not an option).
 """
 
 from __future__ import annotations
