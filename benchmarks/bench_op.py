@@ -263,7 +263,9 @@ def bench_contended(shape: list[int], rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs="+", help="default 64 256 56 56; 16 256 56 56 with --contended")
+    parser.add_argument(
+        "--shape", type=int, nargs="+", help="default 64 256 56 56; 16 256 56 56 with --contended"
+    )
     parser.add_argument("--rounds", type=int, help="default 7 (21 with --contended)")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument(
