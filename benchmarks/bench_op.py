@@ -243,9 +243,11 @@ def _contended_rounds(
 
 def bench_contended(shape: list[int], rounds: int) -> None:
     """serf against F.mish on CPU: 1 thread quiet, 2 threads, 2 threads beside a busy process."""
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(
-        f"\ncpu contended: float32 {'x'.join(map(str, shape))}, {rounds} rounds; ratio = median "
-        f"of the per-round serf / F.mish ratios (worst round in brackets)"
+        f"\ncpu contended: float32 {'x'.join(map(str, shape))}, {rounds} rounds, load average "
+        f"{load} before; ratio = median of the per-round serf / F.mish ratios (worst round in "
+        f"brackets); 'quiet' = no neighbour started by this script"
     )
     print("| condition                 | pass    | serf ms | mish ms | serf / mish       |")
     print("|---------------------------|---------|---------|---------|-------------------|")
