@@ -259,7 +259,7 @@ def bench_contended(shape: list[int], rounds: int) -> None:
             print(
                 f"| {label:<25} | {kind:<7} | {statistics.median(serf_t) * 1e3:7.1f} | "
                 f"{statistics.median(mish_t) * 1e3:7.1f} | "
-                f"{statistics.median(ratios):5.2f}x ({max(ratios):5.2f}x) |"
+                f"{f'{statistics.median(ratios):5.2f}x ({max(ratios):5.2f}x)':<17} |"
             )
 
 
