@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
 import torch
 
 from serfswap.ops.blocks import SERIAL_BLOCK, THREADED_BLOCK, run_blocks
+from serfswap.ops.formula import grad_times
 
 
 @pytest.fixture
@@ -85,3 +87,25 @@ def test_an_error_in_any_thread_is_raised_and_the_pool_still_works(two_threads: 
     out = torch.zeros(3 * THREADED_BLOCK)
     run_blocks(out.numel(), lambda block: lambda b, e: out[b:e].fill_(1))
     assert torch.equal(out, torch.ones_like(out))
+
+
+def _backward_in_child(queue, g: torch.Tensor, x: torch.Tensor) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do
+    queue.put(grad_times(g, x).tolist())  # a list: tensors would be shared by fd
+
+
+def test_a_one_thread_child_forked_after_the_pool_ran_computes(two_threads: None) -> None:
+    """DataLoader workers are forked from a process whose backward made the pool. (A child that
+    uses 2 threads hangs in ATen ops with or without serfswap's pool: torch's OpenMP.)"""
+    x, g = torch.randn(4 * THREADED_BLOCK), torch.randn(4 * THREADED_BLOCK)
+    expected = grad_times(g, x)  # the pool now exists in this process
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_backward_in_child, args=(queue, g, x))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.kill()
+        child.join()
+    assert got == expected.tolist()
