@@ -9,10 +9,13 @@ for why the op exists and what each guard measured. Nothing here dispatches or t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .blocks import run_blocks
 
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)  # erf'(s) = 2/sqrt(pi) * exp(-s^2)
 
@@ -56,17 +59,16 @@ def fix_negative_tail(x: Tensor, out: Tensor, *, sync_free: bool | None = None) 
 
 
 def serf_forward(x: Tensor) -> Tensor:
+    """``Serf(x)`` in whole-tensor passes: four ATen ops, so four parallel regions at most.
+
+    Not blocked like the backward: its passes are few and compute-bound (softplus, erf), and
+    blocking it over threads (serfswap.ops.blocks) measured no faster, quiet or shared.
+    """
     xc = _upcast(x)
     out = F.softplus(xc)  # log1p(exp(x)), and x itself above 20: no overflow
     out.erf_().mul_(xc)
     fix_negative_tail(xc, out)
     return out.to(x.dtype)
-
-
-# Elements per block of the CPU backward. The backward makes seven passes; over blocks of 1 MB
-# (float32) their working set stays in cache instead of streaming 51M-element tensors through
-# memory seven times: 1.7x faster than whole-tensor passes on a 64x256x56x56 input.
-BLOCK = 1 << 18
 
 
 def _grad_kernel(grad: Tensor, x: Tensor, out: Tensor, sp: Tensor, gate: Tensor) -> None:
@@ -76,7 +78,9 @@ def _grad_kernel(grad: Tensor, x: Tensor, out: Tensor, sp: Tensor, gate: Tensor)
     ``sigmoid(x) * exp(-sp^2)`` is computed as ``exp(x - sp - sp^2)`` (``log sigmoid(x) = x - sp``):
     one exponential, no division, finite for every finite x.
     """
-    torch.ops.aten.softplus.out(x, 1, 20, out=sp)
+    # F.softplus is the ATen builtin and takes out=; half the call's cost of torch.ops.aten's
+    # overload, which counts in the threaded backward's 32K-element blocks.
+    F.softplus(x, 1, 20, out=sp)
     torch.erf(sp, out=out)
     sp.addcmul_(sp, sp)  # sp + sp^2
     torch.sub(x, sp, out=gate).exp_()  # sigmoid(x) * exp(-sp^2)
@@ -98,10 +102,15 @@ def _flat_in_memory_order(t: Tensor) -> Tensor | None:
 
 
 def grad_times_blocked(grad: Tensor, x: Tensor) -> Tensor | None:
-    """The CPU backward over cache-sized blocks; None when the layouts do not allow it."""
+    """The CPU backward over blocks (serfswap.ops.blocks); None when the layouts do not allow it.
+
+    Seven passes per block whose working set stays in cache, instead of streaming whole tensors
+    through memory seven times: 1.7x faster than whole-tensor passes on a 64x256x56x56 input.
+    """
     if grad.stride() != x.stride():
         return None
-    x_flat, grad_flat = _flat_in_memory_order(x), _flat_in_memory_order(grad)
+    # Detached: pool threads run these ops outside the op's below-autograd dispatch state.
+    x_flat, grad_flat = _flat_in_memory_order(x.detach()), _flat_in_memory_order(grad.detach())
     if x_flat is None or grad_flat is None:
         return None
     out = torch.empty_like(x, dtype=grad.dtype)  # same strides as x, so same memory order
@@ -109,19 +118,25 @@ def grad_times_blocked(grad: Tensor, x: Tensor) -> Tensor | None:
     assert out_flat is not None  # empty_like keeps a dense layout
     compute = compute_dtype(x.dtype)
     direct = x.dtype == grad.dtype == compute  # else blocks are upcast into scratch rows
-    n = x_flat.numel()
-    scratch = torch.empty((2 if direct else 5, min(BLOCK, n)), dtype=compute)
-    for begin in range(0, n, BLOCK):
-        end = min(begin + BLOCK, n)
-        sp, gate, *io = scratch[:, : end - begin]
-        if direct:
-            _grad_kernel(grad_flat[begin:end], x_flat[begin:end], out_flat[begin:end], sp, gate)
-            continue
-        x_blk, grad_blk, out_blk = io
-        x_blk.copy_(x_flat[begin:end])
-        grad_blk.copy_(grad_flat[begin:end])
-        _grad_kernel(grad_blk, x_blk, out_blk, sp, gate)
-        out_flat[begin:end].copy_(out_blk)
+
+    def make_kernel(block: int) -> Callable[[int, int], None]:
+        scratch = torch.empty((2 if direct else 5, block), dtype=compute)
+        full_rows = scratch.unbind()  # sliced once: Python calls count in small blocks
+
+        def kernel(begin: int, end: int) -> None:
+            sp, gate, *io = full_rows if end - begin == block else scratch[:, : end - begin]
+            if direct:
+                _grad_kernel(grad_flat[begin:end], x_flat[begin:end], out_flat[begin:end], sp, gate)
+                return
+            x_blk, grad_blk, out_blk = io
+            x_blk.copy_(x_flat[begin:end])
+            grad_blk.copy_(grad_flat[begin:end])
+            _grad_kernel(grad_blk, x_blk, out_blk, sp, gate)
+            out_flat[begin:end].copy_(out_blk)
+
+        return kernel
+
+    run_blocks(x_flat.numel(), make_kernel)
     return out
 
 

@@ -14,8 +14,9 @@ Why a custom op in eager mode and not the three-line composite:
   erf(...)). ``serfswap::serf`` keeps only its input, as ``nn.GELU`` does, and recomputes the rest
   in an analytic backward: a third of the composite's activation memory in training.
 * Speed. The forward runs in place on one buffer; the backward makes seven passes, with no
-  ``f(x)/x`` form, over cache-sized blocks on CPU. Both are about the time of ``F.mish``
-  (benchmarks/RESULTS.md).
+  ``f(x)/x`` form, over cache-sized blocks on CPU that threads take from a shared counter, so
+  that a CPU shared with other busy processes does not stall it (:mod:`serfswap.ops.blocks`).
+  Both are about the time of ``F.mish`` (benchmarks/RESULTS.md).
 * Accuracy. Where ``exp(x)`` inside softplus would be subnormal (x < -87.3 in float32) while the
   result is still a normal number (down to x = -91.9), the composite loses up to 2e-5 relative;
   the op switches to a tail formula there and stays within a few float32 ulps everywhere.

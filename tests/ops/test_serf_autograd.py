@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import serfswap
-from serfswap.ops.formula import BLOCK, grad_times_blocked, grad_times_whole
+from serfswap.ops.blocks import SERIAL_BLOCK, THREADED_BLOCK
+from serfswap.ops.formula import grad_times_blocked, grad_times_whole
 from serfswap.ops.serf import serf_composite
 
 
@@ -173,12 +174,24 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest):
+    """ATen's thread count for the test: 1 (big blocks, inline) or 2 (small blocks, a pool)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_blocked_backward_matches_whole_tensor_backward(layout: str, dtype: torch.dtype) -> None:
+def test_blocked_backward_matches_whole_tensor_backward(
+    layout: str, dtype: torch.dtype, threads: int
+) -> None:
     """Several blocks and a partial last one, in any dense layout, with half-type upcasts."""
-    shape = (3, 7, 128, 100)  # 268,800 elements: one full block of 262,144 and a partial one
-    assert BLOCK < 3 * 7 * 128 * 100 < 2 * BLOCK
+    shape = (3, 7, 128, 100)  # 268,800 elements: 1 or 8 full blocks and a partial one
+    assert SERIAL_BLOCK < 3 * 7 * 128 * 100 < 2 * SERIAL_BLOCK
+    assert 8 * THREADED_BLOCK < 3 * 7 * 128 * 100 < 9 * THREADED_BLOCK
     x = LAYOUTS[layout](torch.randn(shape, dtype=torch.float64).mul(8).to(dtype))
     g = LAYOUTS[layout](torch.randn(shape, dtype=dtype))
     blocked = grad_times_blocked(g, x)
