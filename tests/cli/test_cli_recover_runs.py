@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from serfswap.cli.main import main
 from serfswap.recovery import state as trainstate
 from serfswap.recovery.schedule import lr_factor
-from tests.support.cli import ROOT, cli
+from tests.support.cli import ROOT, cli, wait_for_checkpoint
 from tests.support.data import TEXT
 from tests.support.models import tiny_resnet
 
@@ -88,11 +87,7 @@ def test_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_weights(
          "--checkpoint-dir", str(folder)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (folder / "step-00000002").is_dir():
-        assert child.poll() is None, child.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 2"
-        time.sleep(0.005)
+    wait_for_checkpoint(child, folder / "step-00000002")
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL

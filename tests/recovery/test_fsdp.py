@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 import serfswap
 from serfswap.recovery import fsdp
 from serfswap.recovery import state as trainstate
-from tests.support.cli import ROOT, python
+from tests.support.cli import ROOT, python, wait_for_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
@@ -143,11 +142,7 @@ def killed_run(tmp_path: Path, folder: Path, steps: int) -> list[int]:
          "0.5"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (folder / "step-00000002").is_dir():
-        assert child.poll() is None, child.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 2"
-        time.sleep(0.01)
+    wait_for_checkpoint(child, folder / "step-00000002")
     # The machine goes down: both ranks (torchrun starts each in a session of its own) and
     # the agent, all at once.
     for pid in [*descendants(child.pid), child.pid]:

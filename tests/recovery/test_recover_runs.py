@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 import serfswap
 from serfswap.recovery import state as trainstate
-from tests.support.cli import ROOT, python
+from tests.support.cli import ROOT, python, wait_for_checkpoint
 from tests.support.models import tiny_resnet
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -52,11 +51,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path: Pa
          str(steps), "--checkpoint-dir", str(folder), "--every", "4", "--delay", "0.05"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (folder / "step-00000008").is_dir():
-        assert child.poll() is None, child.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 8"
-        time.sleep(0.01)
+    wait_for_checkpoint(child, folder / "step-00000008", timeout=240)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL

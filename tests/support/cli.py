@@ -38,3 +38,16 @@ def python(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.Comple
 def cli(*argv: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """``serfswap ARGV`` in a fresh interpreter (see ``python`` for the keywords)."""
     return python("-m", "serfswap", *argv, timeout=timeout, **kwargs)
+
+
+def wait_for_checkpoint(child: subprocess.Popen[bytes], path: Path, timeout: float = 300) -> None:
+    """Wait until ``path`` (a checkpoint folder a running recovery writes) exists, so that a
+    test can kill the run just after it: fails with the child's stderr if the child dies first,
+    or after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.is_dir():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:] if child.stderr else ""
+        assert time.monotonic() < deadline, f"no checkpoint {path.name} after {timeout:g} s"
+        time.sleep(0.005)

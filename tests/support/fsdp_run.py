@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,21 +26,9 @@ import transformers
 
 import serfswap
 from serfswap.recovery import fsdp
+from tests.support.recover_run import SlowBatches  # (run with the repository on PYTHONPATH)
 
 VOCAB = 96
-
-
-class SlowBatches:
-    """The batches, each ``delay`` seconds late (a slow loader: a test can kill the run between
-    two checkpoints)."""
-
-    def __init__(self, batches: list[dict[str, torch.Tensor]], delay: float) -> None:
-        self.batches, self.delay = batches, delay
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.batches:
-            time.sleep(self.delay)
-            yield batch
 
 
 def config(tied: bool = False) -> Any:
