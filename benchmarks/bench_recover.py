@@ -178,10 +178,13 @@ def main() -> None:
         help="embedding ablations with curves (issue 29), at --text-steps",
     )
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    print(f"serfswap {serfswap.__version__}, torch {torch.__version__}, 2 threads, CPU")
+    print(
+        f"serfswap {serfswap.__version__}, torch {torch.__version__}, {args.threads} threads, CPU"
+    )
     if args.only not in ("text", "none"):
         vision(args.vision_steps)
     if args.only not in ("vision", "none"):

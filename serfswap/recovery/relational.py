@@ -33,8 +33,8 @@ def similarity_logits(embeddings: Tensor, temperature: float) -> Tensor:
 def relational_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(teacher || student) between the row-wise softmaxes of the in-batch cosine
     similarities of ``student`` and ``teacher`` embeddings (one row per example), at
-    ``temperature``, averaged over the rows. Zero for a batch of one, which has no neighbour
-    to rank.
+    ``temperature``, averaged over the rows. Zero for a batch of one or two, where no example
+    has two neighbours to rank.
 
     Not scaled by temperature squared as Hinton's KL on logits is: cosines have no natural
     temperature of 1 to keep gradients comparable with, and unscaled, at 0.05, the term is of
