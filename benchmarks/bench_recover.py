@@ -135,7 +135,7 @@ def text(steps: int, ablations: bool) -> None:
         )
 
 
-def embedding_curves(steps: int, names: list[str], eval_every: int) -> None:
+def embedding_curves(steps: int, names: list[str], eval_every: int, extra: dict[str, Any]) -> None:
     """The embedding ablations (EMBEDDING_RUNS): held-out neighbours and cosine every
     ``eval_every`` steps, and at the end the neighbours among all the held-out sentences."""
     teacher, train, n_train, eval_text, batches = minilm()
@@ -152,7 +152,7 @@ def embedding_curves(steps: int, names: list[str], eval_every: int) -> None:
         student = serfswap.convert(teacher)
         r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
                              progress=False, eval_every=eval_every,
-                             **EMBEDDING_RUNS[name])  # fmt: skip
+                             **EMBEDDING_RUNS[name], **extra)  # fmt: skip
         whole = serfswap.recovery.distill.evaluate(student, teacher, pool, torch.device("cpu"))
         points = [{"step": 0, **r.before}, *r.evals]
         nn = " ".join(f"{e['step']}:{e['agreement']:.3f}" for e in points)
@@ -179,6 +179,7 @@ def main() -> None:
     )
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="the ablations under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -190,7 +191,8 @@ def main() -> None:
     if args.only not in ("vision", "none"):
         text(args.text_steps, args.text_ablations)
     if args.embedding:
-        embedding_curves(args.text_steps, args.embedding, args.eval_every)
+        extra = {"autocast": "bf16"} if args.bf16 else {}
+        embedding_curves(args.text_steps, args.embedding, args.eval_every, extra)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

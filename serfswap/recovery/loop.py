@@ -340,11 +340,13 @@ def _after_step(
 ) -> None:
     """Record the step; evaluate and checkpoint when one is due."""
     opts, state = run.opts, run.state
+    if opts.eval_every and state.step % opts.eval_every == 0 and eval_batches:
+        state.evals.append({"step": state.step, **run.trainer.evaluate(eval_batches)})
+        # in the step's record too, so that the log holds the curves the user judges by
+        record.update({f"held_out_{k}": v for k, v in state.evals[-1].items() if k != "step"})
     state.history.append(record)
     if log is not None:
         log.write(record)
-    if opts.eval_every and state.step % opts.eval_every == 0 and eval_batches:
-        state.evals.append({"step": state.step, **run.trainer.evaluate(eval_batches)})
     if opts.checkpoint_every and (
         state.step % opts.checkpoint_every == 0 or state.step == run.steps
     ):

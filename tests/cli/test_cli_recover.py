@@ -114,6 +114,8 @@ def test_recover_says_the_measures_in_the_users_terms(
     assert re.search(r"embedding cosine to the original's: \d\.\d{4} -> \d\.\d{4} "
                      r"\(original 1\.0000\)", stdout), stdout  # fmt: skip
     records = [json.loads(r) for r in log.read_text().splitlines()]
+    assert 0 <= records[-1]["held_out_agreement"] <= 1, records  # evaluated every 2 / 10 steps
+    assert "held_out_cosine" in records[0]
     # the second batch holds the 2 last training lines: one neighbour each, nothing to rank
     assert records[0]["relational"] > 0 and records[1]["relational"] == 0, records
 
