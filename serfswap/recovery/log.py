@@ -51,7 +51,7 @@ def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: P
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
     ax = axes[0][0]
     steps = [r["step"] for r in history]
-    for key in ("loss", "output", "layer", "task"):
+    for key in ("loss", "output", "layer", "task", "relational"):
         if any(key in r for r in history):
             ax.plot(steps, [r.get(key, float("nan")) for r in history], label=key,
                     linewidth=1.6 if key == "loss" else 1.0)  # fmt: skip

@@ -34,7 +34,7 @@ from ..options import (  # noqa: F401 (the choices are re-exported)
     TRAIN_CHOICES,
     RecoveryOptions,
 )
-from . import distributed, fsdp, lm
+from . import distributed, fsdp, measures, relational
 from . import log as curves
 from . import state as trainstate
 from .distill import (
@@ -72,17 +72,24 @@ class RecoveryResult:
     # Bytes this process held at the end of the last step, of the trainable parameters, their
     # gradients and the optimizer's state: its shards under FSDP (see fsdp.local_bytes).
     local_bytes: dict[str, int] = field(default_factory=dict)
+    # The original (the teacher) evaluated against itself on the same held-out batches: the
+    # ceiling the figures are read against (agreement 1, cosine 1, its own accuracy).
+    original: dict[str, float] = field(default_factory=dict)
+    # The examples of the largest held-out batch: the pool nearest neighbours are searched in.
+    pool: int = 0
 
     def __str__(self) -> str:
         keys = sorted(set(self.before) | set(self.after))
         resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
         lines = [f"serfswap recovery: {self.steps} steps in {self.seconds:.1f} s{resumed}"]
         width = max([10, *map(len, keys)])
-        lines.append(f"  {'metric':<{width}} {'before':>9} {'after':>9}")
+        lines.append(f"  {'metric':<{width}} {'before':>9} {'after':>9} {'original':>9}")
         for key in keys:
             b, a = self.before.get(key, math.nan), self.after.get(key, math.nan)
-            lines.append(f"  {key:<{width}} {b:>9.4f} {a:>9.4f}")
-        lines.extend(lm.summary(self.before, self.after))  # a causal LM's, in its user's terms
+            o = self.original.get(key, math.nan)
+            lines.append(f"  {key:<{width}} {b:>9.4f} {a:>9.4f} {o:>9.4f}")
+        lines += ["  " + line for line in measures.headline(self.before, self.after,
+                                                            self.original, self.pool)]  # fmt: skip
         return "\n".join(lines)
 
 
@@ -242,6 +249,11 @@ class _Trainer:
             labels=labels, output_weight=opts.output_weight, layer_weight=opts.layer_weight,
             task_weight=opts.task_weight,
         )  # fmt: skip
+        if self.loss_kind == "mse-cosine" and opts.relational_weight:  # embeddings: rankings
+            loss, parts = relational.add_relational(
+                loss, parts, s_outs, t_outs, kwargs.get("attention_mask"),
+                weight=opts.relational_weight, temperature=opts.relational_temperature,
+            )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, opts.clip)
@@ -249,9 +261,10 @@ class _Trainer:
         self.schedule.step()
         return {**parts, "loss": loss.item(), "lr": self.schedule.last_lr()}
 
-    def evaluate(self, batches: list[Any]) -> dict[str, float]:
-        """Agreement of the student with the teacher on held-out ``batches``."""
-        return evaluate(self.student, self.teacher, batches, self.device)
+    def evaluate(self, batches: list[Any], model: nn.Module | None = None) -> dict[str, float]:
+        """Agreement of ``model`` (the student by default) with the teacher on held-out
+        ``batches``."""
+        return evaluate(model or self.student, self.teacher, batches, self.device)
 
 
 class _Run:
@@ -284,13 +297,16 @@ class _Run:
         self._loop(batches, eval_batches)
         held = fsdp.local_bytes(self.trainer.params, self.trainer.optimizer)
         after = self.trainer.evaluate(eval_batches) if eval_batches else {}
+        # The original against itself: its agreement is 1 by definition, its accuracy is not.
+        original = self.trainer.evaluate(eval_batches, self.trainer.teacher) if eval_batches else {}
         state = self.state
         if self.opts.plot is not None and self.world.main:
             evals = [{"step": 0, **state.before}, *state.evals] if state.evals else []
             curves.plot(state.history, evals, Path(self.opts.plot))
         return RecoveryResult(self.steps, time.perf_counter() - start, state.before, after,
                               state.history, state.evals, resumed,
-                              self.last_checkpoint, held)  # fmt: skip
+                              self.last_checkpoint, held, original,
+                              measures.pool_size(eval_batches))  # fmt: skip
 
     def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
         """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
@@ -330,11 +346,13 @@ def _after_step(
 ) -> None:
     """Record the step; evaluate and checkpoint when one is due."""
     opts, state = run.opts, run.state
+    if opts.eval_every and state.step % opts.eval_every == 0 and eval_batches:
+        state.evals.append({"step": state.step, **run.trainer.evaluate(eval_batches)})
+        # in the step's record too, so that the log holds the curves the user judges by
+        record.update({f"held_out_{k}": v for k, v in state.evals[-1].items() if k != "step"})
     state.history.append(record)
     if log is not None:
         log.write(record)
-    if opts.eval_every and state.step % opts.eval_every == 0 and eval_batches:
-        state.evals.append({"step": state.step, **run.trainer.evaluate(eval_batches)})
     if opts.checkpoint_every and (
         state.step % opts.checkpoint_every == 0 or state.step == run.steps
     ):
@@ -360,8 +378,8 @@ def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int 
             run.say(f"evaluating the converted model on {n} held-out "
                     f"batch{'es' if n > 1 else ''} (before)")  # fmt: skip
             state.before = run.trainer.evaluate(eval_batches)
-            if lm.describe(state.before):
-                run.say(f"before: {lm.describe(state.before)}")
+            for line in measures.headline({}, state.before, {}, measures.pool_size(eval_batches)):
+                run.say(f"  before recovery, {line}")
         if opts.bn_batches and has_batchnorm(student):
             run.say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
             local = (distributed.shard(b, run.world) for b in _take(batches, opts.bn_batches))

@@ -3,6 +3,8 @@ HuggingFace model and its tokenizer; resume, plot, and what it refuses."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +89,35 @@ def test_recover_a_text_file_and_resume(text_model: Path, tmp_path: Path, capsys
     again = serfswap.io.load_model(str(out)).model.state_dict()
     for name, value in first.items():
         assert torch.equal(value, again[name]), name
+
+
+def test_recover_says_the_measures_in_the_users_terms(
+    text_model: Path, tmp_path: Path, capsys
+) -> None:
+    """An embedding model: nearest-neighbour agreement and cosine before recovery, then
+    before -> after next to the original's, with the pool the neighbours were searched in;
+    --relational-weight reaches the run (its term is in the log)."""
+    data = tmp_path / "lines.txt"
+    data.write_text(TEXT)
+    out, log = tmp_path / "bert.safetensors", tmp_path / "log.jsonl"
+    code, stdout, err = run(capsys, "recover", str(text_model), "--data", str(data), "--steps",
+                            "2", "--batch-size", "4", "--held-out", "0.5", "-o", str(out),
+                            "--relational-weight", "2", "--log", str(log))  # fmt: skip
+    assert code == 0, err
+    agree = "nearest neighbours agree with the original's: "
+    before = stdout.index("before recovery, " + agree)
+    final = stdout.index(agree, stdout.index("serfswap recovery: 2 steps"))
+    assert before < final
+    line = stdout[final:].splitlines()[0]
+    pattern = r"[01]\.\d{3} -> [01]\.\d{3} \(original 1\.000\), each searched among the 6 "
+    assert re.fullmatch(agree + pattern + "examples of a held-out batch", line), line
+    assert re.search(r"embedding cosine to the original's: \d\.\d{4} -> \d\.\d{4} "
+                     r"\(original 1\.0000\)", stdout), stdout  # fmt: skip
+    records = [json.loads(r) for r in log.read_text().splitlines()]
+    assert 0 <= records[-1]["held_out_agreement"] <= 1, records  # evaluated every 2 / 10 steps
+    assert "held_out_cosine" in records[0]
+    # the second batch holds the 2 last training lines: one neighbour each, nothing to rank
+    assert records[0]["relational"] > 0 and records[1]["relational"] == 0, records
 
 
 def test_recover_refuses_what_it_cannot_do(

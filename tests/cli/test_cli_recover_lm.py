@@ -29,7 +29,7 @@ def test_recover_a_causal_lm_prints_perplexity_and_agreement(
                             "--max-length", "16", "--lr", "1e-3", "-o", str(out))  # fmt: skip
     assert code == 0, err
     assert re.search(r"packed into rows of 16 tokens \(\d+ train, \d+ held out\)", stdout), stdout
-    before = re.search(r"before: perplexity ([\d.]+) \(original ([\d.]+), ([\d.]+)x\), "
+    before = re.search(r"before recovery, perplexity ([\d.]+) \(original ([\d.]+), ([\d.]+)x\), "
                        r"next-token agreement ([\d.]+)", stdout)  # fmt: skip
     assert before, stdout
     after = re.search(r"perplexity ([\d.]+) -> ([\d.]+) \(original ([\d.]+), ([\d.]+)x\)", stdout)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import serfswap
 from serfswap.recovery.data import pack_tokens, packed_batches
 from serfswap.recovery.distill import distillation_loss, evaluate, task_kind
-from serfswap.recovery.lm import is_causal_lm, summary, token_kl
+from serfswap.recovery.lm import headline, is_causal_lm, token_kl
 from tests.support.models import TINY_BERT, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
@@ -103,8 +103,8 @@ def test_perplexity_and_agreement_match_a_hand_computation() -> None:
     assert got["perplexity_ratio"] == pytest.approx(got["perplexity"] / got["original_perplexity"])
     assert got["agreement"] == pytest.approx(agree / positions)
     assert got["agreement"] < 1  # the swap changed some top-1 token: the figure can fail
-    lines = summary(got, got)
-    assert lines[0].startswith(f"  perplexity {got['perplexity']:.2f} -> ")
+    lines = headline(got, got)
+    assert lines[0].startswith(f"perplexity {got['perplexity']:.2f} -> ")
     assert "original" in lines[0] and "next-token agreement" in lines[1]
 
 

@@ -87,6 +87,10 @@ def test_classifier_recovers_on_digits(digits: dict[str, torch.Tensor]) -> None:
     assert result.after["accuracy"] >= teacher_acc - 0.01
     assert result.after["kl"] < 0.05 * result.before["kl"]
     assert result.after["agreement"] > 0.97
+    # the original's own figures, beside which the result reads: its accuracy is its own
+    assert result.original["agreement"] == 1.0 and result.original["kl"] == pytest.approx(0)
+    assert result.original["accuracy"] == pytest.approx(teacher_acc.item())
+    assert f"(original {teacher_acc.item():.2%})" in str(result)
     assert len(result.history) == 100 and "layer" in result.history[0]
     assert teacher.training is False and all(p.requires_grad for p in teacher.parameters())
 
