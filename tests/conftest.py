@@ -3,6 +3,8 @@ live in tests/support/."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -10,3 +12,12 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal sends it. A shell starts a background job (``cmd &`` in a script)
+    with SIGINT ignored, and an ignored signal stays ignored across exec: every serfswap the
+    tests start would then ignore the SIGINT the Ctrl-C tests send it. Python's own handler
+    here gives the children the default disposition back (a handler resets to it on exec)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
