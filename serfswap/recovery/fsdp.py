@@ -199,7 +199,9 @@ def save_consolidated(
 
     A tensor of several names (tied embeddings) is gathered and stored once. Should rank 0 fail
     to write, it still takes part in the remaining gathers (the others would wait for it
-    forever), then raises; the staged file is removed, nothing is left half-written."""
+    forever), then raises; the staged file is removed, nothing is left half-written. All ranks
+    return together, once rank 0 has renamed the file into place: a rank that left first could
+    tear the group down under rank 0's last write."""
     import torch.distributed as dist
 
     from ..io import checkpoint
@@ -211,26 +213,30 @@ def save_consolidated(
         names.setdefault(id(value), set()).add(name)
     dropped = checkpoint.tied_names(list(names.values()))
     specs = {name: (v.dtype, tuple(v.shape)) for name, v in state.items() if name not in dropped}
-    with contextlib.ExitStack() as stack:
-        writer, error = None, None
-        if main:
-            try:
-                entries = checkpoint.checkpoint_metadata(model, arch, metadata)
-                writer = stack.enter_context(
-                    checkpoint.checkpoint_writer(path, specs, entries, dropped))  # fmt: skip
-            except Exception as exc:  # raised once the gathers are done
-                error = exc
-        for name in file_order(specs):
-            value = state[name]
-            full = value.full_tensor() if hasattr(value, "full_tensor") else value
-            if writer is not None and error is None:
+    try:
+        with contextlib.ExitStack() as stack:
+            writer, error = None, None
+            if main:
                 try:
-                    writer.write(name, full)
-                except Exception as exc:  # as above
+                    entries = checkpoint.checkpoint_metadata(model, arch, metadata)
+                    writer = stack.enter_context(
+                        checkpoint.checkpoint_writer(path, specs, entries, dropped))  # fmt: skip
+                except Exception as exc:  # raised once the gathers are done
                     error = exc
-            del full
-        if error is not None:
-            raise error  # inside the writer: the staged file is removed
+            for name in file_order(specs):
+                value = state[name]
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value
+                if writer is not None and error is None:
+                    try:
+                        writer.write(name, full)
+                    except Exception as exc:  # as above
+                        error = exc
+                del full
+            if error is not None:
+                raise error  # inside the writer: the staged file is removed
+    finally:  # every rank returns once the file is in place (or rank 0 has failed)
+        if dist.is_initialized():
+            dist.barrier()
     return main
 
 

@@ -61,8 +61,10 @@ def test_torchrun_fsdp_recover_writes_the_single_process_checkpoint(
     llama: tuple[Path, Path], tmp_path: Path
 ) -> None:
     model, data = llama
+    # A causal LM's text is packed: rows of 9 tokens are the lines (8 words and EOS), 12 rows
+    # to train on, 3 global batches of 4 (2 a rank).
     common = ["--data", str(data), "--batch-size", "4", "--held-out", "0.25", "--steps", "4",
-              "--lr", "1e-3", "--checkpoint-every", "2"]  # fmt: skip
+              "--lr", "1e-3", "--checkpoint-every", "2", "--max-length", "9"]  # fmt: skip
     single, sharded = tmp_path / "single.safetensors", tmp_path / "fsdp.safetensors"
     recover(str(model), "-o", str(single), *common)
     out = recover(str(model), "-o", str(sharded), *common, "--fsdp", torchrun=True)

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                    "teacher": {"dtypes": sorted({str(p.dtype) for p in local}),
                                "numel": sum(p.numel() for p in local)}}, f)  # fmt: skip
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing the gathered file
         dist.destroy_process_group()
     print(f"done: {len(result.history)} steps, resumed from {result.resumed_from}")
 
