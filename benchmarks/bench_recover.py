@@ -59,6 +59,9 @@ EMBEDDING_RUNS: dict[str, dict[str, Any]] = {
     "rel 1 warmup 0.03": {"relational_weight": 1.0, "warmup": 0.03},
     "rel 1 no layer matching": {"relational_weight": 1.0, "layer_weight": 0.0},
     "rel 10 lr 2e-4": {"relational_weight": 10.0, "lr": 2e-4},
+    "no fit": {"fit_batches": 0},
+    "no fit, rel 1": {"fit_batches": 0, "relational_weight": 1.0},
+    "no fit, lr 2e-4": {"fit_batches": 0, "lr": 2e-4},
 }
 TEXT_RUNS = {
     "default": {},
@@ -214,7 +217,8 @@ def embedding_curves(steps: int, names: list[str], eval_every: int, extra: dict[
                              progress=False, eval_every=eval_every,
                              **EMBEDDING_RUNS[name], **extra)  # fmt: skip
         whole = serfswap.recovery.distill.evaluate(student, teacher, pool, torch.device("cpu"))
-        points = [{"step": 0, **r.before}, *r.evals]
+        fitted = [{"step": "fit", **r.fitted}] if r.fitted else []
+        points = [{"step": 0, **r.before}, *fitted, *r.evals]
         nn = " ".join(f"{e['step']}:{e['agreement']:.3f}" for e in points)
         cos = " ".join(f"{e['step']}:{e['cosine']:.4f}" for e in points)
         print(

@@ -70,12 +70,15 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bytes_, pad_token="<pad>", eos_token="</s>")
 
 
-def model_config():
+def model_config(layers: int = 4, hidden: int = 128):
+    """The teacher's shape: ``layers`` decoder layers of width ``hidden`` (heads of 32, an MLP
+    of 2.6875 x the width, LLaMA's 8/3 ratio rounded up as SmolLM's 576 -> 1536)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=258, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+        vocab_size=258, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32, max_position_embeddings=SEQ,
         hidden_act="silu", tie_word_embeddings=True, pad_token_id=256, eos_token_id=257,
         bos_token_id=None,
     )  # fmt: skip
@@ -91,6 +94,22 @@ def perplexity(model: torch.nn.Module, rows: torch.Tensor) -> float:
     return math.exp(float(nll) / count)
 
 
+@torch.no_grad()
+def swap_cost(model: torch.nn.Module, rows: torch.Tensor) -> tuple[float, float]:
+    """What swapping SiLU for Serf does to this teacher before any recovery: the converted
+    copy's held-out perplexity over the original's, and its top-1 next-token agreement with
+    the original (the two figures recovery is judged on), so a teacher the swap leaves intact
+    is seen at once."""
+    import serfswap
+
+    student = serfswap.convert(model)
+    agree, count = 0, 0
+    for chunk in rows.split(32):
+        same = model(input_ids=chunk).logits.argmax(-1) == student(input_ids=chunk).logits.argmax(-1)
+        agree, count = agree + int(same.sum()), count + same.numel()
+    return perplexity(student, rows) / perplexity(model, rows), agree / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -99,6 +118,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128, help="a multiple of 32")
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
@@ -117,7 +138,7 @@ def main() -> None:
     print(f"corpus: {len(train_text)} training paragraphs ({train_rows.numel()} bytes), "
           f"{len(held_text)} held out ({held_rows.numel()} bytes)", flush=True)  # fmt: skip
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config())
+    model = LlamaForCausalLM(model_config(args.layers, args.hidden))
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, args.steps // 20)
@@ -145,8 +166,10 @@ def main() -> None:
     tokenizer.save_pretrained(args.out)
     (args.out / "train.txt").write_text("\n".join(train_text) + "\n", encoding="utf-8")
     (args.out / "held_out.txt").write_text("\n".join(held_text) + "\n", encoding="utf-8")
+    ratio, agreement = swap_cost(model, held_rows[:64])
     print(
-        f"held-out perplexity {ppl:.3f} per byte; wrote {args.out} in "
+        f"held-out perplexity {ppl:.3f} per byte; SiLU -> Serf without recovery: perplexity "
+        f"{ratio:.3f}x, top-1 agreement {agreement:.3f}; wrote {args.out} in "
         f"{time.perf_counter() - start:.0f} s (torch {torch.__version__}, {args.threads} threads)"
     )
 

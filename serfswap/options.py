@@ -85,8 +85,12 @@ class RecoveryOptions:
     ``"mse-cosine"`` outputs: KL between the student's and the teacher's softmax over each
     example's cosine similarities to the others in the batch, at that temperature: the ranking
     that nearest-neighbour search reads; see ``serfswap.recovery.relational``).
-    Ingredients: ``blend`` (fraction of the steps over which converted activations ramp from
-    the original to Serf; 0: off), ``bn_batches`` (batches to re-estimate BatchNorm statistics
+    Ingredients: ``fit_batches`` (calibration batches on which each converted Serf is fitted
+    to the activation it replaced, ``a * Serf(b * x)``, with ``a`` and ``b`` folded into the
+    neighbouring layers' weights before the first step; 0: off; see
+    ``serfswap.recovery.fit``; not with ``blend`` or ``fsdp``), ``blend`` (fraction of the
+    steps over which converted activations ramp from the original to Serf; 0: off),
+    ``bn_batches`` (batches to re-estimate BatchNorm statistics
     on first; 0: off), ``train_mode`` (run the student in train mode, with dropout and batch
     statistics; off by default: the student learns the function the eval-mode teacher computes,
     without noise that only blurs what there is to copy).
@@ -147,6 +151,13 @@ class RecoveryOptions:
         metadata=_cli(
             "fraction of the steps over which each Serf ramps from the original activation "
             "(0: off; default: %(default)s)"
+        ),
+    )
+    fit_batches: int = field(
+        default=4,
+        metadata=_cli(
+            "batches to fit each Serf to the activation it replaced on first, as a * Serf(b * x) "
+            "with a and b folded into the neighbouring layers (0: off; default: %(default)s)"
         ),
     )
     bn_batches: int = field(
@@ -245,7 +256,7 @@ class RecoveryOptions:
                         "must be positive")  # fmt: skip
         self._check("relational_weight", 0 <= self.relational_weight < math.inf,
                     "a weight >= 0 (0: off)")  # fmt: skip
-        for name in ("bn_batches", "eval_every", "checkpoint_every"):
+        for name in ("fit_batches", "bn_batches", "eval_every", "checkpoint_every"):
             self._check(name, getattr(self, name) >= 0, "must be >= 0")
         self._check("keep", self.keep >= 1, "keep at least one checkpoint")
         for name in ("fsdp_bf16", "activation_checkpointing"):

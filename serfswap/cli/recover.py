@@ -272,9 +272,10 @@ def _check_recover_numbers(args: argparse.Namespace) -> None:
             "examples from 1 up",
             option="--batch-size",
         )
-    if args.keep < 1 or args.bn_batches < 0 or (args.eval_every or 0) < 0:
+    if args.keep < 1 or min(args.bn_batches, args.fit_batches) < 0 or (args.eval_every or 0) < 0:
         raise InvalidArgumentError(
-            "--keep must be >= 1, --bn-batches and --eval-every >= 0", option="--keep"
+            "--keep must be >= 1, --fit-batches, --bn-batches and --eval-every >= 0",
+            option="--keep",
         )
     if not (0 <= args.warmup <= 1 and 0 <= args.blend <= 1):
         raise InvalidArgumentError(

@@ -34,7 +34,7 @@ from ..options import (  # noqa: F401 (the choices are re-exported)
     TRAIN_CHOICES,
     RecoveryOptions,
 )
-from . import distributed, fsdp, measures, relational
+from . import distributed, fit, fsdp, measures, relational
 from . import log as curves
 from . import state as trainstate
 from .distill import (
@@ -77,6 +77,9 @@ class RecoveryResult:
     original: dict[str, float] = field(default_factory=dict)
     # The examples of the largest held-out batch: the pool nearest neighbours are searched in.
     pool: int = 0
+    # The held-out metrics after each Serf was fitted to its original activation (fit.py),
+    # before the first step; empty when there was no fit or no held-out data.
+    fitted: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         keys = sorted(set(self.before) | set(self.after))
@@ -306,7 +309,7 @@ class _Run:
         return RecoveryResult(self.steps, time.perf_counter() - start, state.before, after,
                               state.history, state.evals, resumed,
                               self.last_checkpoint, held, original,
-                              measures.pool_size(eval_batches))  # fmt: skip
+                              measures.pool_size(eval_batches), state.fitted)  # fmt: skip
 
     def _loop(self, batches: Iterator[Any], eval_batches: list[Any]) -> None:
         """The steps, with the blend ramp, the layer taps, the log and the progress bar, all
@@ -380,21 +383,44 @@ def _prepare(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> int 
             state.before = run.trainer.evaluate(eval_batches)
             for line in measures.headline({}, state.before, {}, measures.pool_size(eval_batches)):
                 run.say(f"  before recovery, {line}")
+        if opts.fit_batches:
+            _fit(run, batches, eval_batches)
         if opts.bn_batches and has_batchnorm(student):
             run.say(f"re-estimating BatchNorm statistics on {opts.bn_batches} batches")
             local = (distributed.shard(b, run.world) for b in _take(batches, opts.bn_batches))
-            state.bn_drawn = reestimate_batchnorm(student, local, run.device)
+            state.bn_drawn += reestimate_batchnorm(student, local, run.device)
     elif state.bn_drawn + state.step:
         drawn = state.bn_drawn + state.step
         if state.data_position is not None and isinstance(run.data, Seekable):
             run.say(f"seeking the data past the {drawn} batches drawn before the checkpoint")
             run.data.seek(state.data_position)  # before the first draw from ``batches``
             return resumed
-        run.say(f"skipping the {drawn} batches drawn before the checkpoint (BatchNorm "
+        run.say(f"skipping the {drawn} batches drawn before the checkpoint (the fit's, BatchNorm "
                 "re-estimation's and the finished steps')")  # fmt: skip
         for _ in range(drawn):
             next(batches)
     return resumed
+
+
+def _fit(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> None:
+    """Fit each converted Serf to the activation it replaced and fold the scales into the
+    weights (:mod:`serfswap.recovery.fit`), on the first ``fit_batches`` batches; the
+    held-out figures after it. Under torchrun every rank fits on the whole global batches (no
+    gradients are kept), so all fold the scales a single process folds."""
+    opts = run.opts
+    if opts.fsdp or opts.blend:
+        why = "fsdp" if opts.fsdp else "blend"
+        run.say(f"no fit of the Serfs to the original activations with {why} on")
+        return
+    run.say(f"fitting each Serf to the activation it replaced on {opts.fit_batches} batches")
+    drawn = list(_take(batches, opts.fit_batches))
+    run.state.bn_drawn += len(drawn)
+    fits = fit.fit_activations(run.trainer.student, drawn, run.device)
+    run.say(fit.summary(fits))
+    if eval_batches and any(f.folded for f in fits):
+        run.state.fitted = run.trainer.evaluate(eval_batches)
+        for line in measures.headline({}, run.state.fitted, {}, measures.pool_size(eval_batches)):
+            run.say(f"  after the fit, {line}")
 
 
 def _resume(run: _Run) -> int | None:

@@ -52,7 +52,10 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     before: dict[str, float] = field(default_factory=dict)
-    bn_drawn: int = 0  # batches BatchNorm re-estimation drew from the stream before step 1
+    # Batches drawn from the stream before step 1: the fit's and BatchNorm re-estimation's.
+    bn_drawn: int = 0
+    # The held-out metrics after the fit (fit.py), before step 1; empty without one.
+    fitted: dict[str, float] = field(default_factory=dict)
     # Where seekable data (stream.Seekable) stood after the batches drawn: a resumed run seeks
     # there instead of drawing them again. None for other data, and in older checkpoints.
     data_position: dict[str, int] | None = None
