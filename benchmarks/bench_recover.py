@@ -27,6 +27,7 @@ original's and agreement >= 0.95.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def text(steps: int, ablations: bool) -> None:
 
 DECODER_RUNS = {
     "default": {},
+    "no fit": {"fit_batches": 0},
     "KL only": {"layer_weight": 0.0},
     "T=1": {"temperature": 1.0},
     "T=4": {"temperature": 4.0},
@@ -178,10 +180,10 @@ def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
           f" M parameters, SiLU -> Serf), {len(train_rows)} packed training rows of 128 tokens, "
           f"{held_rows.numel()} held-out tokens, {steps} steps of {batch} rows")  # fmt: skip
     print(
-        "| run | perplexity after swap | after recovery | original | ratio | top-1 agreement"
-        " before/after | curve (step: ratio, agreement) | s |"
+        "| run | perplexity after swap | after the fit | after recovery | original | ratio |"
+        " top-1 agreement swap/fit/after | curve (step: ratio, agreement) | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in runs:
         student = serfswap.convert(teacher)
         r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
@@ -189,11 +191,12 @@ def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
                              **DECODER_RUNS[name])  # fmt: skip
         curve = ", ".join(f"{e['step']}: {e['perplexity_ratio']:.3f} {e['agreement']:.3f}"
                           for e in r.evals)  # fmt: skip
-        b, a = r.before, r.after
+        b, a, f = r.before, r.after, r.fitted or {"perplexity": math.nan, "agreement": math.nan}
         print(
-            f"| {name} | {b['perplexity']:.3f} | {a['perplexity']:.3f} | "
+            f"| {name} | {b['perplexity']:.3f} | {f['perplexity']:.3f} | {a['perplexity']:.3f} | "
             f"{a['original_perplexity']:.3f} | {a['perplexity_ratio']:.4f} | "
-            f"{b['agreement']:.3f} / {a['agreement']:.3f} | {curve} | {r.seconds:.0f} |",
+            f"{b['agreement']:.3f} / {f['agreement']:.3f} / {a['agreement']:.3f} | {curve} | "
+            f"{r.seconds:.0f} |",
             flush=True,
         )
 

@@ -27,6 +27,7 @@ import re
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,29 +58,44 @@ def corpus() -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer: each UTF-8 byte one token, ``<pad>`` 256, ``</s>`` 257."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(train_text: list[str] | None = None, vocab: int = 258):
+    """A byte-level tokenizer: each UTF-8 byte one token, ``<pad>`` 256, ``</s>`` 257; with
+    ``vocab`` above 258, byte-level BPE merges learnt on ``train_text`` up to that size (real
+    LMs predict subwords, a harder and more swap-sensitive task than the next byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<pad>": 256, "</s>": 257}
-    bytes_ = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bytes_.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab_map = {ch: i for i, ch in enumerate(alphabet)} | {"<pad>": 256, "</s>": 257}
+    bytes_ = Tokenizer(models.BPE(vocab=vocab_map, merges=[]))
+    bytes_.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=vocab > 258)
     bytes_.decoder = decoders.ByteLevel()
+    if vocab > 258:
+        assert train_text is not None
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab,
+            initial_alphabet=alphabet,
+            special_tokens=["<pad>", "</s>"],
+            show_progress=False,
+        )
+        bytes_.model = models.BPE()
+        bytes_.train_from_iterator(train_text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bytes_, pad_token="<pad>", eos_token="</s>")
 
 
-def model_config(layers: int = 4, hidden: int = 128):
+def model_config(layers: int = 4, hidden: int = 128, tokenizer: Any = None):
     """The teacher's shape: ``layers`` decoder layers of width ``hidden`` (heads of 32, an MLP
     of 2.6875 x the width, LLaMA's 8/3 ratio rounded up as SmolLM's 576 -> 1536)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=258, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+        vocab_size=len(tokenizer) if tokenizer is not None else 258, hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
         num_hidden_layers=layers, num_attention_heads=hidden // 32,
         num_key_value_heads=hidden // 32, max_position_embeddings=SEQ,
-        hidden_act="silu", tie_word_embeddings=True, pad_token_id=256, eos_token_id=257,
+        hidden_act="silu", tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 256,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 257,
         bos_token_id=None,
     )  # fmt: skip
 
@@ -105,7 +121,8 @@ def swap_cost(model: torch.nn.Module, rows: torch.Tensor) -> tuple[float, float]
     student = serfswap.convert(model)
     agree, count = 0, 0
     for chunk in rows.split(32):
-        same = model(input_ids=chunk).logits.argmax(-1) == student(input_ids=chunk).logits.argmax(-1)
+        top = [m(input_ids=chunk).logits.argmax(-1) for m in (model, student)]
+        same = top[0] == top[1]
         agree, count = agree + int(same.sum()), count + same.numel()
     return perplexity(student, rows) / perplexity(model, rows), agree / count
 
@@ -120,6 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128, help="a multiple of 32")
+    parser.add_argument(
+        "--vocab", type=int, default=258, help="258: bytes; more: BPE learnt on the training text"
+    )
     args = parser.parse_args()
     from transformers import LlamaForCausalLM
 
@@ -128,7 +148,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     train_text, held_text = corpus()
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(train_text, args.vocab)
 
     def rows(paragraphs: list[str]) -> torch.Tensor:
         ids = tokenizer(paragraphs, add_special_tokens=False)["input_ids"]
@@ -138,7 +158,7 @@ def main() -> None:
     print(f"corpus: {len(train_text)} training paragraphs ({train_rows.numel()} bytes), "
           f"{len(held_text)} held out ({held_rows.numel()} bytes)", flush=True)  # fmt: skip
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config(args.layers, args.hidden))
+    model = LlamaForCausalLM(model_config(args.layers, args.hidden, tokenizer))
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, args.steps // 20)
@@ -168,7 +188,7 @@ def main() -> None:
     (args.out / "held_out.txt").write_text("\n".join(held_text) + "\n", encoding="utf-8")
     ratio, agreement = swap_cost(model, held_rows[:64])
     print(
-        f"held-out perplexity {ppl:.3f} per byte; SiLU -> Serf without recovery: perplexity "
+        f"held-out perplexity {ppl:.3f} per token; SiLU -> Serf without recovery: perplexity "
         f"{ratio:.3f}x, top-1 agreement {agreement:.3f}; wrote {args.out} in "
         f"{time.perf_counter() - start:.0f} s (torch {torch.__version__}, {args.threads} threads)"
     )

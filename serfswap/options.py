@@ -88,7 +88,7 @@ class RecoveryOptions:
     Ingredients: ``fit_batches`` (calibration batches on which each converted Serf is fitted
     to the activation it replaced, ``a * Serf(b * x)``, with ``a`` and ``b`` folded into the
     neighbouring layers' weights before the first step; 0: off; see
-    ``serfswap.recovery.fit``; not with ``blend`` or ``fsdp``), ``blend`` (fraction of the
+    ``serfswap.recovery.fit``; not with ``blend``), ``blend`` (fraction of the
     steps over which converted activations ramp from the original to Serf; 0: off),
     ``bn_batches`` (batches to re-estimate BatchNorm statistics
     on first; 0: off), ``train_mode`` (run the student in train mode, with dropout and batch

@@ -406,11 +406,11 @@ def _fit(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> None:
     """Fit each converted Serf to the activation it replaced and fold the scales into the
     weights (:mod:`serfswap.recovery.fit`), on the first ``fit_batches`` batches; the
     held-out figures after it. Under torchrun every rank fits on the whole global batches (no
-    gradients are kept), so all fold the scales a single process folds."""
+    gradients are kept), so all fold the scales a single process folds; under FSDP each rank
+    scales its shards of the same parameters."""
     opts = run.opts
-    if opts.fsdp or opts.blend:
-        why = "fsdp" if opts.fsdp else "blend"
-        run.say(f"no fit of the Serfs to the original activations with {why} on")
+    if opts.blend:
+        run.say("no fit of the Serfs to the original activations with blend on")
         return
     run.say(f"fitting each Serf to the activation it replaced on {opts.fit_batches} batches")
     drawn = list(_take(batches, opts.fit_batches))
