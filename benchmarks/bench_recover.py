@@ -60,6 +60,8 @@ EMBEDDING_RUNS: dict[str, dict[str, Any]] = {
     "rel 1 warmup 0.03": {"relational_weight": 1.0, "warmup": 0.03},
     "rel 1 no layer matching": {"relational_weight": 1.0, "layer_weight": 0.0},
     "rel 10 lr 2e-4": {"relational_weight": 10.0, "lr": 2e-4},
+    "lr 5e-5": {"lr": 5e-5},
+    "no layer matching": {"layer_weight": 0.0},
     "no fit": {"fit_batches": 0},
     "no fit, rel 1": {"fit_batches": 0, "relational_weight": 1.0},
     "no fit, lr 2e-4": {"fit_batches": 0, "lr": 2e-4},

@@ -199,8 +199,13 @@ class LayerTaps:
     """Forward hooks that record the outputs of the same named modules in two models, for
     matching the layers whose activations were converted."""
 
-    def __init__(self, names: list[str], student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, names: list[str], student: nn.Module, teacher: nn.Module,
+                 scales: dict[str, float] | None = None) -> None:  # fmt: skip
+        """``scales``: by name, what the student's output is multiplied by before it is
+        compared (a Serf fitted to its original activation whose output scale went into a
+        later layer: see :func:`serfswap.recovery.fit.holder_scales`)."""
         self.outputs: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+        self.scales = scales or {}
         self.handles = []
         for role, model in (("student", student), ("teacher", teacher)):
             modules = dict(model.named_modules())
@@ -221,7 +226,8 @@ class LayerTaps:
             teacher_out = self.outputs["teacher"].get(name)
             if teacher_out is not None and teacher_out.shape == student_out.shape:
                 scale = _variance(teacher_out.detach().float()).clamp_min(1e-8)
-                terms.append(F.mse_loss(student_out.float(), teacher_out.float()) / scale)
+                student_out = student_out.float() * self.scales.get(name, 1.0)
+                terms.append(F.mse_loss(student_out, teacher_out.float()) / scale)
         self.outputs = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean() if terms else None
 

@@ -53,7 +53,11 @@ class Fit:
     """One Serf's fit: ``a * Serf(b * x)`` in place of the original activation. ``error`` and
     ``error_plain``: mean squared error to the original activation over its recorded inputs,
     relative to the variance of its output, with the fit and with plain Serf. ``folded``:
-    whether the scales are in the model's weights (False: left out, with ``reason``)."""
+    whether the scales are in the model's weights (False: left out, with ``reason``).
+    ``holder``: the module that holds the Serf (the layer recovery matches), and
+    ``holder_scale``: what the student's output of it is multiplied by to compare with the
+    original's (``a`` when that output is the Serf's own, whose ``a`` went into a layer
+    outside it, as BertIntermediate's; 1 otherwise, as LLaMA's MLP, which holds ``up``)."""
 
     name: str
     a: float
@@ -62,6 +66,8 @@ class Fit:
     error_plain: float
     folded: bool = False
     reason: str = ""
+    holder: str = ""
+    holder_scale: float = 1.0
 
 
 def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.device) -> list[Fit]:
@@ -90,7 +96,7 @@ def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.devi
             fits.append(_fit_one(name, original_of(serf_module), x))
             if len(refs) > 1:
                 fits[-1].reason = "held in more than one place"
-        sites = _sites(model, [m for m, _ in serfs], calls[0])
+        sites, passing = _sites(model, serfs, calls[0])
         plans = {}
         for fit, (serf_module, _) in zip(fits, serfs, strict=True):
             if fit.reason:
@@ -103,7 +109,17 @@ def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.devi
             else:
                 plans[id(serf_module)] = (fit, serf_module, plan)
         _fold_checked(model, list(plans.values()), calls[0])
+    for fit, (serf_module, refs) in zip(fits, serfs, strict=True):
+        fit.holder = refs[0].name.rpartition(".")[0]
+        if fit.folded and id(serf_module) in passing:
+            fit.holder_scale = fit.a
     return fits
+
+
+def holder_scales(fits: list[Fit]) -> dict[str, float]:
+    """``holder -> holder_scale`` where it is not 1: what layer matching multiplies the
+    student's output of those modules by (see :class:`Fit`)."""
+    return {f.holder: f.holder_scale for f in fits if f.holder_scale != 1.0}
 
 
 def _original_inputs(model: nn.Module, serfs: list[tuple[Serf, list]], calls: list) -> dict:
@@ -160,15 +176,16 @@ def _has_affine_weight(module: nn.Module) -> bool:
     return "weight" in own and set(own) <= {"weight", "bias"}
 
 
-def _sites(model: nn.Module, serfs: list[Serf], call: tuple) -> dict[int, Any]:
+def _sites(model: nn.Module, serfs: list[tuple[Serf, list]], call: tuple) -> tuple[dict, set]:
     """Where each Serf's scales fold, found in one forward pass by tensor identity:
     ``id(serf) -> [(module, scale, with_bias)]`` (``"b"`` for the module producing its input,
     weight and bias; ``"a"`` for those consuming its output, weight only, or for a gate's
-    other factor, weight and bias), or the reason there is none."""
+    other factor, weight and bias), or the reason there is none; and the ids of the Serfs
+    whose holder's output is the Serf's output."""
     made: list[tuple[nn.Module, Tensor]] = []  # (module, its output), in call order
     taken: list[tuple[nn.Module, Tensor, int]] = []  # (module, its first input, len(made))
     serf_io: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
-    wanted = {id(m) for m in serfs}
+    wanted = {id(m) for m, _ in serfs} | {id(refs[0].parent) for _, refs in serfs}
     handles = []
 
     def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
@@ -195,8 +212,12 @@ def _sites(model: nn.Module, serfs: list[Serf], call: tuple) -> dict[int, Any]:
         for handle in handles:
             handle.remove()
     sites: dict[int, Any] = {}
-    for serf_module in serfs:
+    passing = set()
+    for serf_module, refs in serfs:
         io = serf_io.get(id(serf_module))
+        held = [out for _, out, _ in serf_io.get(id(refs[0].parent), [])]
+        if io and any(out is h for _, out, _ in io for h in held):
+            passing.add(id(serf_module))
         if not io:
             sites[id(serf_module)] = "not run by the batches"
             continue
@@ -216,7 +237,7 @@ def _sites(model: nn.Module, serfs: list[Serf], call: tuple) -> dict[int, Any]:
             sites[id(serf_module)] = [(producers[0], "b", True),
                                       *[(c, "a", False) for c in consumers],
                                       *[(g, "a", True) for g in gates]]  # fmt: skip
-    return sites
+    return sites, passing
 
 
 def _gate_factors(out: Tensor, at: int, made: list, taken: list) -> list[nn.Module]:

@@ -321,8 +321,8 @@ class _Run:
             log = curves.JsonLog(Path(opts.log), state.history)
         bar = _progress(self.steps, state.step, opts.progress and main)
         blends = swap_blends(student, install=True) if opts.blend > 0 else []
-        taps = (LayerTaps(converted_parents(student), student, self.trainer.teacher)
-                if opts.layer_weight else None)  # fmt: skip
+        taps = (LayerTaps(converted_parents(student), student, self.trainer.teacher,
+                          state.tap_scales) if opts.layer_weight else None)  # fmt: skip
         model = self.trainer.wrap()
         student.train(opts.train_mode)
         try:
@@ -416,6 +416,7 @@ def _fit(run: _Run, batches: Iterator[Any], eval_batches: list[Any]) -> None:
     drawn = list(_take(batches, opts.fit_batches))
     run.state.bn_drawn += len(drawn)
     fits = fit.fit_activations(run.trainer.student, drawn, run.device)
+    run.state.tap_scales = fit.holder_scales(fits)
     run.say(fit.summary(fits))
     if eval_batches and any(f.folded for f in fits):
         run.state.fitted = run.trainer.evaluate(eval_batches)

@@ -159,3 +159,33 @@ def test_recover_fits_first_and_reports_it(caplog: pytest.LogCaptureFixture) -> 
                              eval_data=[batch], fit_batches=0, progress=False)  # fmt: skip
     assert plain.fitted == {}
     assert all(isinstance(m, Serf) for m, _ in converted_serfs(student)), "still plain Serfs"
+
+
+def test_layer_matching_compares_a_holder_whose_output_is_the_serf_in_the_original_scale() -> None:
+    """BertIntermediate's output is its activation's: after the fit it is Serf(b x), 1/a
+    times the original's GELU(x), so layer matching scales it by a; LLaMA's MLP holds
+    ``up`` (which took a), so its output needs nothing."""
+    teacher, batch = _bert()
+    student = serfswap.convert(teacher)
+    fits = fit.fit_activations(student, [batch], CPU)
+    scales = fit.holder_scales(fits)
+    assert scales == {f"encoder.layer.{i}.intermediate": fits[i].a for i in range(len(fits))}
+    from serfswap.recovery.distill import LayerTaps, converted_parents
+
+    for given, bound in ((scales, 0.05), ({}, None)):
+        taps = LayerTaps(converted_parents(student), student, teacher, given)
+        with torch.no_grad():
+            student(**batch), teacher(**batch)
+        loss = float(taps.loss())
+        taps.remove()
+        if bound is not None:
+            assert loss < bound, "the fitted student matches its original layer by layer"
+        else:
+            assert loss > 0.5, "unscaled, Serf(b x) is about twice GELU(x)"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, initializer_range=0.2)  # fmt: skip
+    llama = serfswap.convert(transformers.LlamaForCausalLM(config).eval())
+    fits = fit.fit_activations(llama, [{"input_ids": torch.randint(0, 64, (2, 10))}], CPU)
+    assert fits[0].folded and fit.holder_scales(fits) == {}
