@@ -102,11 +102,14 @@ def test_activation_checkpointing_and_bf16_on_sharded_blocks(tmp_path: Path) -> 
     """Recomputing each block's activations changes nothing; bf16 passes keep float32 shards
     (the file is float32) and stay near the float32 run, with the layer loss falling."""
     single, recomputed, bf16 = (tmp_path / f"{n}.safetensors" for n in ("one", "ac", "bf16"))
-    run(SCRIPT, str(single), "--steps", "5")
+    # No fit: it leaves a layer loss of bf16 rounding's size, and the check below needs the
+    # swap's gap to see the bf16 passes close it.
+    nofit = ("--fit-batches", "0")
+    run(SCRIPT, str(single), "--steps", "5", *nofit)
     run(*TORCHRUN, SCRIPT, str(recomputed), "--steps", "5", "--fsdp",
-        "--activation-checkpointing")  # fmt: skip
+        "--activation-checkpointing", *nofit)  # fmt: skip
     assert_close_weights(weights(single), weights(recomputed))
-    run(*TORCHRUN, SCRIPT, str(bf16), "--steps", "5", "--fsdp", "--fsdp-bf16")
+    run(*TORCHRUN, SCRIPT, str(bf16), "--steps", "5", "--fsdp", "--fsdp-bf16", *nofit)
     a, b = weights(single), weights(bf16)
     assert all(v.dtype == torch.float32 for v in b.values())
     for name, value in a.items():

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-dtype")
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--gathered", action="store_true")
+    parser.add_argument("--fit-batches", type=int, default=4)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     teacher, student = models(args.tied)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         fsdp=args.fsdp, fsdp_bf16=args.fsdp_bf16,
         activation_checkpointing=args.activation_checkpointing, layer_weight=args.layer_weight,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.every, resume=args.resume,
-        teacher_dtype=args.teacher_dtype, progress=False,
+        teacher_dtype=args.teacher_dtype, fit_batches=args.fit_batches, progress=False,
     )  # fmt: skip
     rank = int(os.environ.get("RANK", "0"))
     assert fsdp.save_consolidated(student, args.out) == (rank == 0)  # every rank takes part
