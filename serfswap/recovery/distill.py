@@ -200,7 +200,7 @@ class LayerTaps:
     matching the layers whose activations were converted."""
 
     def __init__(self, names: list[str], student: nn.Module, teacher: nn.Module,
-                 scales: dict[str, float] | None = None) -> None:  # fmt: skip
+                 scales: dict[str, float | list[float]] | None = None) -> None:  # fmt: skip
         """``scales``: by name, what the student's output is multiplied by before it is
         compared (a Serf fitted to its original activation whose output scale went into a
         later layer: see :func:`serfswap.recovery.fit.holder_scales`)."""
@@ -226,7 +226,9 @@ class LayerTaps:
             teacher_out = self.outputs["teacher"].get(name)
             if teacher_out is not None and teacher_out.shape == student_out.shape:
                 scale = _variance(teacher_out.detach().float()).clamp_min(1e-8)
-                student_out = student_out.float() * self.scales.get(name, 1.0)
+                if name in self.scales:  # a float, or one per channel of the last dimension
+                    factor = torch.as_tensor(self.scales[name], device=student_out.device)
+                    student_out = student_out.float() * factor
                 terms.append(F.mse_loss(student_out, teacher_out.float()) / scale)
         self.outputs = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean() if terms else None

@@ -39,11 +39,14 @@ from ..modes import eval_mode
 from ..ops.serf import Serf, serf
 from ..rewrite.walk import converted_serfs, original_of, put
 
-# The input scales searched. Wide enough for GELU (1.75) and SiLU; bounded above so that
-# a ReLU's fit stays a smooth Serf and does not turn into a ReLU (Serf(b x) / b -> ReLU).
-B_RANGE = (0.5, 2.0)
-_GRID = 61
-_SAMPLES = 1 << 18  # pre-activation values per Serf the fit is computed on
+# The input scales searched. Wide enough for GELU (1.75 for one scale; 0.6 to 2.5 per channel
+# on MiniLM) and SiLU; bounded above so that a ReLU's fit stays a smooth Serf and does not
+# turn into a ReLU (Serf(b x) / b -> ReLU as b grows).
+B_RANGE = (0.5, 2.5)
+_GRID = 81
+# Pre-activation values per Serf the fit is computed on: whole rows of channels for a fit per
+# channel (all the rows up to that budget: 16 MB of float32 each), values for one scale.
+_SAMPLES = 1 << 22
 _LINEAR_IN_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NEAR = 8  # modules run before or after an activation looked at for a gate's other factor
 
@@ -60,14 +63,14 @@ class Fit:
     outside it, as BertIntermediate's; 1 otherwise, as LLaMA's MLP, which holds ``up``)."""
 
     name: str
-    a: float
-    b: float
+    a: Tensor  # 0-d (one scale for the activation) or one per channel (its last dimension)
+    b: Tensor
     error: float
     error_plain: float
     folded: bool = False
     reason: str = ""
     holder: str = ""
-    holder_scale: float = 1.0
+    holder_scale: Tensor | None = None
 
 
 def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.device) -> list[Fit]:
@@ -85,18 +88,20 @@ def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.devi
     if not calls:
         return []
     with eval_mode(model), torch.no_grad():
-        inputs, dtype = _original_inputs(model, serfs, calls)
+        sites, passing = _sites(model, serfs, calls[0])
+        channels = {k: _channels(site) for k, site in sites.items() if not isinstance(site, str)}
+        inputs, dtype = _original_inputs(model, serfs, calls, channels)
         fits: list[Fit] = []
+        one = torch.tensor(1.0)
         for serf_module, refs in serfs:
             name = names.get(id(serf_module), "?")
             x = inputs.get(id(serf_module))
             if x is None:
-                fits.append(Fit(name, 1.0, 1.0, 0.0, 0.0, reason="not run by the batches"))
+                fits.append(Fit(name, one, one, 0.0, 0.0, reason="not run by the batches"))
                 continue
             fits.append(_fit_one(name, original_of(serf_module), x))
             if len(refs) > 1:
                 fits[-1].reason = "held in more than one place"
-        sites, passing = _sites(model, serfs, calls[0])
         plans = {}
         for fit, (serf_module, _) in zip(fits, serfs, strict=True):
             if fit.reason:
@@ -120,17 +125,39 @@ def fit_activations(model: nn.Module, batches: Iterable[Any], device: torch.devi
     return fits
 
 
-def holder_scales(fits: list[Fit]) -> dict[str, float]:
-    """``holder -> holder_scale`` where it is not 1: what layer matching multiplies the
-    student's output of those modules by (see :class:`Fit`)."""
-    return {f.holder: f.holder_scale for f in fits if f.holder_scale != 1.0}
+def holder_scales(fits: list[Fit]) -> dict[str, float | list[float]]:
+    """``holder -> holder_scale`` (a float, or one per channel of the last dimension) where
+    there is one: what layer matching multiplies the student's output of those modules by
+    (see :class:`Fit`); plain data, kept in checkpoints."""
+    return {f.holder: f.holder_scale.tolist() for f in fits if f.holder_scale is not None}
+
+
+def _channels(site: list) -> int | None:
+    """The number of channels when every layer of ``site`` can take one scale per channel of
+    the activation's last dimension (Linears, transformers' Conv1D, a norm's 1-d affine
+    parameters as the producer: what transformer MLPs are made of); None for one scale for
+    all (convolutions, whose channels are not last)."""
+    sizes = set()
+    for module, which, with_bias in site:
+        output_side = which == "b" or with_bias  # the producer, or a gate's other factor
+        weight = module.weight
+        if isinstance(module, nn.Linear):
+            sizes.add(weight.shape[0 if output_side else 1])
+        elif type(module).__name__ == "Conv1D":
+            sizes.add(weight.shape[1 if output_side else 0])
+        elif which == "b" and weight.dim() == 1:
+            sizes.add(weight.shape[0])
+        else:
+            return None
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _original_inputs(
-    model: nn.Module, serfs: list[tuple[Serf, list]], calls: list
+    model: nn.Module, serfs: list[tuple[Serf, list]], calls: list, channels: dict[int, int | None]
 ) -> tuple[dict[int, Tensor], torch.dtype]:
     """Samples of each converted Serf's input with the original activations put back (the
-    model is then the original): ``id(serf) -> 1-D float32 tensor``; and the lowest floating
+    model is then the original): ``id(serf) -> float32 tensor``, rows of the last dimension
+    where ``channels`` gives its size (a fit per channel), else 1-d; and the lowest floating
     precision those inputs came in (the passes' precision)."""
     found: dict[int, list[Tensor]] = {}
     dtypes = {torch.float32}
@@ -142,7 +169,10 @@ def _original_inputs(
         def record(module: nn.Module, args: tuple, key: int = id(serf_module)) -> None:
             if args and isinstance(args[0], Tensor):
                 dtypes.add(args[0].dtype)
-                found.setdefault(key, []).append(args[0].detach().float().flatten().cpu())
+                x = args[0].detach().float().cpu()
+                size = channels.get(key)
+                rows = x.reshape(-1, size) if size and x.shape[-1] == size else x.reshape(-1)
+                found.setdefault(key, []).append(rows)
 
         handles.append(original.register_forward_pre_hook(record))
     try:
@@ -156,27 +186,35 @@ def _original_inputs(
     generator = torch.Generator().manual_seed(0)
     samples = {}
     for key, parts in found.items():
+        if len({p.dim() for p in parts}) > 1:  # some calls not per channel: one scale
+            parts = [p.reshape(-1) for p in parts]
         x = torch.cat(parts)
-        if x.numel() > _SAMPLES:
-            x = x[torch.randint(0, x.numel(), (_SAMPLES,), generator=generator)]
+        rows = max(_SAMPLES // x[0].numel(), 1) if x.dim() == 2 else _SAMPLES
+        if len(x) > rows:
+            x = x[torch.randint(0, len(x), (rows,), generator=generator)]
         samples[key] = x
     floats = [d for d in dtypes if d.is_floating_point]
     return samples, max(floats, key=lambda d: torch.finfo(d).eps)
 
 
 def _fit_one(name: str, original: nn.Module, x: Tensor) -> Fit:
-    """The (a, b) of least squared error to ``original`` over ``x``: b on a grid, a solved."""
+    """The (a, b) of least squared error to ``original`` over ``x``: b on a grid, a solved;
+    one pair per column when ``x`` is rows of channels, one for all when it is 1-d."""
     y = original(x)
     variance = float(y.var()) or 1.0
     plain = float((serf(x) - y).square().mean()) / variance
-    best = (plain, 1.0, 1.0)
+    dim = 0 if x.dim() == 2 else None
+    shape = x.shape[1:] if dim == 0 else ()
+    best_error = torch.full(shape, plain * variance)
+    best_a, best_b = torch.ones(shape), torch.ones(shape)
     for b in torch.linspace(*B_RANGE, _GRID).tolist():
         f = serf(b * x)
-        a = float((f * y).sum() / f.square().sum().clamp_min(1e-30))
-        error = float((a * f - y).square().mean()) / variance
-        if error < best[0]:
-            best = (error, a, b)
-    return Fit(name, best[1], best[2], best[0], plain)
+        a = (f * y).sum(dim) / f.square().sum(dim).clamp_min(1e-30)
+        error = (a * f - y).square().mean(dim)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+    return Fit(name, best_a, best_b, float(best_error.mean()) / variance, plain)
 
 
 def _has_affine_weight(module: nn.Module) -> bool:
@@ -300,10 +338,11 @@ def _try_folds(model: nn.Module, plans: list, call: tuple, tolerance: float) -> 
     saved = {}
     for fit, _, site in plans:
         for module, which, with_bias in site:
+            scale = fit.b if which == "b" else fit.a
             for pname, param in module.named_parameters(recurse=False):
                 if pname == "weight" or with_bias:
                     saved.setdefault(id(param), (param, param.detach().clone()))
-                    param.mul_(fit.b if which == "b" else fit.a)
+                    _scale(param, scale, _axis(module, pname, which == "b" or with_bias))
     folded = outputs(model(*call[0], **call[1]))
     same = all(_close(folded[k], reference[k], tolerance) for k in reference)
     for fit, _, _ in plans:
@@ -313,6 +352,37 @@ def _try_folds(model: nn.Module, plans: list, call: tuple, tolerance: float) -> 
         for param, value in saved.values():
             param.copy_(value)
     return same
+
+
+def _axis(module: nn.Module, pname: str, output_side: bool) -> int:
+    """The axis of ``module``'s parameter ``pname`` along which the activation's channels
+    run: its output channels for the producer and a gate's factor, its input channels for a
+    consumer (a Linear's weight is [out, in], transformers' Conv1D's [in, out])."""
+    if pname == "bias" or module.weight.dim() == 1:
+        return 0
+    conv1d = type(module).__name__ == "Conv1D"
+    return int(output_side == conv1d)
+
+
+def _scale(param: Tensor, scale: Tensor, axis: int) -> None:
+    """``param`` times ``scale`` in place, along ``axis`` when ``scale`` has one entry per
+    channel. A parameter sharded by FSDP (a DTensor, rows split over the ranks) is scaled
+    shard by shard with the slice of ``scale`` its rows are."""
+    if scale.dim() == 0:
+        param.mul_(float(scale))
+        return
+    local, start = param, 0
+    if hasattr(param, "to_local"):
+        local = param.to_local()
+        for mesh_dim, placement in enumerate(param.placements):
+            if placement.is_shard() and placement.dim == axis:
+                size = param.device_mesh.size(mesh_dim)
+                chunk = -(-param.shape[axis] // size)
+                start = param.device_mesh.get_local_rank(mesh_dim) * chunk
+    shape = [1] * local.dim()
+    shape[axis] = local.shape[axis]
+    piece = scale[start : start + local.shape[axis]]
+    local.mul_(piece.to(device=local.device, dtype=local.dtype).view(shape))
 
 
 def _close(found: Tensor, expected: Tensor, tolerance: float) -> bool:
@@ -327,8 +397,8 @@ def _scaled_serfs(pairs: list[tuple[Fit, Serf]]):
     handles = []
     for fit, module in pairs:
         handles.append(module.register_forward_pre_hook(
-            lambda m, args, b=fit.b: (args[0] * b, *args[1:])))  # fmt: skip
-        handles.append(module.register_forward_hook(lambda m, args, out, a=fit.a: out * a))
+            lambda m, args, b=fit.b: (args[0] * b.to(args[0]), *args[1:])))  # fmt: skip
+        handles.append(module.register_forward_hook(lambda m, args, out, a=fit.a: out * a.to(out)))
     try:
         yield
     finally:
@@ -345,11 +415,12 @@ def summary(fits: list[Fit]) -> str:
         return f"no Serf fitted ({'; '.join(reasons) or 'none converted'})"
     before = sum(f.error_plain for f in folded) / len(folded)
     after = sum(f.error for f in folded) / len(folded)
-    bs = sorted(f.b for f in folded)
+    low, high = min(float(f.b.min()) for f in folded), max(float(f.b.max()) for f in folded)
+    per_channel = sum(f.b.dim() > 0 for f in folded)
     left = len(fits) - len(folded)
     return (
         f"fitted {len(folded)} Serf{'s' if len(folded) > 1 else ''} to the activations they "
-        f"replace as a * Serf(b * x), folded into the neighbouring layers (b {bs[0]:.2f} to "
-        f"{bs[-1]:.2f}): error to the original activation {before:.1%} -> {after:.2%} of its "
-        f"variance" + (f"; {left} left as they are" if left else "")
+        f"replace as a * Serf(b * x) ({per_channel} per channel), folded into the neighbouring "
+        f"layers (b {low:.2f} to {high:.2f}): error to the original activation {before:.1%} -> "
+        f"{after:.2%} of its variance" + (f"; {left} left as they are" if left else "")
     )

@@ -57,7 +57,7 @@ class RunState:
     # The held-out metrics after the fit (fit.py), before step 1; empty without one.
     fitted: dict[str, float] = field(default_factory=dict)
     # Layer matching's factor on the student's output of a fitted Serf's holder (fit.py).
-    tap_scales: dict[str, float] = field(default_factory=dict)
+    tap_scales: dict[str, float | list[float]] = field(default_factory=dict)
     # Where seekable data (stream.Seekable) stood after the batches drawn: a resumed run seeks
     # there instead of drawing them again. None for other data, and in older checkpoints.
     data_position: dict[str, int] | None = None

@@ -216,8 +216,11 @@ def test_a_teacher_kept_whole_in_bf16_stays_near_the_sharded_teacher_run(tmp_pat
     within 3% (measured 1%), each tensor within 2e-2 of its scale (measured 7e-3), and the two
     runs' distance under half the distance they trained (measured 0.21)."""
     sharded, whole = tmp_path / "sharded.safetensors", tmp_path / "bf16.safetensors"
-    run(*TORCHRUN, SCRIPT, str(sharded), "--steps", "5", "--fsdp")
-    run(*TORCHRUN, SCRIPT, str(whole), "--steps", "5", "--fsdp", "--teacher-dtype", "bf16")
+    # No fit: the checks below read the swap's gap closing (the fit leaves a layer loss of
+    # the bf16 teacher's rounding's size) and the distance trained from the teacher's weights.
+    nofit = ("--fit-batches", "0")
+    run(*TORCHRUN, SCRIPT, str(sharded), "--steps", "5", "--fsdp", *nofit)
+    run(*TORCHRUN, SCRIPT, str(whole), "--steps", "5", "--fsdp", "--teacher-dtype", "bf16", *nofit)
     teacher, _ = fsdp_run.models()
     total = sum(p.numel() for p in teacher.parameters())
     for rank in (0, 1):
