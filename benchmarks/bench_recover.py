@@ -153,6 +153,7 @@ def text(steps: int, ablations: bool) -> None:
 DECODER_RUNS = {
     "default": {},
     "no fit": {"fit_batches": 0},
+    "lr 5e-5": {"lr": 5e-5},
     "KL only": {"layer_weight": 0.0},
     "T=1": {"temperature": 1.0},
     "T=4": {"temperature": 4.0},
