@@ -47,6 +47,9 @@ VISION_RUNS = {
     "student in train mode": {"train_mode": True},
     "train converted modules only": {"train": "converted"},
     "bf16 autocast": {"autocast": "bf16"},
+    "no fit": {"fit_batches": 0},
+    "lr 5e-5": {"lr": 5e-5},
+    "lr 2e-5": {"lr": 2e-5},
 }
 # Embedding-model ablations of issue 29 (--embedding NAME...): the relational term
 # (relational_weight, relational_temperature), learning rate, warmup, layer matching.
@@ -61,6 +64,8 @@ EMBEDDING_RUNS: dict[str, dict[str, Any]] = {
     "rel 1 no layer matching": {"relational_weight": 1.0, "layer_weight": 0.0},
     "rel 10 lr 2e-4": {"relational_weight": 10.0, "lr": 2e-4},
     "lr 5e-5": {"lr": 5e-5},
+    "lr 2e-5": {"lr": 2e-5},
+    "lr 2e-5 no layer matching": {"lr": 2e-5, "layer_weight": 0.0},
     "no layer matching": {"layer_weight": 0.0},
     "no fit": {"fit_batches": 0},
     "no fit, rel 1": {"fit_batches": 0, "relational_weight": 1.0},
