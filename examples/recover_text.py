@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text", type=Path, help="a text file, one example per line")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, help="default: recover's, 2e-5 for embedding models")
     parser.add_argument("--save", type=Path, help="save_pretrained the recovered student here")
     parser.add_argument("--quick", action="store_true", help="3 steps on 40 lines")
     args = parser.parse_args(argv)

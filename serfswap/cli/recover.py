@@ -257,7 +257,7 @@ def _check_recover_numbers(args: argparse.Namespace) -> None:
     """The numeric options' ranges, before anything is loaded."""
     if args.steps < 1:
         raise InvalidArgumentError(f"--steps {args.steps}: give at least 1 step", option="--steps")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise InvalidArgumentError(
             f"--lr {args.lr}: give a positive learning rate, e.g. 1e-4", option="--lr"
         )

@@ -226,9 +226,10 @@ class LayerTaps:
             teacher_out = self.outputs["teacher"].get(name)
             if teacher_out is not None and teacher_out.shape == student_out.shape:
                 scale = _variance(teacher_out.detach().float()).clamp_min(1e-8)
+                student_out = student_out.float()
                 if name in self.scales:  # a float, or one per channel of the last dimension
                     factor = torch.as_tensor(self.scales[name], device=student_out.device)
-                    student_out = student_out.float() * factor
+                    student_out = student_out * factor
                 terms.append(F.mse_loss(student_out, teacher_out.float()) / scale)
         self.outputs = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean() if terms else None

@@ -30,6 +30,8 @@ from ..errors import InvalidArgumentError
 from ..modes import eval_mode, modes
 from ..options import (  # noqa: F401 (the choices are re-exported)
     AUTOCAST_CHOICES,
+    DEFAULT_LR,
+    LR_BY_KIND,
     OUTPUT_LOSSES,
     TRAIN_CHOICES,
     RecoveryOptions,
@@ -48,6 +50,7 @@ from .distill import (
     reestimate_batchnorm,
     split_batch,
     swap_blends,
+    task_kind,
     to_device,
 )
 from .schedule import Schedule
@@ -195,7 +198,9 @@ class _Trainer:
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        # Without an ``lr``, the default one until the first step knows the kind of model.
+        lr = opts.lr if opts.lr is not None else DEFAULT_LR
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=opts.weight_decay)
         self.schedule = Schedule(self.optimizer, steps, warmup=opts.warmup, blend=opts.blend)
         self.loss_kind: str | None = None  # "kl" or "mse-cosine", chosen at the first step
 
@@ -246,6 +251,8 @@ class _Trainer:
             s_outs = outputs(model(*args, **kwargs))
         if self.loss_kind is None:
             self.loss_kind = loss_kind(opts.output_loss, self.teacher, t_outs)
+            if opts.lr is None:  # the kind's default rate (a resumed run's is the same)
+                self.schedule.set_peak(LR_BY_KIND.get(task_kind(self.teacher, t_outs), DEFAULT_LR))
         loss, parts = distillation_loss(
             s_outs, t_outs, kind=self.loss_kind, temperature=opts.temperature,
             mask=kwargs.get("attention_mask"), layer=taps.loss() if taps is not None else None,
@@ -463,10 +470,11 @@ def _extend(run: _Run, finished: int) -> None:
     (see :meth:`Schedule.extend`). Weights, AdamW moments, RNG states and the data position
     carry on."""
     opts = run.opts
-    warm = run.trainer.schedule.extend(finished, run.steps, opts.lr, run.state.step)
+    lr = opts.lr if opts.lr is not None else run.trainer.schedule.peak()  # the finished run's
+    warm = run.trainer.schedule.extend(finished, run.steps, lr, run.state.step)
     run.say(
         f"extending the finished run of {finished} steps to {run.steps}: the learning rate "
-        f"warms up again to {opts.lr:g} over {warm} steps, then decays by cosine to 0 "
+        f"warms up again to {lr:g} over {warm} steps, then decays by cosine to 0 "
         f"at step {run.steps}"
     )
 

@@ -65,6 +65,18 @@ class Schedule:
         """The scheduler's state and the segments, for a checkpoint."""
         return self.scheduler.state_dict(), list(self.segments)
 
+    def peak(self) -> float:
+        """The peak learning rate the schedule is planned to."""
+        return float(self.scheduler.base_lrs[0])
+
+    def set_peak(self, lr: float) -> None:
+        """Plan to ``lr`` instead, from the step about to be taken on (the kind of model, and
+        so its default rate, is known only at the first step)."""
+        factor = lr_factor(self.scheduler.last_epoch, self.segments, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+
     def extend(self, finished: int, steps: int, lr: float, step: int) -> int:
         """Plan the steps from ``finished`` to ``steps`` as a new segment: warmup over
         ``warmup`` of the added steps to ``lr``, cosine decay to 0 at the new end. The rate of

@@ -193,3 +193,23 @@ def test_layer_matching_compares_a_holder_whose_output_is_the_serf_in_the_origin
     llama = serfswap.convert(transformers.LlamaForCausalLM(config).eval())
     fits = fit.fit_activations(llama, [{"input_ids": torch.randint(0, 64, (2, 10))}], CPU)
     assert fits[0].folded and fit.holder_scales(fits) == {}
+
+
+def test_the_default_learning_rate_follows_the_kind_of_model() -> None:
+    """After the fit an embedding model starts close to its original: its default peak rate
+    is 2e-5 (measured, RESULTS.md); a classifier's is 1e-4; a given rate is used as it is."""
+    from serfswap.options import LR_BY_KIND
+
+    teacher, batch = _bert()  # hidden states: an embedding model
+    runs = {"embedding": serfswap.recover(serfswap.convert(teacher), teacher, [batch], steps=2,
+                                          warmup=0.0, progress=False)}  # fmt: skip
+    given = serfswap.recover(serfswap.convert(teacher), teacher, [batch], steps=2, warmup=0.0,
+                             lr=1e-3, progress=False)  # fmt: skip
+    classifier = tiny_resnet(num_classes=5).eval()
+    runs["classifier"] = serfswap.recover(serfswap.convert(classifier), classifier,
+                                          [torch.randn(4, 3, 32, 32)], steps=2, warmup=0.0,
+                                          progress=False)  # fmt: skip
+    for kind, result in runs.items():  # step 1 of a cosine decay with no warmup: the peak
+        assert result.history[0]["lr"] == pytest.approx(LR_BY_KIND[kind]), kind
+    assert LR_BY_KIND["embedding"] < LR_BY_KIND["classifier"]
+    assert given.history[0]["lr"] == pytest.approx(1e-3)
