@@ -204,10 +204,10 @@ def _fit_one(name: str, original: nn.Module, x: Tensor) -> Fit:
     one pair per column when ``x`` is rows of channels, one for all when it is 1-d."""
     y = original(x)
     variance = float(y.var()) or 1.0
-    plain = float((serf(x) - y).square().mean()) / variance
     dim = 0 if x.dim() == 2 else None
     shape = x.shape[1:] if dim == 0 else ()
-    best_error = torch.full(shape, plain * variance)
+    best_error = (serf(x) - y).square().mean(dim)  # plain Serf's, per channel or for all
+    plain = float(best_error.mean()) / variance
     best_a, best_b = torch.ones(shape), torch.ones(shape)
     for b in torch.linspace(*B_RANGE, _GRID).tolist():
         f = serf(b * x)
