@@ -10,6 +10,8 @@ all interleaved run by run in one process, medians reported:
 * the Serf model exported by serfswap, with each decomposition;
 * with ``--optimize``: serfswap's original and ``exp-log`` files exported with ``optimize=True``
   (onnxruntime's transformer optimizer: fused Attention, SkipLayerNormalization...);
+* with ``--opset23``: serfswap's original and ``exp-log`` files at opset 23, where torch writes
+  attention as ONNX's standard ``Attention`` op;
 * with ``--int8``: each of them dynamically quantised by onnxruntime (per-channel int8 weights,
   :func:`serfswap.export.quantize.quantize_file`), with its accuracy against its own fp32 file
   (embedding cosine for feature extraction, top-1 agreement for classifiers).
@@ -109,10 +111,16 @@ def optimum_files(optimum: str, original: nn.Module, name: str, workdir: Path) -
 
 
 def export_files(
-    name: str, original: nn.Module, workdir: Path, optimum: str | None, optimize: bool = False
+    name: str,
+    original: nn.Module,
+    workdir: Path,
+    optimum: str | None,
+    optimize: bool = False,
+    opset23: bool = False,
 ) -> dict:
     """Every fp32 file of the comparison, by label; ``optimize``: also serfswap's original and
-    exp-log files through ``export_onnx(optimize=True)`` (onnxruntime's transformer optimizer)."""
+    exp-log files through ``export_onnx(optimize=True)`` (onnxruntime's transformer optimizer);
+    ``opset23``: also both at opset 23 (ONNX's standard Attention op)."""
     converted = serfswap.convert(original)
     files = optimum_files(optimum, original, name, workdir) if optimum else {}
     files["original, serfswap"] = workdir / f"{name}-original.onnx"
@@ -128,6 +136,12 @@ def export_files(
             report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
             print(f"{name}, {label}: {report.optimization}")
             files[f"{label}, serfswap --optimize"] = path
+    if opset23:
+        for label, model, decomposition in (("original", original, None),
+                                            ("serf exp-log", converted, "exp-log")):  # fmt: skip
+            path = workdir / f"{name}-{label.replace(' ', '-')}-opset23.onnx"
+            serfswap.export_onnx(model, path, decomposition=decomposition, opset=23)
+            files[f"{label}, serfswap --opset 23"] = path
     return files
 
 
@@ -168,7 +182,7 @@ def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
 def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
     torch.manual_seed(0)
     original = MODELS[name]().eval()
-    files = export_files(name, original, workdir, args.optimum, args.optimize)
+    files = export_files(name, original, workdir, args.optimum, args.optimize, args.opset23)
     if args.int8_static:
         add_static(files, original, workdir)
     if args.int8:
@@ -298,6 +312,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--optimize", action="store_true", help="also serfswap's files with export --optimize"
+    )
+    parser.add_argument(
+        "--opset23", action="store_true", help="also serfswap's files at opset 23 (Attention)"
     )
     parser.add_argument(
         "--profile", action="store_true", help="time per op type, and onnxruntime's unary ops"

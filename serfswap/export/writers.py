@@ -72,7 +72,17 @@ def _needs_side_file(req: Request) -> bool:
 
 def _export_dynamo(req: Request, shapes: ShapePlan, staged: Path) -> None:
     """torch.onnx.export(dynamo=True) of ``req`` to ``staged``, ``serfswap::serf`` written by
-    the decomposition's translation (:mod:`serfswap.onnx_ops.translation`)."""
+    the decomposition's translation (:mod:`serfswap.onnx_ops.translation`).
+
+    The graph is optimised by onnxscript's optimizer (constant folding, dead code), as
+    torch.onnx.export does, but without onnxscript's opset-23 fusions, which torch runs after it:
+    their RotaryEmbedding nodes fail in onnxruntime 1.32 at any sequence length but the traced
+    one ("cos_cache ... expected to have the same shape as input 'x'", a LLaMA), which forced a
+    static sequence. Attention at opset 23 is torch's own translation of
+    scaled_dot_product_attention and stays; onnxruntime fuses RMS norms itself when it loads a
+    file (SimplifiedLayerNormalization)."""
+    import onnxscript.optimizer
+
     from ..onnx_ops.translation import translation_table
 
     try:
@@ -86,8 +96,10 @@ def _export_dynamo(req: Request, shapes: ShapePlan, staged: Path) -> None:
             custom_translation_table=translation_table(req.decomposition),
             output_names=req.output_names,
             input_names=req.decoder.onnx_input_names if req.decoder else None,
+            optimize=False,
             verbose=False,
         )
+        onnxscript.optimizer.optimize_ir(onnx_program.model)
     except Exception as exc:  # the exporter's many kinds: one line of ours
         raise AttemptFailed(f"the exporter: {one_line(exc)}", exc) from None
     onnx_program.model.metadata_props.update(_metadata(req))

@@ -98,10 +98,11 @@ def test_cli_says_it_in_one_line_without_onnxruntime_log(tmp_path: Path) -> None
     assert "onnxruntime cannot run the exported graph" in ours[0] and "Traceback" not in ours[0]
     assert ours[0].endswith("; try --static")
     assert "[E:onnxruntime" not in strict.stderr and "\x1b[" not in strict.stderr
-    shown = _cli("export", str(tmp_path / "mamba"), str(tmp_path / "d.onnx"), "--convert",
+    # --dynamic: the failing attempt is what has onnxruntime's log (no static export after it)
+    shown = _cli("export", str(tmp_path / "mamba"), str(tmp_path / "d.onnx"), "--dynamic",
                  "--debug")  # fmt: skip
-    assert shown.returncode == 0 and "[E:onnxruntime" in shown.stderr, "--debug shows its log"
-    assert not (tmp_path / "s.onnx").exists()
+    assert shown.returncode == 1 and "[E:onnxruntime" in shown.stderr, "--debug shows its log"
+    assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "d.onnx").exists()
 
 
 @pytest.mark.slow
