@@ -13,6 +13,10 @@ not counted; median over runs, the three interleaved run by run. CPU, 2 threads 
 
     python benchmarks/bench_generate.py                     # contexts 32, 128, 512
     python benchmarks/bench_generate.py --contexts 32 512 --runs 3 --new-tokens 8
+    python benchmarks/bench_generate.py --opset23   # also the KV-cache file at opset 23
+
+``--opset23``: also ``onnx-cache-23``, the KV-cache file exported at opset 23 (attention as
+ONNX's standard ``Attention`` op), interleaved with the others, with its ratio to ``onnx-cache``.
 
 ``--seq2seq``: the same for an encoder-decoder (a small T5) at decoder lengths 16, 64, 256;
 see ``bench_seq2seq.py``.
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seq2seq", action="store_true", help="a small T5 (bench_seq2seq.py)")
+    parser.add_argument("--opset23", action="store_true", help="also the cache file at opset 23")
     args = parser.parse_args()
     if args.seq2seq:
         import bench_seq2seq  # beside this file: the script's folder is on sys.path
@@ -88,6 +93,11 @@ def main() -> None:
     serfswap.export_onnx(model, folder / "cache.onnx", task="text-generation-with-past")
     serfswap.export_onnx(model, folder / "plain.onnx")
     cached = session(folder / "cache.onnx", "cpu", threads=THREADS)
+    cached23 = None
+    if args.opset23:
+        serfswap.export_onnx(model, folder / "cache23.onnx", task="text-generation-with-past",
+                             opset=23)  # fmt: skip
+        cached23 = session(folder / "cache23.onnx", "cpu", threads=THREADS)
     plain = session(folder / "plain.onnx", "cpu", threads=THREADS)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {THREADS} "
           f"threads, {args.new_tokens} new tokens, median of {args.runs} runs")  # fmt: skip
@@ -104,7 +114,9 @@ def main() -> None:
                 prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
             ),
         }
-        # the same tokens from all three, or the timings compare different work
+        if cached23 is not None:
+            runners["onnx-cache-23"] = lambda n, ids=ids: generate(cached23, ids, max_new_tokens=n)
+        # the same tokens from all, or the timings compare different work
         outs = [np.asarray(r(4)) for r in runners.values()]
         assert all(np.array_equal(outs[0], o) for o in outs[1:]), "the three disagree"
         times: dict[str, list[float]] = {name: [] for name in runners}
@@ -117,6 +129,9 @@ def main() -> None:
         print(f"{context:>8} {ms['onnx-cache']:>9.2f}ms {ms['onnx-recompute']:>13.2f}ms "
               f"{ms['torch']:>6.2f}ms {ms['onnx-recompute'] / ms['onnx-cache']:>15.1f}x "
               f"{ms['torch'] / ms['onnx-cache']:>11.2f}x")  # fmt: skip
+        if cached23 is not None:
+            print(f"{'':>8} onnx-cache-23 {ms['onnx-cache-23']:.2f}ms, "
+                  f"{ms['onnx-cache-23'] / ms['onnx-cache']:.2f}x onnx-cache")  # fmt: skip
     first, last = min(rows), max(rows)
     print(f"cache per-token growth {first} -> {last}: "
           f"{rows[last]['onnx-cache'] / rows[first]['onnx-cache']:.2f}x")  # fmt: skip

@@ -182,3 +182,11 @@ def test_the_custom_op_exists_once_serfswap_and_torch_are_imported(order: str, t
     result = run("-c", probe)
     assert result.returncode == 0, result.stderr
     assert abs(float(result.stdout) - 0.9367) < 1e-4
+
+
+@pytest.mark.parametrize("module", ["formula", "blocks", "serf"])
+def test_any_op_module_can_be_imported_first(module: str) -> None:
+    """Importing torch runs the hook that imports serfswap.ops.serf, which imports formula and
+    blocks: a fresh interpreter whose first import is one of them must not find it half made."""
+    result = run("-c", f"from serfswap.ops import {module}")
+    assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from serfswap.ops.blocks import SERIAL_BLOCK, THREADED_BLOCK, run_blocks
+from serfswap.ops.blocks import SERIAL_BLOCK, THREADED_BLOCK, _openmp, block_size, run_blocks
 from serfswap.ops.formula import grad_times
 
 
@@ -57,6 +57,45 @@ def test_pool_threads_share_the_callers_inference_mode(two_threads: None) -> Non
         out = torch.zeros(n)
         run_blocks(n, _waiting_for_a_helper(out, ran_on))
     assert torch.equal(out, torch.ones(n)) and len(ran_on) == 2
+
+
+def test_every_thread_runs_aten_inline_and_the_caller_gets_its_count_back(
+    two_threads: None,
+) -> None:
+    """With torch's OpenMP runtime found, each thread's ATen ops run inline (its OpenMP count
+    1) during the blocks, so blocks can be cache-sized rather than below ATen's grain size; the
+    caller's count is 2 again afterwards, and a forward in between still uses 2 threads."""
+    if _openmp() is None:
+        pytest.skip("torch is built without OpenMP here: blocks stay below the grain size")
+    n = 4 * SERIAL_BLOCK
+    assert block_size(n, 2, inline=True) == SERIAL_BLOCK // 2
+    counts: dict[int, int] = {}
+    out = torch.zeros(n)
+    ran_on: set[int] = set()
+    waiting = _waiting_for_a_helper(out, ran_on)
+
+    def make_kernel(block: int):
+        inner = waiting(block)
+
+        def kernel(begin: int, end: int) -> None:
+            counts[threading.get_ident()] = torch.get_num_threads()
+            inner(begin, end)
+
+        return kernel
+
+    run_blocks(n, make_kernel)
+    assert torch.equal(out, torch.ones(n)) and len(ran_on) == 2
+    assert set(counts.values()) == {1} and len(counts) == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_block_sizes() -> None:
+    assert block_size(10**8, 1, inline=True) == SERIAL_BLOCK
+    assert block_size(10**8, 2, inline=True) == SERIAL_BLOCK
+    assert block_size(10**8, 2, inline=False) == THREADED_BLOCK
+    assert block_size(10**5, 2, inline=True) == THREADED_BLOCK
+    size = block_size(1_572_864, 2, inline=True)  # 8 x 128 x 1536: about 4 blocks a thread
+    assert size % 64 == 0 and THREADED_BLOCK < size < SERIAL_BLOCK and 1_572_864 // size == 8
 
 
 def test_one_thread_runs_big_blocks_inline() -> None:
