@@ -24,16 +24,16 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 LAYERS = 2
 
 
-def tiny_bert() -> torch.nn.Module:
+def tiny_bert(attention: str = "eager") -> torch.nn.Module:
     config = transformers.BertConfig(
         vocab_size=99, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
         intermediate_size=37,
     )  # fmt: skip
-    model = transformers.BertModel._from_config(config, attn_implementation="eager")
+    model = transformers.BertModel._from_config(config, attn_implementation=attention)
     return serfswap.convert(model).eval()
 
 
-def tiny_decoder(kind: str) -> torch.nn.Module:
+def tiny_decoder(kind: str, attention: str = "eager") -> torch.nn.Module:
     config = (
         transformers.LlamaConfig(
             vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
@@ -42,7 +42,7 @@ def tiny_decoder(kind: str) -> torch.nn.Module:
         if kind == "llama"
         else transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=LAYERS, n_head=4)
     )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     return serfswap.convert(model).eval()
 
 
