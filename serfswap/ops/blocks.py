@@ -75,12 +75,13 @@ def _loaded_openmp() -> list[str]:
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
     """torch's OpenMP runtime, if setting this thread's OpenMP count to 1 there makes ATen see 1
-    thread here (checked once, on the first caller, and set back); else None."""
+    thread here (checked once, on the first caller, and set back); else None. Only a library
+    the process has loaded already is opened (``RTLD_NOLOAD``): none is loaded for this."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     for name in (*_loaded_openmp(), *_OPENMP_LIBRARIES):
         try:
-            library = ctypes.CDLL(name)
+            library = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0))
             library.omp_get_max_threads.restype = ctypes.c_int
             library.omp_set_num_threads.argtypes = [ctypes.c_int]
         except (OSError, AttributeError):
