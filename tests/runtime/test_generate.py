@@ -109,15 +109,18 @@ def test_onnxruntime_generates_the_tokens_of_torch(kind: str, tmp_path: Path) ->
     np.testing.assert_array_equal(got, want)
 
 
-# Opset 23 (ONNX's Attention op, tests/export/test_opset23.py) across the decoder families.
-# Falcon's multi-query attention fails in torch's opset-23 translation of SDPA (the KV-cache
-# task has no TorchScript fallback: its cache layout is the dynamo exporter's); opset 20 works.
+# Opset 23 (ONNX's Attention op; GPT-2 and LLaMA in tests/export/test_opset23.py): families
+# whose attention differs from those two (biased QKV with GQA, Phi-3's fused QKV, GPT-NeoX's
+# partial rotary). Every family of CONFIGS passed once on 2026-12-06 (BLOOM writes no Attention:
+# ALiBi is not an SDPA call); a CI job of all of them cost 2.5 minutes. Falcon's multi-query
+# attention fails in torch's opset-23 translation of SDPA (the KV-cache task has no TorchScript
+# fallback: its cache layout is the dynamo exporter's); opset 20 works.
 OPSET_23 = [
     pytest.param(k, marks=[pytest.mark.slow] + (
         [pytest.mark.xfail(raises=serfswap.ExportFailedError, strict=True,
                            reason="torch's opset-23 SDPA translation fails on Falcon")]
         if k == "falcon" else []))
-    for k in CONFIGS
+    for k in ("qwen2", "phi3", "gpt_neox", "falcon")
 ]  # fmt: skip
 
 
