@@ -129,19 +129,16 @@ def export_files(
         files[f"serf {decomposition}, serfswap"] = workdir / f"{name}-serf-{decomposition}.onnx"
         serfswap.export_onnx(converted, files[f"serf {decomposition}, serfswap"],
                              decomposition=decomposition)  # fmt: skip
-    if optimize:
-        for label, model, decomposition in (("original", original, None),
-                                            ("serf exp-log", converted, "exp-log")):  # fmt: skip
-            path = workdir / f"{name}-{label.replace(' ', '-')}-optimized.onnx"
-            report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
-            print(f"{name}, {label}: {report.optimization}")
-            files[f"{label}, serfswap --optimize"] = path
-    if opset23:
-        for label, model, decomposition in (("original", original, None),
-                                            ("serf exp-log", converted, "exp-log")):  # fmt: skip
-            path = workdir / f"{name}-{label.replace(' ', '-')}-opset23.onnx"
-            serfswap.export_onnx(model, path, decomposition=decomposition, opset=23)
-            files[f"{label}, serfswap --opset 23"] = path
+    pairs = (("original", original, None), ("serf exp-log", converted, "exp-log"))
+    for label, model, decomposition in pairs if optimize else ():
+        path = workdir / f"{name}-{label.replace(' ', '-')}-optimized.onnx"
+        report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
+        print(f"{name}, {label}: {report.optimization}")
+        files[f"{label}, serfswap --optimize"] = path
+    for label, model, decomposition in pairs if opset23 else ():
+        path = workdir / f"{name}-{label.replace(' ', '-')}-opset23.onnx"
+        serfswap.export_onnx(model, path, decomposition=decomposition, opset=23)
+        files[f"{label}, serfswap --opset 23"] = path
     return files
 
 
