@@ -22,6 +22,14 @@ during recovery. Targets (issue 30): forward+backward <= 1.0x F.mish with 1 thre
 worst round beside them (a shared CPU shows up as a bad worst round first).
 
     python benchmarks/bench_op.py --contended          # 16x256x56x56, 21 rounds
+
+With ``--recovery`` it times what the op is for, recovery steps: serfswap.recover of
+all-MiniLM-L6-v2 converted to Serf and, as the baseline, of an unconverted copy (GELU), both
+distilled from the original on the same batches of 32 sentences (64 tokens), with 2 threads on a
+quiet CPU and beside the busy neighbour, interleaved. Done means (issue 30): the busy neighbour
+slows a Serf step no more than it slows a GELU step.
+
+    python benchmarks/bench_op.py --recovery           # 5 rounds of 3 steps
 """
 
 from __future__ import annotations
@@ -263,6 +271,58 @@ def bench_contended(shape: list[int], rounds: int) -> None:
             )
 
 
+def _step_seconds(student: torch.nn.Module, teacher: torch.nn.Module, batches: list,
+                  steps: int) -> float:  # fmt: skip
+    """Seconds per recovery step: no fit, no BatchNorm pass, no evaluation, so what is timed is
+    the steps (teacher forward, student forward and backward, AdamW) and the run's setup."""
+    result = serfswap.recover(student, teacher, batches, steps=steps, fit_batches=0,
+                              bn_batches=0, progress=False)  # fmt: skip
+    return result.seconds / steps
+
+
+def bench_recovery(rounds: int, steps: int = 3) -> None:
+    """Recovery steps of MiniLM, Serf against GELU, quiet and beside a busy neighbour."""
+    import copy
+
+    from bench_recover import minilm
+
+    teacher, batches, _, _, _ = minilm()
+    students = {"serf": serfswap.convert(teacher), "gelu": copy.deepcopy(teacher)}
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\nrecovery steps: all-MiniLM-L6-v2, batch 32 x <=64 tokens, 2 threads, {rounds} rounds "
+          f"of {steps} steps, load average {load} before")  # fmt: skip
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    times: dict[tuple[str, bool], list[float]] = {}
+    try:
+        for student in students.values():  # warm-up: first-call costs out of the rounds
+            _step_seconds(student, teacher, batches, 1)
+        for _ in range(rounds):
+            for busy in (False, True):
+                neighbour = _busy_neighbour() if busy else None
+                try:
+                    for name, student in students.items():
+                        seconds = _step_seconds(student, teacher, batches, steps)
+                        times.setdefault((name, busy), []).append(seconds)
+                finally:
+                    if neighbour is not None:
+                        neighbour.kill()
+                        neighbour.wait()
+    finally:
+        torch.set_num_threads(saved_threads)
+
+    def ratio(a: list[float], b: list[float]) -> float:  # median of the per-round ratios
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    print("| student | quiet s/step | busy s/step | busy / quiet | / gelu, quiet | / gelu, busy |")
+    print("|---|---|---|---|---|---|")
+    for name in students:
+        quiet, busy = times[(name, False)], times[(name, True)]
+        versus = [f"{ratio(times[(name, b)], times[('gelu', b)]):.2f}x" for b in (False, True)]
+        print(f"| {name} | {statistics.median(quiet):.2f} | {statistics.median(busy):.2f} | "
+              f"{ratio(busy, quiet):.2f}x | {versus[0]} | {versus[1]} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -273,6 +333,9 @@ def main() -> None:
     parser.add_argument(
         "--contended", action="store_true", help="CPU only: quiet, 2 threads, busy neighbour"
     )
+    parser.add_argument(
+        "--recovery", action="store_true", help="CPU only: MiniLM recovery steps, quiet and busy"
+    )
     args = parser.parse_args()
     print(
         f"serfswap {serfswap.__version__}, torch {torch.__version__}, "
@@ -280,6 +343,9 @@ def main() -> None:
     )
     if args.contended:
         bench_contended(args.shape or [16, 256, 56, 56], args.rounds or 21)
+        return
+    if args.recovery:
+        bench_recovery(args.rounds or 5)
         return
     args.shape, args.rounds = args.shape or [64, 256, 56, 56], args.rounds or 7
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []

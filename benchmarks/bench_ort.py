@@ -16,10 +16,16 @@ all interleaved run by run in one process, medians reported:
   :func:`serfswap.export.quantize.quantize_file`), with its accuracy against its own fp32 file
   (embedding cosine for feature extraction, top-1 agreement for classifiers).
 
-Ratios are against the best original file of the same precision measured in the same run.
+Ratios are against the best original file of the same precision measured in the same run: the
+ratio of the medians, and the median of the per-round ratios with its distribution-free 95%
+interval (the rounds are interleaved, so a ratio taken within one round cancels what the machine
+did in that round; an interval above or below 1.00x is a difference the noise does not explain).
+``--originals`` times only the original files, for the many rounds that comparison needs.
 
     python benchmarks/bench_ort.py --optimum /work/main/.venv-compat/bin/python --int8
     python benchmarks/bench_ort.py --models resnet50 --batch 2 --runs 9 --profile
+    python benchmarks/bench_ort.py --models all-MiniLM-L6-v2 --originals --optimize --runs 101 \
+        --optimum /work/main/.venv-compat/bin/python
 """
 
 from __future__ import annotations
@@ -117,19 +123,21 @@ def export_files(
     optimum: str | None,
     optimize: bool = False,
     opset23: bool = False,
+    serf: bool = True,
 ) -> dict:
     """Every fp32 file of the comparison, by label; ``optimize``: also serfswap's original and
     exp-log files through ``export_onnx(optimize=True)`` (onnxruntime's transformer optimizer);
-    ``opset23``: also both at opset 23 (ONNX's standard Attention op)."""
+    ``opset23``: also both at opset 23 (ONNX's standard Attention op); ``serf=False``: the
+    original files only."""
     converted = serfswap.convert(original)
     files = optimum_files(optimum, original, name, workdir) if optimum else {}
     files["original, serfswap"] = workdir / f"{name}-original.onnx"
     serfswap.export_onnx(original, files["original, serfswap"])
-    for decomposition in ("softplus", "exp-log"):
+    for decomposition in ("softplus", "exp-log") if serf else ():
         files[f"serf {decomposition}, serfswap"] = workdir / f"{name}-serf-{decomposition}.onnx"
         serfswap.export_onnx(converted, files[f"serf {decomposition}, serfswap"],
                              decomposition=decomposition)  # fmt: skip
-    pairs = (("original", original, None), ("serf exp-log", converted, "exp-log"))
+    pairs = [("original", original, None)] + [("serf exp-log", converted, "exp-log")] * serf
     for label, model, decomposition in pairs if optimize else ():
         path = workdir / f"{name}-{label.replace(' ', '-')}-optimized.onnx"
         report = serfswap.export_onnx(model, path, decomposition=decomposition, optimize=True)
@@ -179,7 +187,8 @@ def feeds_for(model: nn.Module, sessions: dict, batch: int) -> dict[str, dict]:
 def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
     torch.manual_seed(0)
     original = MODELS[name]().eval()
-    files = export_files(name, original, workdir, args.optimum, args.optimize, args.opset23)
+    files = export_files(name, original, workdir, args.optimum, args.optimize, args.opset23,
+                         serf=not args.originals)  # fmt: skip
     if args.int8_static:
         add_static(files, original, workdir)
     if args.int8:
@@ -204,15 +213,15 @@ def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
             times[label].append(time.perf_counter() - start)
     medians = {label: statistics.median(values) for label, values in times.items()}
     best = {
-        precision: min(m for label, m in medians.items()
+        precision: min((m, label) for label, m in medians.items()
                        if label.startswith("original") and is_int8(label) == int8)
         for precision, int8 in (("fp32", False), ("int8", True))
         if args.int8 or args.int8_static or not int8
     }  # fmt: skip
     print(f"\n{name}, batch {args.batch}" + (", sequence 128" if "input_ids" in
                                               next(iter(feeds.values())) else ""))  # fmt: skip
-    print("| file | median ms | / best original | int8 vs its fp32 |")
-    print("|---|---|---|---|")
+    print("| file | median ms | / best original | per round (95%) | int8 vs its fp32 |")
+    print("|---|---|---|---|---|")
     for label, med in medians.items():
         int8 = is_int8(label)
         accuracy = ""
@@ -222,12 +231,24 @@ def bench(name: str, args: argparse.Namespace, workdir: Path) -> None:
             mask = feeds[label].get("attention_mask")
             got = measure(names, [outputs[fp32_label]], [outputs[label]], [mask])
             accuracy = f"{got.measure} " + " / ".join(f"{v:.4f}" for v in got.values.values())
-        ratio = med / best["int8" if int8 else "fp32"]
-        print(f"| {label} | {med * 1e3:.1f} | {ratio:.2f}x | {accuracy} |")
-    if args.profile:
+        best_median, best_label = best["int8" if int8 else "fp32"]
+        rounds = paired(times[label], times[best_label]) if label != best_label else "best"
+        print(f"| {label} | {med * 1e3:.1f} | {med / best_median:.2f}x | {rounds} | {accuracy} |")
+    if args.profile and not args.originals:
         fp32 = {label: files[label] for label in ("original, serfswap", "serf exp-log, serfswap")}
         by_label = {label: op_times(path, feeds[label]) for label, path in fp32.items()}
         print_profile(args.batch, *by_label.values())
+
+
+def paired(times: list[float], baseline: list[float]) -> str:
+    """The median of the per-round ratios ``times / baseline`` and its distribution-free 95%
+    interval: the order statistics at ranks n/2 -+ 0.98 sqrt(n) (the binomial's normal
+    approximation; from 9 rounds on)."""
+    ratios = sorted(t / b for t, b in zip(times, baseline, strict=True))
+    n = len(ratios)
+    half = 0.98 * n**0.5
+    low, high = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
+    return f"{statistics.median(ratios):.3f}x [{ratios[low]:.3f}, {ratios[high]:.3f}]"
 
 
 def is_int8(label: str) -> bool:
@@ -312,6 +333,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--opset23", action="store_true", help="also serfswap's files at opset 23 (Attention)"
+    )
+    parser.add_argument(
+        "--originals", action="store_true", help="only the original files (no Serf export)"
     )
     parser.add_argument(
         "--profile", action="store_true", help="time per op type, and onnxruntime's unary ops"

@@ -22,6 +22,9 @@ original's and agreement >= 0.95.
     python benchmarks/bench_recover.py --text-ablations # also the text ablations (slow)
     python benchmarks/make_lm_teacher.py && python benchmarks/bench_recover.py --only decoder \
         --decoder-runs default,"KL only"               # the decoder rows
+
+The schedule ablations (warmup 0 and 0.3 against the default 0.1, half and double the batch)
+exist for each kind: ``--vision-runs``, ``--decoder-runs`` and ``--embedding`` take their names.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ import serfswap
 import serfswap.recovery.distill
 from serfswap.cli.demos import STDLIB_HELD_OUT, STDLIB_TRAIN, digits, stdlib_sentences
 
+# The schedule's ablations, the same for each kind of model (issue 29: steps, learning rate,
+# warmup and batch by kind): "batch" is the benchmark's batch size, not a recover() option.
+SCHEDULE_RUNS: dict[str, dict[str, Any]] = {
+    "warmup 0": {"warmup": 0.0},
+    "warmup 0.3": {"warmup": 0.3},
+    "batch half": {"batch": 0.5},
+    "batch double": {"batch": 2.0},
+}
 VISION_RUNS = {
     "default": {},
     "no layer matching": {"layer_weight": 0.0},
@@ -50,6 +61,7 @@ VISION_RUNS = {
     "no fit": {"fit_batches": 0},
     "lr 5e-5": {"lr": 5e-5},
     "lr 2e-5": {"lr": 2e-5},
+    **SCHEDULE_RUNS,
 }
 # Embedding-model ablations of issue 29 (--embedding NAME...): the relational term
 # (relational_weight, relational_temperature), learning rate, warmup, layer matching.
@@ -70,6 +82,7 @@ EMBEDDING_RUNS: dict[str, dict[str, Any]] = {
     "no fit": {"fit_batches": 0},
     "no fit, rel 1": {"fit_batches": 0, "relational_weight": 1.0},
     "no fit, lr 2e-4": {"fit_batches": 0, "lr": 2e-4},
+    **SCHEDULE_RUNS,
 }
 TEXT_RUNS = {
     "default": {},
@@ -80,7 +93,7 @@ TEXT_RUNS = {
 }
 
 
-def vision(steps: int) -> None:
+def vision(steps: int, runs: list[str]) -> None:
     import timm
 
     data = digits()
@@ -98,15 +111,19 @@ def vision(steps: int) -> None:
     test = data["test"]
     held_out = [(data["x"][test[i : i + 100]], data["y"][test[i : i + 100]])
                 for i in range(0, len(test), 100)]  # fmt: skip
-    train = [data["x"][data["train"][i : i + 32]] for i in range(0, 1400, 32)]
+
+    def train(size: int) -> list[torch.Tensor]:
+        return [data["x"][data["train"][i : i + size]] for i in range(0, 1400, size)]
+
     with torch.no_grad():
         original = (teacher(data["x"][test]).argmax(-1) == data["y"][test]).float().mean().item()
     print(f"\nvision: test_resnet on digits, original accuracy {original:.2%}, {steps} steps")
     print("| run | after swap | after recovery | gap to original | agreement | seconds |")
     print("|---|---|---|---|---|---|")
-    for name, options in VISION_RUNS.items():
+    for name in runs:
+        options, size = split_batch(VISION_RUNS[name], 32)
         student = serfswap.convert(teacher)
-        r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
+        r = serfswap.recover(student, teacher, train(size), steps=steps, eval_data=held_out,
                              progress=False, **options)  # fmt: skip
         gap = (original - r.after["accuracy"]) * 100
         print(
@@ -164,7 +181,14 @@ DECODER_RUNS = {
     "T=4": {"temperature": 4.0},
     "lr 3e-4": {"lr": 3e-4},
     "lr 1e-3": {"lr": 1e-3},
+    **SCHEDULE_RUNS,
 }
+
+
+def split_batch(options: dict[str, Any], batch: int) -> tuple[dict[str, Any], int]:
+    """A run's recover() options, and its batch size: ``batch`` times the run's factor."""
+    options = dict(options)
+    return options, round(batch * options.pop("batch", 1.0))
 
 
 def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
@@ -183,7 +207,7 @@ def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
         return pack_tokens(ids, tokenizer.eos_token_id, 128)
 
     train_rows, held_rows = rows("train.txt"), rows("held_out.txt")[:32]
-    train, held_out = packed_batches(train_rows, batch), packed_batches(held_rows, 16)
+    held_out = packed_batches(held_rows, 16)
     print(f"\ndecoder: {teacher_dir.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}"
           f" M parameters, SiLU -> Serf), {len(train_rows)} packed training rows of 128 tokens, "
           f"{held_rows.numel()} held-out tokens, {steps} steps of {batch} rows")  # fmt: skip
@@ -193,10 +217,11 @@ def decoder(steps: int, runs: list[str], teacher_dir: Path, batch: int) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in runs:
+        options, size = split_batch(DECODER_RUNS[name], batch)
         student = serfswap.convert(teacher)
-        r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
-                             progress=False, eval_every=max(1, steps // 5),
-                             **DECODER_RUNS[name])  # fmt: skip
+        r = serfswap.recover(student, teacher, packed_batches(train_rows, size), steps=steps,
+                             eval_data=held_out, progress=False, eval_every=max(1, steps // 5),
+                             **options)  # fmt: skip
         curve = ", ".join(f"{e['step']}: {e['perplexity_ratio']:.3f} {e['agreement']:.3f}"
                           for e in r.evals)  # fmt: skip
         b, a, f = r.before, r.after, r.fitted or {"perplexity": math.nan, "agreement": math.nan}
@@ -223,10 +248,11 @@ def embedding_curves(steps: int, names: list[str], eval_every: int, extra: dict[
           f"{len(eval_text)} | cosine | s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for name in names:
+        options, size = split_batch(EMBEDDING_RUNS[name], 32)
+        data = train if size == 32 else batches(stdlib_sentences(STDLIB_TRAIN), size)
         student = serfswap.convert(teacher)
-        r = serfswap.recover(student, teacher, train, steps=steps, eval_data=held_out,
-                             progress=False, eval_every=eval_every,
-                             **EMBEDDING_RUNS[name], **extra)  # fmt: skip
+        r = serfswap.recover(student, teacher, data, steps=steps, eval_data=held_out,
+                             progress=False, eval_every=eval_every, **options, **extra)  # fmt: skip
         whole = serfswap.recovery.distill.evaluate(student, teacher, pool, torch.device("cpu"))
         fitted = [{"step": "fit", **r.fitted}] if r.fitted else []
         points = [{"step": 0, **r.before}, *fitted, *r.evals]
@@ -242,6 +268,9 @@ def embedding_curves(steps: int, names: list[str], eval_every: int, extra: dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--vision-runs", default=",".join(k for k in VISION_RUNS
+                                                          if k not in SCHEDULE_RUNS),
+                        help=f"comma-separated, of {', '.join(VISION_RUNS)}")  # fmt: skip
     parser.add_argument("--text-steps", type=int, default=500)
     parser.add_argument("--text-ablations", action="store_true")
     parser.add_argument("--only", choices=["vision", "text", "decoder", "none"])
@@ -268,7 +297,7 @@ def main() -> None:
         f"serfswap {serfswap.__version__}, torch {torch.__version__}, {args.threads} threads, CPU"
     )
     if args.only in (None, "vision"):
-        vision(args.vision_steps)
+        vision(args.vision_steps, args.vision_runs.split(","))
     if args.only in (None, "text"):
         text(args.text_steps, args.text_ablations)
     if args.only in (None, "decoder"):

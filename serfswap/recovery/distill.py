@@ -7,7 +7,7 @@ on its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -336,10 +336,54 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch
 # Evaluation ----------------------------------------------------------------------------------
 
 
+class TeacherOutputs:
+    """The teacher's outputs on a run's held-out batches, kept from one evaluation to the next.
+
+    The teacher is frozen and the held-out batches are the same all run, so once they are
+    kept an evaluation runs the student only: half the forwards of each of a run's
+    evaluations (before, after the fit, every ``eval_every`` steps, at the end, and the
+    original against itself). Kept on the CPU up to ``budget`` bytes (a causal LM's logits are
+    rows x tokens x vocabulary); a batch past it is run through the teacher each time. What is
+    kept depends only on the batches, so every rank of a sharded run, evaluating the same
+    batches, runs the same teacher forwards (collectives under FSDP).
+    """
+
+    def __init__(self, budget: int = 256 * 2**20) -> None:
+        self.budget, self.used = budget, 0
+        self.batches: object = None
+        self.kept: dict[int, dict[str, Tensor]] = {}
+
+    def get(self, batches: object, index: int, device: torch.device,
+            compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:  # fmt: skip
+        """Batch ``index`` of ``batches``' teacher outputs: kept, or ``compute()``-d (and kept
+        while the budget allows). Another list of batches starts afresh."""
+        if batches is not self.batches:
+            self.batches, self.kept, self.used = batches, {}, 0
+        if index in self.kept:
+            return {k: v.to(device) for k, v in self.kept[index].items()}
+        found = compute()
+        size = sum(v.numel() * v.element_size() for v in found.values())
+        if self.used + size <= self.budget:
+            self.kept[index] = {k: v.detach().to("cpu", copy=True) for k, v in found.items()}
+            self.used += size
+        return found
+
+
+def _teacher_outputs(teacher: nn.Module, cache: TeacherOutputs | None, batches: object,
+                     index: int, device: torch.device, args: Any, kwargs: Any,
+                     ) -> dict[str, Tensor]:  # fmt: skip
+    def compute() -> dict[str, Tensor]:
+        return outputs(teacher(*args, **kwargs))
+
+    return compute() if cache is None else cache.get(batches, index, device, compute)
+
+
 @torch.no_grad()
 def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], device: torch.device,
-             *, temperature: float = 1.0) -> dict[str, float]:  # fmt: skip
-    """Agreement with the teacher on held-out batches.
+             *, temperature: float = 1.0,
+             cache: TeacherOutputs | None = None) -> dict[str, float]:  # fmt: skip
+    """Agreement with the teacher on held-out batches (the teacher's outputs from ``cache``
+    when given: :class:`TeacherOutputs`).
 
     ``agreement``: top-1 agreement for classifiers, nearest-neighbour agreement for embeddings
     (each example's nearest other example in the batch, by cosine, is the same for both
@@ -351,20 +395,25 @@ def evaluate(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], dev
     """
     with eval_mode(student):
         if is_causal_lm(teacher):
-            return _evaluate_lm(student, teacher, batches, device)
-        sums, count = _sum_metrics(student, teacher, batches, device, temperature)
+            return _evaluate_lm(student, teacher, batches, device, cache)
+        sums, count = _sum_metrics(student, teacher, batches, device, temperature, cache)
     return {k: v / count for k, v in sums.items()} if count else {}
 
 
-def _evaluate_lm(student: nn.Module, teacher: nn.Module, batches: Iterable[Any],
-                 device: torch.device) -> dict[str, float]:  # fmt: skip
+def _evaluate_lm(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    device: torch.device,
+    cache: TeacherOutputs | None,
+) -> dict[str, float]:
     """:func:`evaluate` for a causal LM: token counts summed over all batches, then the
     figures (a perplexity is of all held-out tokens, not a mean of per-batch ones)."""
     sums: dict[str, float] = {}
-    for batch in batches:
+    for index, batch in enumerate(batches):
         args, kwargs, _ = split_batch(to_device(batch, device))
         s_out = outputs(student(*args, **kwargs))["logits"]
-        t_out = outputs(teacher(*args, **kwargs))["logits"]
+        t_out = _teacher_outputs(teacher, cache, batches, index, device, args, kwargs)["logits"]
         found = lm_sums(s_out, t_out, input_ids_of(args, kwargs), kwargs.get("attention_mask"))
         for key, value in found.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -377,13 +426,15 @@ def _sum_metrics(
     batches: Iterable[Any],
     device: torch.device,
     temperature: float,
+    cache: TeacherOutputs | None,
 ) -> tuple[dict[str, float], int]:
     """The sums over examples of each metric of :func:`evaluate`, and the number of examples."""
     sums: dict[str, float] = {}
     count = 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         args, kwargs, labels = split_batch(to_device(batch, device))
-        s_outs, t_outs = outputs(student(*args, **kwargs)), outputs(teacher(*args, **kwargs))
+        s_outs = outputs(student(*args, **kwargs))
+        t_outs = _teacher_outputs(teacher, cache, batches, index, device, args, kwargs)
         metrics: dict[str, float] = {}
         if is_classifier(teacher, t_outs):
             s_out, t_out = next(iter(s_outs.values())), next(iter(t_outs.values()))

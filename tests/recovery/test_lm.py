@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import serfswap
 from serfswap.recovery.data import pack_tokens, packed_batches
-from serfswap.recovery.distill import distillation_loss, evaluate, task_kind
+from serfswap.recovery.distill import TeacherOutputs, distillation_loss, evaluate, task_kind
 from serfswap.recovery.lm import headline, is_causal_lm, token_kl
 from tests.support.models import TINY_BERT, tiny_llama
 
@@ -98,6 +98,11 @@ def test_perplexity_and_agreement_match_a_hand_computation() -> None:
                 agree += int((logits["student"].argmax(-1) == logits["teacher"].argmax(-1)).sum())
                 positions += real.shape[1]
     got = evaluate(student, teacher, batches, torch.device("cpu"))
+    for budget, kept in ((2**20, 2), (0, 0)):  # the teacher's logits kept, or over budget
+        cache = TeacherOutputs(budget)
+        for _ in range(2):  # computes (and keeps), then takes what it kept
+            assert evaluate(student, teacher, batches, torch.device("cpu"), cache=cache) == got
+        assert len(cache.kept) == kept
     assert got["perplexity"] == pytest.approx(math.exp(nll["student"] / tokens), rel=1e-4)
     assert got["original_perplexity"] == pytest.approx(math.exp(nll["teacher"] / tokens), rel=1e-4)
     assert got["perplexity_ratio"] == pytest.approx(got["perplexity"] / got["original_perplexity"])

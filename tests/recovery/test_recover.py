@@ -166,6 +166,26 @@ def test_blend_starts_from_the_original_activation() -> None:
     assert not torch.allclose(student(x), teacher(x))
 
 
+def test_the_teachers_held_out_outputs_are_computed_once_a_run() -> None:
+    """Each evaluation of a run (before, every ``eval_every`` steps, at the end, the original
+    against itself) takes the teacher's held-out outputs the first one computed, and gets the
+    figures an evaluation running the teacher again gives."""
+    teacher, student = cnn()
+    held_out = image_batches(2, 7, labels=True)
+    calls: list[int] = []
+    hook = teacher.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        result = recover(student, teacher, image_batches(2, 3), steps=4, eval_data=held_out,
+                         eval_every=2, fit_batches=0, bn_batches=0, progress=False)  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(result.evals) == 2  # besides before, after and the original's: 5 evaluations
+    # a forward a step; each held-out batch once as the teacher, once as the original's student
+    assert len(calls) == 4 + 2 * len(held_out), calls
+    assert result.after == evaluate(student, teacher, held_out, torch.device("cpu"))
+    assert result.original == evaluate(teacher, teacher, held_out, torch.device("cpu"))
+
+
 def test_labels_add_the_task_loss() -> None:
     teacher, student = cnn()
     result = recover(student, teacher, image_batches(2, 5, labels=True), steps=3, progress=False)
