@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class World:
@@ -52,10 +54,18 @@ def leave(world: World) -> None:
 
 def shard(batch: Any, world: World) -> Any:
     """This rank's slice of a global batch: every tensor whose first dimension is the batch's
-    is cut into ``world.size`` near-equal parts."""
+    is cut into ``world.size`` near-equal parts. A batch of fewer examples than ranks is
+    refused (on every rank alike: each holds the same global batch): a rank with none would
+    fail inside the model, or hang its collectives."""
     if world.size == 1:
         return batch
     size = _batch_size(batch)
+    if size is not None and size < world.size:
+        raise InvalidArgumentError(
+            f"a global batch of {size} example(s) cannot be split among {world.size} ranks: "
+            f"each needs at least one (a batch size of at least {world.size}; the last batch "
+            f"of a pass may be smaller)"
+        )
 
     def cut(obj: Any) -> Any:
         if isinstance(obj, Tensor) and obj.dim() > 0 and obj.shape[0] == size:

@@ -16,7 +16,16 @@ from tests.support.data import TEXT
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [hf] extra")
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+# PYTHONFAULTHANDLER: a rank that aborts (once in a dozen runs on a loaded machine, a rank
+# ended with SIGABRT, "terminate called without an active exception", after writing its
+# file) prints every thread's Python stack, which says where it was.
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "OMP_NUM_THREADS": "1",
+    "TQDM_DISABLE": "1",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 @pytest.fixture(scope="module")

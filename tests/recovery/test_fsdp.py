@@ -29,13 +29,16 @@ from tests.support import fsdp_run  # noqa: E402 (needs transformers)
 SCRIPT = str(ROOT / "tests" / "support" / "fsdp_run.py")
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # One thread: the runs compared must compute alike, and two busy cores are shared.
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a rank that aborts (once in a dozen runs on a loaded machine, a rank
+# ended with SIGABRT, "terminate called without an active exception", after writing its
+# file) prints every thread's Python stack, which says where it was.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     proc = python(*args, env=ENV, timeout=600)
     if proc.returncode != 0:
-        pytest.fail(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        pytest.fail(f"{args} failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
     return proc
 
 

@@ -186,6 +186,20 @@ def test_the_teachers_held_out_outputs_are_computed_once_a_run() -> None:
     assert result.original == evaluate(teacher, teacher, held_out, torch.device("cpu"))
 
 
+def test_a_global_batch_smaller_than_the_ranks_is_refused_clearly() -> None:
+    """Each rank takes its slice of the global batch; with fewer examples than ranks one
+    would get none. Every rank holds the same batch, so every rank refuses it alike."""
+    from serfswap.errors import InvalidArgumentError
+    from serfswap.recovery.distributed import World, shard
+
+    batch = {"input_ids": torch.ones(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5)}
+    slices = [shard(batch, World(rank, 2))["input_ids"].shape[0] for rank in (0, 1)]
+    assert slices == [2, 1]
+    for rank in (0, 1):
+        with pytest.raises(InvalidArgumentError, match=r"batch of 1 example.* among 2 ranks"):
+            shard({k: v[:1] for k, v in batch.items()}, World(rank, 2))
+
+
 def test_labels_add_the_task_loss() -> None:
     teacher, student = cnn()
     result = recover(student, teacher, image_batches(2, 5, labels=True), steps=3, progress=False)
