@@ -1,5 +1,5 @@
-"""Shared fixtures for the tests: a fixed seed before every test. Helpers that tests import
-live in tests/support/."""
+"""Shared fixtures for the tests: a fixed seed before every test, and the tests marked
+``long`` collected first. Helpers that tests import live in tests/support/."""
 
 from __future__ import annotations
 
